@@ -1,0 +1,1 @@
+"""gptfast.bench: sweeps, microbenchmarks and plots behind ``gptfast bench``."""

@@ -1,0 +1,3 @@
+from gptfast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""Which implementation runs an op: the backend setting and the rules of "auto".
+
+Backends:
+- ``"reference"``: plain PyTorch (``gptfast.reference``). Always available.
+- ``"triton"``: the kernels in ``gptfast.kernels``. CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` (how the CPU tests run the real kernels). Forcing it where the
+  kernel cannot run raises :class:`BackendUnavailable` saying why.
+- ``"auto"`` (default): triton when the tensors are on CUDA, triton imports, a kernel is
+  registered for the op and it supports the case; otherwise reference, silently.
+  ``gptfast info`` prints the reason for each op.
+
+The default comes from the ``GPTFAST_BACKEND`` environment variable (else "auto").
+:func:`use_backend` changes it, as a plain call or as a context manager.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import importlib
+import os
+from typing import Callable, Optional
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when the "triton" backend is forced for a case it cannot run."""
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def _default_from_env() -> str:
+    value = os.environ.get("GPTFAST_BACKEND", "auto")
+    try:
+        return _check_name(value)
+    except ValueError:
+        raise ValueError(f"GPTFAST_BACKEND must be one of {BACKENDS}, got {value!r}") from None
+
+
+_current = contextvars.ContextVar("gptfast_backend", default=None)
+
+
+def get_backend() -> str:
+    """The backend in force: the last :func:`use_backend`, else ``GPTFAST_BACKEND``, else auto."""
+    value = _current.get()
+    return _default_from_env() if value is None else value
+
+
+class use_backend:
+    """Select the backend for every op: ``use_backend("triton")`` or ``with use_backend(...):``.
+
+    As a call it changes the setting until changed again; as a context manager it restores
+    the previous setting on exit.
+    """
+
+    def __init__(self, name: str):
+        self.name = _check_name(name)
+        self._token = _current.set(self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _current.reset(self._token)
+        return False
+
+    def __repr__(self):
+        return f"use_backend({self.name!r})"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    """None when triton imports, else why not (checked once, on first use)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install raising anything
+        return f"triton does not import ({type(err).__name__}: {err})"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclasses.dataclass
+class Kernel:
+    """A Triton implementation of one op.
+
+    ``entry`` is "module:function", imported on first use so that ``import gptfast`` never
+    imports triton. ``unsupported(*args, **kwargs)`` returns None when the kernel handles
+    the call, else a short reason (e.g. "head dim 512 > 256").
+    """
+
+    entry: str
+    unsupported_entry: Optional[str] = None
+
+    @functools.cached_property
+    def function(self) -> Callable:
+        return _load(self.entry)
+
+    def unsupported(self, *args, **kwargs) -> Optional[str]:
+        if self.unsupported_entry is None:
+            return None
+        return _load(self.unsupported_entry)(*args, **kwargs)
+
+
+def _load(entry: str) -> Callable:
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(op: str, entry: str, unsupported: Optional[str] = None) -> None:
+    """Declare the Triton kernel of ``op`` (one line per op in ``gptfast.functional``).
+
+    ``entry`` and ``unsupported`` are "module:function" strings, imported only when a call
+    could run on triton (CUDA tensors, or the interpreter). ``entry`` takes the arguments
+    of the reference op; ``unsupported`` takes the same and returns None or a reason.
+    """
+    _KERNELS[op] = Kernel(entry, unsupported)
+
+
+def registered_kernel(op: str) -> Optional[Kernel]:
+    return _KERNELS.get(op)
+
+
+def _device_reason(device) -> Optional[str]:
+    """Why triton cannot run on tensors of ``device`` (None if it can)."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    if device.type == "cpu":
+        return "tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels there)"
+    return f"tensors are on {device.type}, triton kernels need CUDA"
+
+
+def triton_unavailable(op: str, device, args=(), kwargs=None) -> Optional[str]:
+    """None if the Triton kernel of ``op`` can run this call, else the reason it cannot."""
+    kernel = _KERNELS.get(op)
+    if kernel is None:
+        return f"no Triton kernel for {op} yet"
+    reason = _device_reason(device) or triton_import_error()
+    if reason is None:
+        reason = kernel.unsupported(*args, **(kwargs or {}))
+    return reason
+
+
+def choose(op: str, device, args=(), kwargs=None) -> tuple[str, Optional[str]]:
+    """(backend that runs ``op`` on tensors of ``device`` for this call, why not triton).
+
+    Under "auto", triton is chosen only for CUDA tensors; CPU tensors use reference even
+    when the interpreter is on (forcing "triton" is how the interpreter is reached).
+    """
+    setting = get_backend()
+    if setting == "reference":
+        return "reference", "backend 'reference' selected"
+    reason = triton_unavailable(op, device, args, kwargs)
+    if setting == "triton":
+        if reason is not None:
+            raise BackendUnavailable(
+                f"gptfast.{op}: backend 'triton' was forced but cannot run: {reason}. "
+                "Use gptfast.use_backend('auto') to fall back to the reference ops."
+            )
+        return "triton", None
+    if reason is None and device.type != "cuda":
+        reason = "auto uses triton only for CUDA tensors"
+    return ("triton", None) if reason is None else ("reference", reason)
+
+
+def describe(op: str, device) -> str:
+    """One line for ``gptfast info``: what "auto" picks for ``op`` on ``device`` and why."""
+    kernel = _KERNELS.get(op)
+    if kernel is None:
+        return f"reference (no Triton kernel for {op} yet)"
+    reason = _device_reason(device) or triton_import_error()
+    if device.type != "cuda" and reason is None:
+        reason = "auto uses triton only for CUDA tensors"
+    if reason is None:
+        return "triton (CUDA device, triton imports; falls back per call on unsupported cases)"
+    return f"reference ({reason})"

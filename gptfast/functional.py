@@ -1,0 +1,224 @@
+"""The public ops: argument checks, then one dispatch point per op.
+
+Each function validates its arguments the same way on every backend (ValueError or
+TypeError naming the argument, never a crash inside a kernel), asks ``gptfast.backend``
+which implementation runs this call, and runs it. Triton kernels are declared below with
+``register_kernel``, one line per op, as they land; ops without a kernel run the reference
+implementation from ``gptfast.reference``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import reference
+from .backend import choose, register_kernel  # noqa: F401  (register_kernel: see below)
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels, one line per op (added by the kernel issues):
+#   register_kernel("layer_norm", "gptfast.kernels.layernorm:layer_norm", unsupported=...)
+# ---------------------------------------------------------------------------------------
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------- checks --
+
+def _tensor(name, value, floating=True):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def _same_device(reference_name, reference_tensor, **others):
+    for name, value in others.items():
+        if value is not None and value.device != reference_tensor.device:
+            raise ValueError(
+                f"{name} is on {value.device} but {reference_name} is on {reference_tensor.device}"
+            )
+
+
+def _number(name, value, minimum=None, maximum=None, allow_equal_min=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if minimum is not None and (value < minimum or (value == minimum and not allow_equal_min)):
+        bound = ">=" if allow_equal_min else ">"
+        raise ValueError(f"{name} must be {bound} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return float(value)
+
+
+def _norm_params(x, weight, bias, eps):
+    features = x.shape[-1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        _tensor(name, param)
+        if param.shape != (features,):
+            raise ValueError(
+                f"{name} must have shape ({features},) to match the last dim of x, "
+                f"got {tuple(param.shape)}"
+            )
+    _same_device("x", x, weight=weight, bias=bias)
+    _number("eps", eps, minimum=0.0, allow_equal_min=False)
+
+
+def _check_layer_norm(x, weight, bias, eps):
+    _tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim to normalise, got shape {tuple(x.shape)}")
+    _norm_params(x, weight, bias, eps)
+
+
+def _check_target(target, rows, logits_name):
+    _tensor("target", target, floating=False)
+    if target.dtype.is_complex or target.dtype == torch.bool or target.is_floating_point():
+        raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if target.numel() != rows:
+        raise ValueError(
+            f"target must have one class index per row of {logits_name} ({rows} rows), "
+            f"got shape {tuple(target.shape)}"
+        )
+
+
+def _check_target_range(target, vocab, ignore_index):
+    """Data-dependent range check; skipped while torch.compile traces (kernels check inside)."""
+    if target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise ValueError(
+            f"target holds class index {value}, outside [0, {vocab}) and not "
+            f"ignore_index={ignore_index}"
+        )
+
+
+def _check_loss_options(ignore_index, reduction, label_smoothing, z_loss):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _number("label_smoothing", label_smoothing, minimum=0.0, maximum=1.0)
+    _number("z_loss", z_loss, minimum=0.0)
+
+
+# -------------------------------------------------------------------------------- ops --
+
+def _run(op, device, args):
+    backend, _ = choose(op, device, args)
+    if backend == "triton":
+        from .backend import registered_kernel
+        return registered_kernel(op).function(*args)
+    return getattr(reference, op)(*args)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dim of x, == ``F.layer_norm(x, (C,), weight, bias, eps)``.
+
+    Returns ``x.dtype``; weight/bias may be fp32 with half-precision x (as under autocast).
+    """
+    _check_layer_norm(x, weight, bias, eps)
+    return _run("layer_norm", x.device, (x, weight, bias, eps))
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
+    """Returns ``(layer_norm(x + residual), x + residual)`` in one pass where a kernel exists.
+
+    Use in pre-norm blocks: ``h, stream = add_layer_norm(branch_out, stream, w, b)``.
+    """
+    _tensor("residual", residual)
+    _check_layer_norm(x, weight, bias, eps)
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
+        )
+    _same_device("x", x, residual=residual)
+    return _run("add_layer_norm", x.device, (x, residual, weight, bias, eps))
+
+
+def causal_attention(q, k, v, scale=None):
+    """Causal softmax attention, == ``SDPA(q, k, v, is_causal=True, scale=scale)``.
+
+    q: (B, H, T, D); k, v: (B, Hkv, T, D) with H % Hkv == 0 (GQA/MQA: query head h reads
+    kv head h // (H // Hkv), as SDPA's enable_gqa). scale defaults to 1/sqrt(D).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    (b, h, t, d), (bk, hk, tk, dk) = q.shape, k.shape
+    if bk != b or tk != t or dk != d:
+        raise ValueError(
+            f"k must have q's batch, seq and head_dim {(b, t, d)}, got {(bk, tk, dk)} "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
+    if d == 0:
+        raise ValueError("head_dim of q must be at least 1")
+    _same_device("q", q, k=k, v=v)
+    if scale is not None:
+        scale = _number("scale", scale, minimum=0.0, allow_equal_min=False)
+    return _run("causal_attention", q.device, (q, k, v, scale))
+
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0):
+    """Cross-entropy of logits (..., V) against class indices target (...), like F.cross_entropy.
+
+    ``reduction``: "mean" over non-ignored rows (0 if all are ignored), "sum", or "none"
+    (per-row losses in target's shape, 0 at ignored rows). ``z_loss`` adds
+    ``z_loss * logsumexp^2`` per row. The loss is fp32 (fp64 for fp64 logits).
+    """
+    _tensor("logits", logits)
+    if logits.dim() < 2 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be (N, V) or (..., V) with V >= 1, got shape {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    _check_target(target, logits.numel() // vocab, "logits")
+    _same_device("logits", logits, target=target)
+    _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
+    _check_target_range(target, vocab, ignore_index)
+    args = (logits, target, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
+    return _run("cross_entropy", logits.device, args)
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0):
+    """``cross_entropy(x @ weight.T + bias, target)`` without materialising N x V where a kernel exists.
+
+    x: (..., C); weight: (V, C); bias: (V,) or None; target: (...) with one index per row of x.
+    """
+    _tensor("x", x)
+    _tensor("weight", weight)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (N, C) or (..., C) with C >= 1, got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must be (V, C) with C = {x.shape[-1]} (the last dim of x), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        _tensor("bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    _check_target(target, x.numel() // x.shape[-1], "x")
+    _same_device("x", x, weight=weight, bias=bias, target=target)
+    _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
+    _check_target_range(target, vocab, ignore_index)
+    args = (x, weight, target, bias, int(ignore_index), reduction, float(label_smoothing),
+            float(z_loss))
+    return _run("linear_cross_entropy", x.device, args)

@@ -1,0 +1,108 @@
+"""The public ops in plain PyTorch: the fallback backend and the test oracle.
+
+Every function here has exactly the semantics of its public counterpart in
+``gptfast.functional`` (which validates arguments before calling in here), so a
+kernel is correct when it matches these on the same inputs promoted to fp64.
+
+Dtype rules, shared by every backend:
+- statistics (mean/rstd, logsumexp) are computed in fp32, or fp64 when the input is fp64;
+- ``layer_norm`` returns ``x.dtype`` whatever the parameter dtype (bf16 activations with
+  fp32 weights work, as under autocast);
+- losses are returned in fp32 (fp64 for fp64 logits), never in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types and fp32, fp64 for fp64: where statistics are kept."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dim: (x - mean) * rstd * weight + bias, in ``x.dtype``."""
+    acc = compute_dtype(x.dtype)
+    shape = (x.shape[-1],)
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    return F.layer_norm(x.to(acc), shape, w, b, eps).to(x.dtype)
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
+    """Returns ``(layer_norm(x + residual), x + residual)``.
+
+    The sum is taken in the promoted dtype of x and residual (a bf16 branch added to an
+    fp32 residual stream stays fp32), and the normalised output has that dtype too.
+    """
+    total = x + residual
+    return layer_norm(total, weight, bias, eps), total
+
+
+def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    # query head h reads kv head h // groups: the same grouping as SDPA's enable_gqa
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def causal_attention(q, k, v, scale=None):
+    """softmax(q k^T * scale + causal mask) v, with kv heads shared by H // Hkv query heads.
+
+    q: (B, H, T, D); k, v: (B, Hkv, T, D). scale defaults to 1/sqrt(D).
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def causal_attention_math(q, k, v, scale=None):
+    """The same as :func:`causal_attention` written out, for tests that want no SDPA."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    t = q.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    above_diagonal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(above_diagonal, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0):
+    """Cross-entropy of rows of ``logits`` (..., V) against integer ``target`` (...).
+
+    Per row i with lse = logsumexp(logits_i):
+        loss_i = (1 - s) * (lse - logits_i[t_i]) + s * (lse - mean(logits_i)) + z * lse^2
+    and 0 where t_i == ignore_index. "mean" divides by the number of non-ignored rows
+    (0 when every row is ignored, not NaN), "sum" adds, "none" returns the per-row losses
+    in target's shape.
+    """
+    acc = compute_dtype(logits.dtype)
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab).to(acc)
+    flat_target = target.reshape(-1)
+    keep = flat_target != ignore_index
+    safe_target = torch.where(keep, flat_target, torch.zeros_like(flat_target)).long()
+
+    lse = torch.logsumexp(rows, dim=-1)
+    picked = rows.gather(1, safe_target[:, None]).squeeze(1)
+    loss = (1.0 - label_smoothing) * (lse - picked)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - rows.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum().clamp(min=1).to(acc)
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """``cross_entropy(x @ weight.T + bias, target)``; x (..., C), weight (V, C), bias (V,)."""
+    logits = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
