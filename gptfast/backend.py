@@ -152,6 +152,10 @@ def triton_unavailable(op: str, device, args=(), kwargs=None) -> Optional[str]:
         return f"no Triton kernel for {op} yet"
     reason = _device_reason(device) or triton_import_error()
     if reason is None:
+        try:
+            kernel.function  # imports the kernel module (and triton) on first use
+        except Exception as err:
+            return f"the kernel module of {op} failed to import ({type(err).__name__}: {err})"
         reason = kernel.unsupported(*args, **(kwargs or {}))
     return reason
 

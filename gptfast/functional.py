@@ -14,12 +14,15 @@ import numbers
 import torch
 
 from . import reference
-from .backend import choose, register_kernel  # noqa: F401  (register_kernel: see below)
+from .backend import choose, register_kernel, registered_kernel
 
-# ---------------------------------------------------------------------------------------
-# Triton kernels, one line per op (added by the kernel issues):
-#   register_kernel("layer_norm", "gptfast.kernels.layernorm:layer_norm", unsupported=...)
-# ---------------------------------------------------------------------------------------
+# Triton kernels, one line per op: "module:function" entries, imported on first use.
+_LN, _CE = "gptfast.kernels.layernorm", "gptfast.kernels.cross_entropy"
+register_kernel("layer_norm", f"{_LN}:layer_norm", f"{_LN}:layer_norm_unsupported")
+register_kernel("add_layer_norm", f"{_LN}:add_layer_norm", f"{_LN}:add_layer_norm_unsupported")
+register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
+register_kernel("linear_cross_entropy", f"{_CE}:linear_cross_entropy",
+                f"{_CE}:linear_cross_entropy_unsupported")
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -113,7 +116,6 @@ def _check_loss_options(ignore_index, reduction, label_smoothing, z_loss):
 def _run(op, device, args):
     backend, _ = choose(op, device, args)
     if backend == "triton":
-        from .backend import registered_kernel
         return registered_kernel(op).function(*args)
     return getattr(reference, op)(*args)
 
