@@ -145,8 +145,11 @@ def _device_reason(device) -> Optional[str]:
     return f"tensors are on {device.type}, triton kernels need CUDA"
 
 
-def triton_unavailable(op: str, device, args=(), kwargs=None) -> Optional[str]:
-    """None if the Triton kernel of ``op`` can run this call, else the reason it cannot."""
+def triton_unavailable(op: str, device, args=(), kwargs=None, check_case=True) -> Optional[str]:
+    """None if the Triton kernel of ``op`` can run this call, else the reason it cannot.
+
+    With ``check_case=False`` only the device, triton and the kernel's import are checked.
+    """
     kernel = _KERNELS.get(op)
     if kernel is None:
         return f"no Triton kernel for {op} yet"
@@ -156,7 +159,8 @@ def triton_unavailable(op: str, device, args=(), kwargs=None) -> Optional[str]:
             kernel.function  # imports the kernel module (and triton) on first use
         except Exception as err:
             return f"the kernel module of {op} failed to import ({type(err).__name__}: {err})"
-        reason = kernel.unsupported(*args, **(kwargs or {}))
+        if check_case:
+            reason = kernel.unsupported(*args, **(kwargs or {}))
     return reason
 
 
@@ -169,6 +173,8 @@ def choose(op: str, device, args=(), kwargs=None) -> tuple[str, Optional[str]]:
     setting = get_backend()
     if setting == "reference":
         return "reference", "backend 'reference' selected"
+    if setting == "auto" and device.type != "cuda":
+        return "reference", "auto uses triton only for CUDA tensors"
     reason = triton_unavailable(op, device, args, kwargs)
     if setting == "triton":
         if reason is not None:
@@ -177,19 +183,17 @@ def choose(op: str, device, args=(), kwargs=None) -> tuple[str, Optional[str]]:
                 "Use gptfast.use_backend('auto') to fall back to the reference ops."
             )
         return "triton", None
-    if reason is None and device.type != "cuda":
-        reason = "auto uses triton only for CUDA tensors"
     return ("triton", None) if reason is None else ("reference", reason)
 
 
 def describe(op: str, device) -> str:
     """One line for ``gptfast info``: what "auto" picks for ``op`` on ``device`` and why."""
-    kernel = _KERNELS.get(op)
-    if kernel is None:
+    if op not in _KERNELS:
         return f"reference (no Triton kernel for {op} yet)"
-    reason = _device_reason(device) or triton_import_error()
-    if device.type != "cuda" and reason is None:
-        reason = "auto uses triton only for CUDA tensors"
+    if device.type != "cuda":
+        return ("reference (no CUDA device; to run the kernel on CPU, set TRITON_INTERPRET=1 "
+                "and use_backend('triton'))")
+    reason = triton_unavailable(op, device, check_case=False)
     if reason is None:
-        return "triton (CUDA device, triton imports; falls back per call on unsupported cases)"
+        return "triton (falls back to reference per call where a case is unsupported)"
     return f"reference ({reason})"
