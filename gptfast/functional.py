@@ -18,8 +18,10 @@ from .backend import choose, register_kernel, registered_kernel
 
 # Triton kernels, one line per op: "module:function" entries, imported on first use.
 _LN, _CE = "gptfast.kernels.layernorm", "gptfast.kernels.cross_entropy"
+_ATTN = "gptfast.kernels.attention"
 register_kernel("layer_norm", f"{_LN}:layer_norm", f"{_LN}:layer_norm_unsupported")
 register_kernel("add_layer_norm", f"{_LN}:add_layer_norm", f"{_LN}:add_layer_norm_unsupported")
+register_kernel("causal_attention", f"{_ATTN}:causal_attention", f"{_ATTN}:causal_attention_unsupported")
 register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
 register_kernel("linear_cross_entropy", f"{_CE}:linear_cross_entropy",
                 f"{_CE}:linear_cross_entropy_unsupported")

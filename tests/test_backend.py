@@ -49,11 +49,12 @@ def _env():
 
 
 def test_forcing_triton_for_an_op_without_kernel_says_so():
-    q = torch.randn(1, 1, 3, 4)
-    assert backend.registered_kernel("causal_attention") is None
-    with gptfast.use_backend("triton"), pytest.raises(gptfast.BackendUnavailable,
-                                                      match="no Triton kernel for causal_attention yet"):
-        gptfast.causal_attention(q, q, q)
+    assert backend.registered_kernel("unit_test_unregistered") is None
+    with gptfast.use_backend("triton"), pytest.raises(
+            gptfast.BackendUnavailable, match="no Triton kernel for unit_test_unregistered yet"):
+        backend.choose("unit_test_unregistered", torch.device("cuda"))
+    assert backend.describe("unit_test_unregistered", torch.device("cpu")).startswith(
+        "reference (no Triton kernel")
 
 
 def test_forcing_triton_on_cpu_without_interpreter_says_how(monkeypatch):
@@ -96,8 +97,9 @@ def test_a_kernel_module_that_fails_to_import_is_reported(monkeypatch):
 
 def test_describe_explains_every_op():
     cpu = torch.device("cpu")
-    assert backend.describe("causal_attention", cpu).startswith("reference (no Triton kernel")
-    assert "no CUDA device" in backend.describe("layer_norm", cpu)
+    for op in ("layer_norm", "add_layer_norm", "causal_attention", "cross_entropy",
+               "linear_cross_entropy"):
+        assert "no CUDA device" in backend.describe(op, cpu)
 
 
 def test_import_is_light():
