@@ -1,0 +1,525 @@
+"""A GPT in the shape of nanoGPT's model.py, running on gptfast's ops.
+
+Parameter names are nanoGPT's (and, up to the transposed Conv1D weights, Hugging Face
+GPT-2's), so nanoGPT checkpoints and local Hugging Face GPT-2 directories load as they are
+(:meth:`GPT.from_pretrained`). Differences from nanoGPT, none of which changes the math of a
+block: each residual add is fused into the LayerNorm that follows it
+(``gptfast.add_layer_norm``); the MLP uses GPT-2's tanh GELU (nanoGPT uses the exact erf GELU,
+so its models were trained with a slightly different activation); :meth:`GPT.generate` keeps a
+KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from .backend import choose
+from .nn import CausalSelfAttention, KVCache, LayerNorm
+
+__all__ = ["GPTConfig", "GPT", "PEAK_BF16_FLOPS", "peak_flops_for_name", "device_peak_flops"]
+
+
+# --------------------------------------------------------------------------- config --
+
+# (n_layer, n_head, n_embd) of the four GPT-2 sizes
+_PRESETS = {
+    "gpt2": (12, 12, 768),          # 124M
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),   # 774M
+    "gpt2-xl": (48, 25, 1600),      # 1558M
+}
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """nanoGPT's GPTConfig. The default vocab_size 50304 is GPT-2's 50257 padded up to a
+    multiple of 64 (faster matmuls); the presets use 50257, the vocabulary of the released
+    GPT-2 weights."""
+
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A GPT-2 size: "gpt2", "gpt2-medium", "gpt2-large" or "gpt2-xl" (block_size 1024,
+        vocab_size 50257, bias), with any field overridden, e.g. ``vocab_size=50304``."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+        n_layer, n_head, n_embd = _PRESETS[name]
+        fields = dict(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head,
+                      n_embd=n_embd, bias=True)
+        return cls(**{**fields, **overrides})
+
+
+# ----------------------------------------------------------------------------- model --
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))``.
+
+    Each residual add is fused into the LayerNorm that reads its result, so the stream is
+    passed as a pair ``(x, pending)`` meaning ``x + pending``: the block returns its MLP output
+    un-added, and the next block's ln_1 (or the final ln_f) adds it.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, bias=config.bias,
+                                        dropout=config.dropout)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, pending=None, kv_cache: Optional[KVCache] = None):
+        h, x = (self.ln_1(x), x) if pending is None else self.ln_1.add_and_norm(pending, x)
+        h, x = self.ln_2.add_and_norm(self.attn(h, kv_cache), x)
+        return x, self.mlp(h)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections into the residual stream by 1/sqrt(2 * n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------------ forward --
+
+    def forward(self, idx, targets=None, return_logits=True):
+        """(logits, loss), as nanoGPT.
+
+        With ``targets`` (B, T): logits (B, T, V) and the mean cross-entropy, positions whose
+        target is -1 ignored. With ``return_logits=False`` the loss comes from the fused
+        ``gptfast.linear_cross_entropy``, which never holds the (B*T, V) logits, and logits is
+        None. Without targets: the logits of the last position only, (B, 1, V), and None.
+        """
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
+            raise ValueError(
+                f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got "
+                f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}"
+            )
+        if return_logits:
+            logits = self.lm_head(x)
+            rows, flat_targets = logits.view(-1, logits.size(-1)), targets.view(-1)
+            with _logits_kept_by_cross_entropy(rows, flat_targets):
+                loss = functional.cross_entropy(rows, flat_targets, ignore_index=-1)
+            return logits, loss
+        x, weight = _autocast_inputs(x, self.lm_head.weight)
+        loss = functional.linear_cross_entropy(x.reshape(-1, x.size(-1)), weight,
+                                               targets.reshape(-1), ignore_index=-1)
+        return None, loss
+
+    def hidden_states(self, idx, kv_caches: Optional[list] = None):
+        """The final hidden states (B, T, n_embd), after ln_f, of tokens idx (B, T).
+
+        With ``kv_caches`` (one :class:`KVCache` per block, all holding the same number of
+        tokens), idx continues the cached sequence: its positions start at the cached length.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() \
+                or idx.dtype == torch.bool:
+            raise TypeError(
+                "idx must be an integer tensor of token ids, got "
+                f"{idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__}"
+            )
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be (batch, seq) with seq >= 1, got shape {tuple(idx.shape)}")
+        if kv_caches is not None and len(kv_caches) != len(self.transformer.h):
+            raise ValueError(f"kv_caches must hold one KVCache per block ({len(self.transformer.h)}), "
+                             f"got {len(kv_caches)}")
+        start = 0 if kv_caches is None else kv_caches[0].length
+        end = start + idx.size(1)
+        if end > self.config.block_size:
+            raise ValueError(
+                f"cannot forward a sequence of length {end}: block_size is only "
+                f"{self.config.block_size}"
+            )
+        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pending = None
+        for i, block in enumerate(self.transformer.h):
+            x, pending = block(x, pending, None if kv_caches is None else kv_caches[i])
+        return self.transformer.ln_f.add_and_norm(pending, x)[0]
+
+    # --------------------------------------------------------------------- generation --
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Append ``max_new_tokens`` sampled tokens to idx (B, T) and return the (B, T + new) ids.
+
+        temperature 0 picks the argmax (greedy); top_k keeps the k most likely tokens (clamped
+        to the vocabulary). As in nanoGPT, the model sees only the last block_size tokens.
+        With ``use_cache`` the prompt is prefilled once and each new token costs one position;
+        when the sequence outgrows block_size the cache is dropped and the last block_size
+        tokens are prefilled again (positions must stay below block_size), which gives exactly
+        the tokens of the ``use_cache=False`` loop, at its cost from then on.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError("idx must be a (batch, seq) tensor of token ids with seq >= 1")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+        block_size = self.config.block_size
+        caches = [KVCache(block_size) for _ in self.transformer.h] if use_cache else None
+        uncached = idx[:, -block_size:]  # tokens whose keys are not in the cache yet
+        for _ in range(max_new_tokens):
+            if caches is None:
+                x = self.hidden_states(idx[:, -block_size:])
+            else:
+                if caches[0].length + uncached.size(1) > block_size:
+                    for cache in caches:
+                        cache.reset()
+                    uncached = idx[:, -block_size:]
+                x = self.hidden_states(uncached, caches)
+            logits = self.lm_head(x[:, -1, :])
+            next_token = _sample(logits, temperature, top_k)
+            idx = torch.cat((idx, next_token), dim=1)
+            uncached = next_token
+        return idx
+
+    # ------------------------------------------------------------------ accounting --
+
+    def num_params(self, non_embedding=True):
+        """Number of parameters (tied weights once). As nanoGPT, non_embedding leaves out the
+        position embeddings; the token embeddings stay in, being the lm_head's weights."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token at context T (default block_size), nanoGPT's estimate_mfu
+        count (PaLM appendix B): ``6 * N + 12 * L * H * D * T``, N = ``num_params()`` (non-embedding)."""
+        T = self.config.block_size if T is None else T
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+    def estimate_mfu(self, tokens_per_second, T=None, device=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak.
+
+        ``device`` defaults to the current CUDA device; returns None on CPU or on a GPU that
+        is not in :data:`PEAK_BF16_FLOPS`.
+        """
+        peak = device_peak_flops(device)
+        if peak is None:
+            return None
+        return self.flops_per_token(T) * tokens_per_second / peak
+
+    # --------------------------------------------------------------------- training --
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on biases
+        and LayerNorm weights; the fused implementation on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 **({"fused": True} if fused else {}))
+
+    # ------------------------------------------------------------------- loading --
+
+    @classmethod
+    def from_pretrained(cls, path, dropout=0.0):
+        """Load a local checkpoint on the CPU (no download, transformers not needed).
+
+        ``path`` is one of:
+        - a Hugging Face GPT-2 directory: config.json and model.safetensors (or a sharded
+          model.safetensors.index.json, or pytorch_model.bin), e.g. from
+          ``huggingface-cli download gpt2 --local-dir gpt2``;
+        - a nanoGPT checkpoint file (``ckpt.pt`` with "model" and "model_args"), or a directory
+          holding ckpt.pt. ``_orig_mod.`` prefixes (torch.compile) are stripped.
+        ``dropout`` overrides the checkpoint's dropout, as nanoGPT does (default 0).
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"GPT.from_pretrained loads local directories only and {path!r} does not exist. "
+                "To get Hugging Face GPT-2 weights run e.g. `huggingface-cli download gpt2 "
+                "--local-dir ./gpt2` and pass ./gpt2"
+            )
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+            config, state = _read_hf_gpt2(path)
+        elif os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
+            config, state = _read_nanogpt(os.path.join(path, "ckpt.pt"))
+        elif os.path.isfile(path):
+            config, state = _read_nanogpt(path)
+        else:
+            raise FileNotFoundError(
+                f"{path!r} holds neither config.json (a Hugging Face GPT-2 directory) nor ckpt.pt "
+                "(a nanoGPT checkpoint)"
+            )
+        model = cls(dataclasses.replace(config, dropout=dropout))
+        _load_checked(model, state, path)
+        return model
+
+
+def _logits_kept_by_cross_entropy(logits, targets):
+    """A context in which ``functional.cross_entropy(logits, targets, ignore_index=-1)`` leaves
+    the logits intact.
+
+    When autograd needs their gradient, the Triton cross-entropy writes it into logits made by
+    an op (``lm_head(x)``), which are normally dead once the loss exists; forward returns them,
+    so here that kernel is told to keep them (its backward then recomputes the softmax).
+    """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return contextlib.nullcontext()
+    args = (logits, targets, -1, "mean", 0.0, 0.0)
+    if choose("cross_entropy", logits.device, args)[0] != "triton":
+        return contextlib.nullcontext()
+    from gptfast.kernels.cross_entropy import logits_policy
+
+    return logits_policy("keep")
+
+
+def _autocast_inputs(x, weight):
+    """Cast x and weight to the autocast dtype when autocast is on, as F.linear would be."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def _sample(logits, temperature, top_k):
+    """One token id per row of logits (B, V): argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+# -------------------------------------------------------------------- checkpoints --
+
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_SUPPORTED_HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _is_attention_mask_buffer(key):
+    # HF's attn.bias / attn.masked_bias and nanoGPT's (non-flash) attn.bias are causal masks
+    return key.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"])
+
+
+def _read_hf_gpt2(directory):
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{directory}: model_type is {hf.get('model_type')!r}, only gpt2 loads")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _SUPPORTED_HF_ACTIVATIONS:
+        raise ValueError(f"{directory}: activation_function {activation!r} is not supported "
+                         f"(GPT uses the tanh GELU: {_SUPPORTED_HF_ACTIVATIONS})")
+    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise ValueError(f"{directory}: layer_norm_epsilon {hf['layer_norm_epsilon']} is not 1e-5")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"{directory}: n_inner {hf['n_inner']} is not 4 * n_embd")
+    if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
+        raise ValueError(f"{directory}: only GPT-2's 1/sqrt(head_dim) attention scaling is supported")
+    config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
+                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+
+    raw = _read_hf_weights(directory)
+    state = {}
+    for key, tensor in raw.items():
+        if _is_attention_mask_buffer(key):
+            continue
+        # checkpoints saved from GPT2Model (the hub's gpt2) have no "transformer." prefix
+        if key != "lm_head.weight" and not key.startswith("transformer."):
+            key = "transformer." + key
+        state[key] = tensor.t() if key.endswith(_CONV1D_WEIGHTS) else tensor
+    head, embedding = state.get("lm_head.weight"), state.get("transformer.wte.weight")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        raise ValueError(f"{directory}: lm_head.weight differs from transformer.wte.weight; "
+                         "GPT ties them and cannot load an untied head")
+    if head is None and embedding is not None:
+        state["lm_head.weight"] = embedding  # tied: saved once
+    return config, state
+
+
+def _read_hf_weights(directory):
+    names = os.listdir(directory)
+    if "model.safetensors" in names:
+        from safetensors.torch import load_file
+        return load_file(os.path.join(directory, "model.safetensors"))
+    if "model.safetensors.index.json" in names:
+        from safetensors.torch import load_file
+        with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(directory, shard)))
+        return state
+    if "pytorch_model.bin" in names:
+        return torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu",
+                          weights_only=True)
+    raise FileNotFoundError(f"{directory} has config.json but no model.safetensors, "
+                            "model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_nanogpt(file):
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise ValueError(f"{file} is not a nanoGPT checkpoint (a dict with 'model' and 'model_args')")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = set(checkpoint["model_args"]) - known
+    if unknown:
+        raise ValueError(f"{file}: model_args has fields GPTConfig does not know: {sorted(unknown)}")
+    config = GPTConfig(**checkpoint["model_args"])
+    state = {}
+    for key, tensor in checkpoint["model"].items():
+        while key.startswith("_orig_mod."):
+            key = key[len("_orig_mod."):]
+        if not _is_attention_mask_buffer(key):
+            state[key] = tensor
+    return config, state
+
+
+def _load_checked(model, state, source):
+    """Copy state into model after checking that the keys and shapes match exactly."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: checkpoint keys do not match GPT's: missing {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}"
+        )
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{source}: checkpoint shapes do not match GPT's: {wrong[:10]}")
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------- device peak --
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s (fp16 for V100) by device name, most
+# specific first: the first entry whose name appears as whole words in the CUDA device name
+# wins ("H100 PCIe" before "H100", and "L4" does not match "L40S").
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,   # SXM, reported as e.g. "NVIDIA H100 80GB HBM3"
+    "H200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+}
+
+
+def _name_pattern(key):
+    words = r"[\s_-]+".join(re.escape(word) for word in key.split())
+    # whole words only, and not a "Ti"/"Super" variant, which is a different product
+    return re.compile(rf"(?<![a-z0-9]){words}(?![a-z0-9])(?![\s_-]*(?:ti|super)\b)", re.IGNORECASE)
+
+
+_PEAK_PATTERNS = [(_name_pattern(key), flops) for key, flops in PEAK_BF16_FLOPS.items()]
+
+
+def peak_flops_for_name(device_name: str) -> Optional[float]:
+    """The dense bf16 peak FLOP/s of a GPU from its name (as torch.cuda.get_device_name
+    reports it), or None when the GPU is not in :data:`PEAK_BF16_FLOPS`."""
+    for pattern, flops in _PEAK_PATTERNS:
+        if pattern.search(device_name):
+            return flops
+    return None
+
+
+def device_peak_flops(device=None) -> Optional[float]:
+    """The dense bf16 peak FLOP/s of ``device`` (default: the current CUDA device, if any).
+
+    None for CPUs and other non-CUDA devices, and for GPUs not in :data:`PEAK_BF16_FLOPS`.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
