@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import importlib
 import os
+import sys
 from typing import Callable, Optional
 
 BACKENDS = ("auto", "triton", "reference")
@@ -74,15 +74,20 @@ class use_backend:
         return f"use_backend({self.name!r})"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT = {}  # "error" -> None or the reason, once checked
+
+
 def triton_import_error() -> Optional[str]:
     """None when triton imports, else why not (checked once, on first use)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as err:  # ImportError, or a broken install raising anything
-        return f"triton does not import ({type(err).__name__}: {err})"
-    return None
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_IMPORT["error"] = None
+        except Exception as err:  # ImportError, or a broken install raising anything
+            _TRITON_IMPORT["error"] = f"triton does not import ({type(err).__name__}: {err})"
+    return _TRITON_IMPORT["error"]
 
 
 def interpreter_enabled() -> bool:
@@ -102,7 +107,7 @@ class Kernel:
     entry: str
     unsupported_entry: Optional[str] = None
 
-    @functools.cached_property
+    @property
     def function(self) -> Callable:
         return _load(self.entry)
 
@@ -112,9 +117,18 @@ class Kernel:
         return _load(self.unsupported_entry)(*args, **kwargs)
 
 
+# "module:function" -> the function. A plain dict (no lock, no import on a hit) so that
+# torch.compile traces the dispatch as a dict lookup once the kernel module is loaded.
+_LOADED: dict[str, Callable] = {}
+
+
 def _load(entry: str) -> Callable:
-    module, _, name = entry.partition(":")
-    return getattr(importlib.import_module(module), name)
+    function = _LOADED.get(entry)
+    if function is None:
+        module_name, _, name = entry.partition(":")
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        function = _LOADED[entry] = getattr(module, name)
+    return function
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -134,15 +148,41 @@ def registered_kernel(op: str) -> Optional[Kernel]:
     return _KERNELS.get(op)
 
 
-def _device_reason(device) -> Optional[str]:
-    """Why triton cannot run on tensors of ``device`` (None if it can)."""
-    if device.type == "cuda":
+def _device_reason(device_type: str) -> Optional[str]:
+    """Why triton cannot run on tensors of this device type (None if it can)."""
+    if device_type == "cuda":
         return None
-    if device.type == "cpu" and interpreter_enabled():
+    if device_type == "cpu" and interpreter_enabled():
         return None
-    if device.type == "cpu":
+    if device_type == "cpu":
         return "tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels there)"
-    return f"tensors are on {device.type}, triton kernels need CUDA"
+    return f"tensors are on {device_type}, triton kernels need CUDA"
+
+
+def _environment_reason(op: str, device_type: str) -> Optional[str]:
+    """Why the kernel of ``op`` cannot run on this device type at all, whatever the call.
+
+    It imports triton and the kernel module, which torch.compile cannot trace; marked as a
+    constant result, dynamo runs it eagerly once while tracing and keeps the answer, so the
+    dispatch never breaks a graph, even on a first, cold call.
+    """
+    kernel = _KERNELS.get(op)
+    if kernel is None:
+        return f"no Triton kernel for {op} yet"
+    reason = _device_reason(device_type) or triton_import_error()
+    if reason is None:
+        try:
+            kernel.function  # imports the kernel module (and triton) on first use
+            if kernel.unsupported_entry is not None:
+                _load(kernel.unsupported_entry)
+        except Exception as err:
+            return f"the kernel module of {op} failed to import ({type(err).__name__}: {err})"
+    return reason
+
+
+# What torch.compiler.assume_constant_result(fn) does (torch 2.0 to 2.14), written out
+# because calling it imports torch._dynamo, which imports triton: `import gptfast` must not.
+_environment_reason._dynamo_marked_constant = True
 
 
 def triton_unavailable(op: str, device, args=(), kwargs=None, check_case=True) -> Optional[str]:
@@ -150,17 +190,9 @@ def triton_unavailable(op: str, device, args=(), kwargs=None, check_case=True) -
 
     With ``check_case=False`` only the device, triton and the kernel's import are checked.
     """
-    kernel = _KERNELS.get(op)
-    if kernel is None:
-        return f"no Triton kernel for {op} yet"
-    reason = _device_reason(device) or triton_import_error()
-    if reason is None:
-        try:
-            kernel.function  # imports the kernel module (and triton) on first use
-        except Exception as err:
-            return f"the kernel module of {op} failed to import ({type(err).__name__}: {err})"
-        if check_case:
-            reason = kernel.unsupported(*args, **(kwargs or {}))
+    reason = _environment_reason(op, device.type)
+    if reason is None and check_case:
+        reason = _KERNELS[op].unsupported(*args, **(kwargs or {}))
     return reason
 
 

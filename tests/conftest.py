@@ -1,18 +1,28 @@
 """Shared test setup.
 
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it when
-a kernel is defined), so it is set here, first. CPU tests then reach the real kernels with
-``gptfast.use_backend("triton")``. Tests marked ``gpu`` skip without CUDA.
+a kernel is defined), so it is set in pytest_configure, before collection:
+- the default run (CPU tests) turns the interpreter on, so the CPU tests reach the real
+  kernels with ``gptfast.use_backend("triton")`` on CPU tensors;
+- a run that selects the ``gpu`` marker (``pytest -m gpu``) on a machine with CUDA leaves it
+  off, so the kernels are compiled for the GPU.
+An explicit TRITON_INTERPRET in the environment always wins. Tests marked ``gpu`` skip
+without CUDA.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import gptfast
 
-import gptfast  # noqa: E402
+
+def pytest_configure(config):
+    # Nothing may import triton before this point: it reads TRITON_INTERPRET when imported.
+    markexpr = config.getoption("markexpr", default="") or ""
+    wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
+    os.environ.setdefault("TRITON_INTERPRET", "0" if wants_gpu and torch.cuda.is_available() else "1")
 
 
 def pytest_collection_modifyitems(config, items):
