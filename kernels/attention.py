@@ -1,0 +1,734 @@
+"""Fused causal attention (flash-attention style) forward and backward in Triton.
+
+Notation, per (batch, query head): Q (T, D), K and V (T, D) of the kv head the query head
+reads, ``scale`` (default 1/sqrt(D)):
+
+    S = scale * Q K^T,   P = softmax(S + causal mask),   O = P V
+
+Forward: each program owns BLOCK_M query rows and streams K/V in BLOCK_N tiles with the
+online softmax (running max m, running sum l, unnormalised accumulator), in fp32. Scores
+are kept in base 2: with ``qk_scale = scale * log2(e)``, ``exp(S - m) = exp2(Q K^T qk_scale - m2)``,
+so the scale is one multiply folded into the exp2 argument (an FMA). Key blocks entirely
+above the diagonal are never visited; key blocks entirely below it run without a mask;
+only the BLOCK_M-wide diagonal band is masked. The forward saves O and one fp32 number
+per row, ``lse2 = log2(sum_j exp2(S_ij * log2(e)))`` (the logsumexp in base-2 units),
+so backward can rebuild ``P = exp2(Q K^T qk_scale - lse2)`` without the row statistics.
+
+Backward, with dO the gradient of O:
+
+    delta_i = sum_d dO_id O_id                 (preprocess kernel)
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta)
+    dK = scale * dS^T Q,   dQ = scale * dS K
+
+- dK/dV kernel: a program owns BLOCK_N keys of one kv head and loops over the query heads
+  of its GQA group and, for each, over the query blocks from the diagonal down to T. It
+  accumulates the whole group's dK/dV in registers and writes them once, so GQA/MQA needs
+  neither repeated K/V nor a reduction buffer.
+- dQ kernel: a program owns BLOCK_M query rows of one query head and loops over key blocks
+  from 0 up to the diagonal.
+No atomics: every output element is written by exactly one program with a fixed order of
+additions, so the backward is bitwise deterministic. The price is recomputing Q K^T and
+dO V^T in the dQ kernel (7 matmuls instead of 5). :func:`set_atomic_dq` switches to the
+faster non-deterministic path, where the dK/dV kernel also adds its dS K contributions into
+an fp32 dQ buffer with atomics and the dQ kernel is skipped.
+
+Layouts: any strides. q/k/v split from a fused (B, T, 3, H, D) projection and transposed
+are read in place. O, dQ, dK and dV are allocated (B, T, H, D)-major and returned as
+(B, H, T, D) views, the layout SDPA's flash backend returns, so the usual
+``o.transpose(1, 2).reshape(B, T, H * D)`` that follows attention is free.
+
+Head dims 1..256 (BLOCK_D = next power of two >= 16, padded columns masked), any T >= 0,
+fp16/bf16 (fp32 too, with tf32 dots when ``torch.backends.cuda.matmul.allow_tf32``).
+
+Under torch.compile both passes are torch custom ops (``gptfast::causal_attention_forward``
+/ ``gptfast::causal_attention_backward``) with fake implementations and a registered
+autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single graph nodes.
+Eager calls run the same launchers under a plain autograd.Function.
+
+In the CPU interpreter (TRITON_INTERPRET=1) the kernels run with small fixed tiles; on GPU
+the tiles, warps and pipeline stages are autotuned per (head-dim bucket, T bucket, dtype).
+"""
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from gptfast.backend import interpreter_enabled
+
+# triton.jit decides at definition time whether kernels run in the interpreter.
+_INTERPRET = interpreter_enabled()
+LOG2E = math.log2(math.e)
+MAX_HEAD_DIM = 256
+# Per-(batch, head) element offsets are int32 inside the kernels (batch/head bases are int64).
+_MAX_INT32 = 2**31 - 1
+
+
+# ------------------------------------------------------------------------- tile I/O --
+
+@triton.jit
+def _load_tile(ptrs, offs_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_T: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; rows >= T and padded columns >= HEAD_DIM read as 0."""
+    if CHECK_T:
+        mask = offs_t[:, None] < T
+        if BLOCK_D != HEAD_DIM:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, tile, offs_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                CHECK_T: tl.constexpr):
+    """Store a (rows, BLOCK_D) tile, skipping rows >= T and padded columns."""
+    if CHECK_T:
+        mask = offs_t[:, None] < T
+        if BLOCK_D != HEAD_DIM:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tl.store(ptrs, tile, mask=mask)
+    elif BLOCK_D != HEAD_DIM:
+        tl.store(ptrs, tile, mask=offs_d[None, :] < HEAD_DIM)
+    else:
+        tl.store(ptrs, tile)
+
+
+@triton.jit
+def _load_row_stat(ptrs, offs_t, T, CHECK_T: tl.constexpr):
+    """Load one fp32 statistic per row (lse2 or delta); rows >= T read as 0."""
+    if CHECK_T:
+        stat = tl.load(ptrs, mask=offs_t < T, other=0.0)
+    else:
+        stat = tl.load(ptrs)
+    return stat
+
+
+# -------------------------------------------------------------------------- forward --
+
+@triton.jit
+def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stride_vt, stride_vd,
+                    offs_m, lo, hi, T, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) for one tile of query rows.
+
+    With m2 the running row max of ``S * log2(e)`` and l the running row sum:
+        m2' = max(m2, rowmax(Q K^T) * qk_scale)
+        P   = exp2(Q K^T * qk_scale - m2')
+        l'  = l * exp2(m2 - m2') + rowsum(P)
+        acc = acc * exp2(m2 - m2') + P V
+    ``CAUSAL_MASK`` (diagonal band only) drops keys after the query row.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K_head + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if CAUSAL_MASK:
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V_head + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        # P is rounded to V's dtype for the tensor-core matmul, which accumulates in fp32
+        # straight into the rescaled acc.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE2,
+                     stride_qb, stride_qh, stride_qt, stride_qd,
+                     stride_kb, stride_kh, stride_kt, stride_kd,
+                     stride_vb, stride_vh, stride_vt, stride_vd,
+                     stride_ob, stride_oh, stride_ot, stride_od,
+                     H, T, GROUP, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T_BUCKET: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     EVEN_T: tl.constexpr):
+    """O and lse2 for BLOCK_M query rows of one (batch, query head).
+
+    Grid (B * H, cdiv(T, BLOCK_M)). Query blocks are taken last-first: the last blocks see
+    the most keys, and starting them first (across all heads) balances the tail of the grid.
+    Keys [0, start_m) are all visible to every row of the tile (BLOCK_M % BLOCK_N == 0), so
+    they run unmasked; keys [start_m, start_m + BLOCK_M) are the masked diagonal band.
+    """
+    pid_bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    batch = (pid_bh // H).to(tl.int64)
+    head = pid_bh % H
+    kv_head = (head // GROUP).to(tl.int64)
+    head = head.to(tl.int64)
+    Q_head = Q + batch * stride_qb + head * stride_qh
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+    O_head = O + batch * stride_ob + head * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Below the diagonal: keys < start_m <= T, no mask of any kind.
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                    stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, 0, start_m, T, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+    # The diagonal band. Every row sees at least key start_m, so m_i is finite afterwards.
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                    stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION)
+
+    lse2 = m_i + tl.math.log2(l_i)
+    o = acc / l_i[:, None]
+    _store_tile(O_head + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                o.to(O.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    lse_ptrs = LSE2 + pid_bh.to(tl.int64) * T + offs_m
+    if EVEN_T:
+        tl.store(lse_ptrs, lse2)
+    else:
+        tl.store(lse_ptrs, lse2, mask=offs_m < T)
+
+
+# ------------------------------------------------------------------------- backward --
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA,
+                      stride_ob, stride_oh, stride_ot, stride_od,
+                      stride_dob, stride_doh, stride_dot, stride_dod,
+                      H, T,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id in fp32, for BLOCK_T rows of one (batch, head).
+
+    Grid (B * H, cdiv(T, BLOCK_T)). delta is the row term of the softmax backward,
+    dS = P * (dP - delta), since sum_j P_ij dP_ij = sum_j P_ij (dO_i . V_j) = dO_i . O_i.
+    """
+    pid_bh = tl.program_id(0)
+    batch = (pid_bh // H).to(tl.int64)
+    head = (pid_bh % H).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + batch * stride_ob + head * stride_oh
+                   + offs_t[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   offs_t, offs_d, T, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + batch * stride_dob + head * stride_doh
+                    + offs_t[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    offs_t, offs_d, T, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_t, delta, mask=offs_t < T)
+
+
+@triton.jit
+def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
+                           Q_head, DO_head, LSE2_head, DELTA_head, DQ_head,
+                           stride_qt, stride_qd, stride_dot, stride_dod, stride_dqt, stride_dqd,
+                           lo, hi, T, qk_scale, sm_scale,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
+                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the query blocks [lo, hi) of one query head to a key block's dK/dV.
+
+    Works on transposed scores so the key rows stay the M dimension of every matmul:
+        P^T  = exp2(K Q^T * qk_scale - lse2)        dV += P^T dO
+        dP^T = V dO^T      dS^T = P^T * (dP^T - delta)      dK += dS^T Q
+    With ``ATOMIC_DQ`` it also adds scale * dS K into the fp32 dQ buffer.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                       offs_m, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        lse2 = _load_row_stat(LSE2_head + offs_m, offs_m, T, CHECK_T)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        # Rows >= T load q = dO = lse2 = delta = 0: p is finite there and dO = delta = 0
+        # make their dV, dK (and dQ) contributions exactly zero.
+        do = _load_tile(DO_head + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                        offs_m, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = _load_row_stat(DELTA_head + offs_m, offs_m, T, CHECK_T)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
+            dq_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                          dq, mask=dq_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
+                          stride_qb, stride_qh, stride_qt, stride_qd,
+                          stride_kb, stride_kh, stride_kt, stride_kd,
+                          stride_vb, stride_vh, stride_vt, stride_vd,
+                          stride_dob, stride_doh, stride_dot, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                          stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                          H, HKV, T, GROUP, qk_scale, sm_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T_BUCKET: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr):
+    """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
+
+    Grid (B * HKV, cdiv(T, BLOCK_N)). The first key blocks are seen by the most queries,
+    and they come first in launch order. Query blocks [start_n, start_n + BLOCK_N) are the
+    masked diagonal band (BLOCK_N % BLOCK_M == 0); the ones after it are unmasked, with
+    only a final partial block (T % BLOCK_M != 0) bounds-checked.
+    """
+    pid_bh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
+    batch = (pid_bh // HKV).to(tl.int64)
+    kv_head = (pid_bh % HKV).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh
+                   + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                   offs_n, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh
+                   + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                   offs_n, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    diagonal_end = tl.minimum(start_n + BLOCK_N, T)
+    full_end = diagonal_end + (tl.maximum(T - diagonal_end, 0) // BLOCK_M) * BLOCK_M
+    for group_index in range(GROUP):
+        head = kv_head * GROUP + group_index
+        Q_head = Q + batch * stride_qb + head * stride_qh
+        DO_head = DO + batch * stride_dob + head * stride_doh
+        DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
+        row_stats = (batch * H + head) * T
+        dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                        LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                        stride_qt, stride_qd, stride_dot, stride_dod,
+                                        stride_dqt, stride_dqd,
+                                        start_n, diagonal_end, T, qk_scale, sm_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_M, True, not EVEN_T,
+                                        ATOMIC_DQ, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                        LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                        stride_qt, stride_qd, stride_dot, stride_dod,
+                                        stride_dqt, stride_dqd,
+                                        diagonal_end, full_end, T, qk_scale, sm_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
+                                        ATOMIC_DQ, DOT_PRECISION)
+        if not EVEN_T:
+            dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                            LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                            stride_qt, stride_qd, stride_dot, stride_dod,
+                                            stride_dqt, stride_dqd,
+                                            full_end, T, T, qk_scale, sm_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_M, False, True,
+                                            ATOMIC_DQ, DOT_PRECISION)
+
+    _store_tile(DV + batch * stride_dvb + kv_head * stride_dvh
+                + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+                dv.to(DV.dtype.element_ty), offs_n, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    _store_tile(DK + batch * stride_dkb + kv_head * stride_dkh
+                + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+                (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_d, T, HEAD_DIM, BLOCK_D,
+                not EVEN_T)
+
+
+@triton.jit
+def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                       stride_kt, stride_kd, stride_vt, stride_vd,
+                       lo, hi, T, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Add the key blocks [lo, hi) to a query tile's dQ (unscaled):
+
+        P = exp2(Q K^T * qk_scale - lse2),  dP = dO V^T,  dS = P * (dP - delta),  dQ += dS K
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K_head + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        v = _load_tile(V_head + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if CAUSAL_MASK:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+                        stride_qb, stride_qh, stride_qt, stride_qd,
+                        stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd,
+                        stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                        H, T, GROUP, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T_BUCKET: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr):
+    """dQ for BLOCK_M query rows of one (batch, query head): keys [0, start_m) unmasked,
+    then the masked diagonal band (BLOCK_M % BLOCK_N == 0). Grid (B * H, cdiv(T, BLOCK_M)),
+    last query blocks (the most keys) first.
+    """
+    pid_bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    batch = (pid_bh // H).to(tl.int64)
+    head = pid_bh % H
+    kv_head = (head // GROUP).to(tl.int64)
+    head = head.to(tl.int64)
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh
+                   + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    do = _load_tile(DO + batch * stride_dob + head * stride_doh
+                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    row_stats = pid_bh.to(tl.int64) * T
+    lse2 = _load_row_stat(LSE2 + row_stats + offs_m, offs_m, T, not EVEN_T)
+    delta = _load_row_stat(DELTA + row_stats + offs_m, offs_m, T, not EVEN_T)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                            stride_kt, stride_kd, stride_vt, stride_vd,
+                            0, start_m, T, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+    dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                            stride_kt, stride_kd, stride_vt, stride_vd,
+                            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION)
+    _store_tile(DQ + batch * stride_dqb + head * stride_dqh
+                + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D,
+                not EVEN_T)
+
+
+# ------------------------------------------------------------- block sizes and tuning --
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+# Hopper-sized tiles, checked by compiling for sm_90 (registers, spills, shared memory).
+# Forward: 128 query rows per program (one wgmma M=64 per warpgroup with 8 warps, or two
+# with 4), 64/128 keys per step, 3-4 stage K/V pipelines. BLOCK_M % BLOCK_N == 0.
+_FWD_CONFIGS = _configs([
+    (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2),
+    (128, 128, 8, 3), (128, 128, 8, 4),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 2),
+])
+# dK/dV: 128 (or 64) keys per program keep dK and dV in fp32 registers, so 8 warps (4 warps
+# spill at head dim >= 64); the query side steps in 16-64 rows so the pipelined Q/dO tiles
+# fit beside K and V. BLOCK_N % BLOCK_M == 0.
+_DKDV_CONFIGS = _configs([
+    (32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 3),
+    (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3), (16, 64, 8, 2),
+])
+# dQ: 128 (or 64) query rows per program, 32/64 keys per step. BLOCK_M % BLOCK_N == 0.
+_DQ_CONFIGS = _configs([
+    (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4),
+    (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 2),
+])
+# Interpreter: small fixed tiles (fast on CPU) that still take every code path: the
+# diagonal band spans two steps, so masked and unmasked steps meet inside a band.
+_INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+# H100: at most 227 KB of shared memory per block. The estimate matches what triton
+# allocates for these kernels; configs it still misjudges fail to launch and the autotuner
+# skips them.
+_SMEM_BUDGET = 227 * 1024
+
+
+def _smem_estimate(kind, config, block_d, itemsize):
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    if kind == "fwd":   # Q resident, K and V pipelined
+        tiles = m * block_d + stages * 2 * n * block_d
+    elif kind == "dkdv":  # K and V resident, Q and dO pipelined
+        tiles = 2 * n * block_d + stages * 2 * m * block_d
+    else:  # dq: Q and dO resident, K and V pipelined
+        tiles = 2 * m * block_d + stages * 2 * n * block_d
+    return tiles * itemsize
+
+
+def _pruner(kind):
+    """early_config_prune: drop configs whose pipelined tiles cannot fit in shared memory
+    for this head dim and dtype, and oversized tiles for short sequences."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d, t_bucket = args["BLOCK_D"], args["T_BUCKET"]
+        itemsize = args["Q"].element_size()
+        tile = 64 if t_bucket <= 64 else None
+        kept = [c for c in configs
+                if _smem_estimate(kind, c, block_d, itemsize) <= _SMEM_BUDGET
+                and (tile is None or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= tile)]
+        if not kept:
+            kept = [min(configs, key=lambda c: _smem_estimate(kind, c, block_d, itemsize))]
+        return kept
+    return prune
+
+
+def _even_t(args):
+    return args["T"] % args["BLOCK_M"] == 0 and args["T"] % args["BLOCK_N"] == 0
+
+
+def _build(kernel, kind, configs, reset_to_zero=None):
+    kernel = triton.heuristics({"EVEN_T": _even_t})(kernel)
+    if _INTERPRET:
+        return kernel
+    return triton.autotune(configs=configs, key=["BLOCK_D", "T_BUCKET"],
+                           prune_configs_by={"early_config_prune": _pruner(kind)},
+                           reset_to_zero=reset_to_zero)(kernel)
+
+
+# The autotuner also keys on the dtypes of the tensor arguments.
+_attn_fwd = _build(_attn_fwd_kernel, "fwd", _FWD_CONFIGS)
+_attn_bwd_dkdv = _build(_attn_bwd_dkdv_kernel, "dkdv", _DKDV_CONFIGS, reset_to_zero=["DQ_ACCUM"])
+_attn_bwd_dq = _build(_attn_bwd_dq_kernel, "dq", _DQ_CONFIGS)
+
+
+def _blocks(kind):
+    """Explicit tile sizes in the interpreter; the autotuner picks them on GPU."""
+    if not _INTERPRET:
+        return {}
+    block_m, block_n = _INTERPRET_BLOCKS[kind]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n}
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _t_bucket(t):
+    """Sequence-length bucket for the autotune key: powers of two from 64 to 16384."""
+    return min(max(triton.next_power_of_2(t), 64), 16384)
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32 and not _INTERPRET and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for fp16/bf16 operands
+
+
+def _on_device(t):
+    """Launch on t's GPU (triton launches on the current device), or nowhere special on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _bhtd_strides(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _empty_bthd(like, heads, dtype=None):
+    """A (B, heads, T, D) tensor stored (B, T, heads, D)-major, as SDPA's flash backend returns."""
+    b, _, t, d = like.shape
+    return like.new_empty((b, t, heads, d), dtype=dtype or like.dtype).transpose(1, 2)
+
+
+# ------------------------------------------------------------------ launch wrappers --
+
+def attention_forward(q, k, v, scale):
+    """Run the forward kernel: returns (O, lse2) with lse2 (B, H, T) fp32 in base-2 units."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    o = _empty_bthd(q, h)
+    lse2 = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse2
+    grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
+    with _on_device(q):
+        _attn_fwd[grid](q, k, v, o, lse2,
+                        *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v), *_bhtd_strides(o),
+                        h, t, h // hkv, scale * LOG2E,
+                        HEAD_DIM=d, BLOCK_D=_block_d(d), T_BUCKET=_t_bucket(t),
+                        DOT_PRECISION=_dot_precision(q.dtype), **_blocks("fwd"))
+    return o, lse2
+
+
+def attention_backward(do, q, k, v, o, lse2, scale, atomic_dq=False):
+    """Run the backward kernels: returns (dQ, dK, dV) in the dtypes of q, k, v."""
+    with _on_device(q):
+        return _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq)
+
+
+def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq):
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    dq, dk, dv = _empty_bthd(q, h), _empty_bthd(k, hkv), _empty_bthd(v, hkv)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    block_d = _block_d(d)
+    delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
+    block_t = 16 if _INTERPRET else max(16, min(128, 8192 // block_d))
+    _bwd_delta_kernel[(b * h, triton.cdiv(t, block_t))](
+        o, do, delta, *_bhtd_strides(o), *_bhtd_strides(do), h, t,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
+
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, T_BUCKET=_t_bucket(t),
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    group, qk_scale = h // hkv, scale * LOG2E
+    if atomic_dq:
+        dq_accum = _empty_bthd(q, h, torch.float32).zero_()
+    else:
+        dq_accum = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (b * hkv, triton.cdiv(t, meta["BLOCK_N"]))  # noqa: E731
+    _attn_bwd_dkdv[grid](q, k, v, do, lse2, delta, dk, dv, dq_accum,
+                         *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
+                         *_bhtd_strides(do), *_bhtd_strides(dk), *_bhtd_strides(dv),
+                         *_bhtd_strides(dq_accum),
+                         h, hkv, t, group, qk_scale, scale,
+                         ATOMIC_DQ=atomic_dq, **common, **_blocks("dkdv"))
+    if atomic_dq:
+        return dq_accum.to(q.dtype), dk, dv
+    grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
+    _attn_bwd_dq[grid](q, k, v, do, lse2, delta, dq,
+                       *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
+                       *_bhtd_strides(do), *_bhtd_strides(dq),
+                       h, t, group, qk_scale, scale, **common, **_blocks("dq"))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------ custom ops --
+
+_ATOMIC_DQ = False
+
+
+def set_atomic_dq(enabled: bool) -> bool:
+    """Use the atomic dQ backward (faster, not bitwise deterministic); returns the old value.
+
+    Off by default. The setting in force when the forward runs decides its backward; under
+    torch.compile it is read when the graph is traced, so set it before compiling.
+    """
+    global _ATOMIC_DQ
+    previous, _ATOMIC_DQ = _ATOMIC_DQ, bool(enabled)
+    return previous
+
+
+def atomic_dq_enabled() -> bool:
+    return _ATOMIC_DQ
+
+
+@torch.library.custom_op("gptfast::causal_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale)
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, scale):
+    b, h, t, _ = q.shape
+    return _empty_bthd(q, h), q.new_empty((b, h, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptfast::causal_attention_backward", mutates_args=())
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 o: torch.Tensor, lse2: torch.Tensor, scale: float,
+                 atomic_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse2, scale, atomic_dq)
+
+
+@_backward_op.register_fake
+def _backward_fake(do, q, k, v, o, lse2, scale, atomic_dq):
+    return _empty_bthd(q, q.shape[1]), _empty_bthd(k, k.shape[1]), _empty_bthd(v, v.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse2 = output
+    ctx.save_for_backward(q, k, v, o, lse2)
+    ctx.scale = scale
+    ctx.atomic_dq = _ATOMIC_DQ
+    ctx.mark_non_differentiable(lse2)
+
+
+def _backward(ctx, do, _dlse2):
+    q, k, v, o, lse2 = ctx.saved_tensors
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
+    return dq, dk, dv, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------- entry points --
+
+class _CausalAttention(torch.autograd.Function):
+    """The eager path: the same launchers as the custom ops, without the custom-op dispatcher,
+    which costs tens of microseconds per call (as much as the kernels at short T)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse2 = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.scale = scale
+        ctx.atomic_dq = _ATOMIC_DQ
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
+        return dq, dk, dv, None
+
+
+def causal_attention(q, k, v, scale=None):
+    """Causal attention, == ``reference.causal_attention`` (SDPA is_causal, GQA by head groups).
+
+    q: (B, H, T, D); k, v: (B, Hkv, T, D) with H % Hkv == 0; scale defaults to 1/sqrt(D).
+    Returns (B, H, T, D) in q's dtype, stored (B, T, H, D)-major. Arguments are validated
+    by ``gptfast.functional``. Under torch.compile this is the custom op; in eager mode an
+    autograd.Function around the same kernels.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, scale)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _CausalAttention.apply(q, k, v, scale)
+    return attention_forward(q, k, v, scale)[0]
+
+
+def causal_attention_unsupported(q, k, v, scale=None):
+    """None when the kernels handle this call, else the reason."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the attention kernel takes float16, bfloat16 or float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bfloat16 tl.dot is wrong in the Triton CPU interpreter"
+    if q.device.type == "cuda" and _INTERPRET:
+        return ("the kernels were defined for the CPU interpreter (TRITON_INTERPRET=1 when "
+                "gptfast.kernels.attention was imported)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        (seq, head_dim), (stride_t, stride_d) = x.shape[2:], x.stride()[2:]
+        if (seq - 1) * abs(stride_t) + (head_dim - 1) * abs(stride_d) > _MAX_INT32:
+            return f"{name} spans more than 2**31 elements within one (batch, head)"
+    return None
