@@ -19,7 +19,6 @@ import contextvars
 import dataclasses
 import importlib
 import os
-import sys
 from typing import Callable, Optional
 
 BACKENDS = ("auto", "triton", "reference")
@@ -106,29 +105,36 @@ class Kernel:
 
     entry: str
     unsupported_entry: Optional[str] = None
+    # Filled by load(). Attributes of this object, not a shared dict: torch.compile reads an
+    # object's attribute live when first touched, so it sees what a constant-result call
+    # (_environment_reason, run eagerly during tracing) loaded a moment before.
+    _function: Optional[Callable] = dataclasses.field(default=None, repr=False)
+    _unsupported: Optional[Callable] = dataclasses.field(default=None, repr=False)
+
+    def load(self) -> None:
+        """Import the kernel module (and so triton) and keep its entry points."""
+        if self._function is None:
+            self._function = _import(self.entry)
+            if self.unsupported_entry is not None:
+                self._unsupported = _import(self.unsupported_entry)
 
     @property
     def function(self) -> Callable:
-        return _load(self.entry)
+        if self._function is None:
+            self.load()
+        return self._function
 
     def unsupported(self, *args, **kwargs) -> Optional[str]:
         if self.unsupported_entry is None:
             return None
-        return _load(self.unsupported_entry)(*args, **kwargs)
+        if self._unsupported is None:
+            self.load()
+        return self._unsupported(*args, **kwargs)
 
 
-# "module:function" -> the function. A plain dict (no lock, no import on a hit) so that
-# torch.compile traces the dispatch as a dict lookup once the kernel module is loaded.
-_LOADED: dict[str, Callable] = {}
-
-
-def _load(entry: str) -> Callable:
-    function = _LOADED.get(entry)
-    if function is None:
-        module_name, _, name = entry.partition(":")
-        module = sys.modules.get(module_name) or importlib.import_module(module_name)
-        function = _LOADED[entry] = getattr(module, name)
-    return function
+def _import(entry: str) -> Callable:
+    module_name, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -172,9 +178,7 @@ def _environment_reason(op: str, device_type: str) -> Optional[str]:
     reason = _device_reason(device_type) or triton_import_error()
     if reason is None:
         try:
-            kernel.function  # imports the kernel module (and triton) on first use
-            if kernel.unsupported_entry is not None:
-                _load(kernel.unsupported_entry)
+            kernel.load()
         except Exception as err:
             return f"the kernel module of {op} failed to import ({type(err).__name__}: {err})"
     return reason

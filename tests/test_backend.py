@@ -110,3 +110,35 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+COLD_COMPILE = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys, torch, gptfast
+
+def block(x, w, q, k, v):
+    y = gptfast.layer_norm(x, w)
+    o = gptfast.causal_attention(q, k, v)
+    return y.sum() + o.sum()
+
+args = [torch.randn(4, 8), torch.randn(8), torch.randn(1, 2, 5, 16), torch.randn(1, 1, 5, 16),
+        torch.randn(1, 1, 5, 16)]
+args = [a.requires_grad_() for a in args]
+with gptfast.use_backend("triton"):
+    assert "gptfast.kernels.layernorm" not in sys.modules  # nothing loaded before tracing
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(*args)
+    out.backward()
+with gptfast.use_backend("reference"):
+    expected = block(*[a.detach() for a in args])
+torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_first_call_inside_torch_compile_loads_kernels_without_graph_break():
+    """A cold process whose first op call is inside torch.compile(fullgraph=True)."""
+    out = subprocess.run([sys.executable, "-c", COLD_COMPILE], capture_output=True, text=True,
+                         env=_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")

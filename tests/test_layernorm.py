@@ -237,7 +237,7 @@ def test_auto_on_cpu_uses_reference(monkeypatch):
 
     for op in ("layer_norm", "add_layer_norm"):
         kernel = gptfast.backend.registered_kernel(op)
-        monkeypatch.setitem(gptfast.backend._LOADED, kernel.entry, boom)  # the loaded entry
+        monkeypatch.setattr(kernel, "_function", boom)  # the loaded entry point
     x, r = torch.randn(4, 8), torch.randn(4, 8)
     torch.testing.assert_close(gptfast.layer_norm(x), reference.layer_norm(x))
     y, s = gptfast.add_layer_norm(x, r)
