@@ -1,0 +1,646 @@
+"""Cross-entropy on logits, and fused linear + cross-entropy, in Triton.
+
+For one row x of V logits with target t, lse = logsumexp(x), label smoothing s and z-loss z:
+
+    loss    = lse - (1 - s) * x[t] - s * mean(x) + z * lse^2
+    dloss/dx_j = softmax(x)_j * (1 + 2 z lse) - (1 - s) * [j == t] - s / V
+
+Rows whose target is ``ignore_index`` have loss 0 and gradient 0; "mean" divides by the
+number of the other rows (0 when there are none).
+
+cross_entropy: one program a row reads the row once for the online max / sum of exp (fp32)
+and, when autograd will want the gradient, reads it again (mostly from L2) to write the
+gradient **into the logits buffer** (bf16/fp32: already divided by the count for "mean"):
+the extra memory is O(N), the traffic one read and one write of the logits. Backward
+multiplies that buffer by the upstream gradient in place, and skips rows whose factor is
+exactly 1, so ``loss.backward()`` on a bf16 mean or sum costs one tiny launch.
+
+When the logits are overwritten (``LOGITS_POLICY``, set with :func:`logits_policy`):
+- ``"auto"`` (default): only when autograd needs their gradient and they are a non-leaf
+  produced by an op (``lm_head(h)``, ``h @ W.T``), and, for a view, its base is too. A leaf
+  tensor (a parameter, or an input the caller made with ``requires_grad=True``) and views of
+  one are never written. The kernel bumps the version counter of the logits, so an autograd
+  node that saved them (e.g. ``logits = tanh(y)`` saves its output) raises in backward
+  instead of reading the gradient. What it cannot see is a plain Python reference: a caller
+  who reads the logits after computing the loss (say, to return them next to it) must use
+  ``logits_policy("keep")``.
+- ``"keep"``: never; the forward only computes the loss and backward recomputes the
+  softmax from the kept logits into a new gradient tensor.
+- ``"overwrite"``: whenever autograd needs their gradient, leaves included (Liger's
+  behaviour; for benchmarks and for callers who know the logits are dead).
+A row whose target is out of range and not ``ignore_index`` raises ValueError after the
+kernel has run: the logits may already hold gradients then.
+
+linear_cross_entropy: logits = x @ W.T (+ b) in chunks of rows, never N x V at once. For each
+chunk: torch matmul (tensor cores) into one reused chunk buffer, the cross-entropy kernel in
+place on it, then grad_x[chunk] = dlogits @ W and grad_W += dlogits.T @ x[chunk],
+grad_b += sum(dlogits) into fp32 accumulators, cast to the parameter dtype at the end. For
+"mean"/"sum" this happens in the forward (3 GEMMs in all) and backward only scales the
+gradients by the scalar upstream gradient. For "none" the upstream gradient differs per row,
+and grad_W sums rows, so it cannot be rescaled afterwards: the forward computes only the
+losses and backward recomputes the logits with each row's upstream gradient folded into
+dlogits (4 GEMMs); fp16 does the same (see ``_folds_mean``). Chunk size: :func:`chunk_rows`.
+
+Every kernel call goes through a ``torch.library.custom_op`` ("gptfast::...") with a fake
+implementation, called from a ``torch.autograd.Function`` that dynamo traces, so
+``torch.compile(fullgraph=True)`` has no graph break. The op that writes the gradient into
+the logits declares the mutation (``mutates_args``): functionalization turns it into
+``auto_functionalized``, which inductor re-inplaces when the logits are an intermediate of the
+graph. A mutating op cannot carry its own autograd formula, hence the autograd.Function.
+Under compile the range check of the targets happens inside the op (the kernel flags bad
+rows in a one-element buffer, the op raises after it), so no data-dependent Python branch
+breaks the graph.
+"""
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gptfast.backend import interpreter_enabled
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+POLICIES = ("auto", "keep", "overwrite")
+
+# When the logits may be overwritten by their gradient; see the module docstring.
+LOGITS_POLICY = "auto"
+# Rows of x per chunk in linear_cross_entropy; None picks them with chunk_rows(). The
+# environment variable GPTFAST_CE_CHUNK_ROWS overrides both (tests use small chunks).
+CHUNK_ROWS: Optional[int] = None
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@contextlib.contextmanager
+def logits_policy(policy: str):
+    """``with logits_policy("keep"):`` ... sets :data:`LOGITS_POLICY` for the block.
+
+    Use it around calls to a compiled function, not inside one: dynamo reads the policy
+    while tracing and guards on it (a change recompiles).
+    """
+    global LOGITS_POLICY
+    if policy not in POLICIES:
+        raise ValueError(f"logits policy must be one of {POLICIES}, got {policy!r}")
+    previous, LOGITS_POLICY = LOGITS_POLICY, policy
+    try:
+        yield
+    finally:
+        LOGITS_POLICY = previous
+
+
+# ------------------------------------------------------------------------------ kernels --
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr, logits_row_stride, grad_ptr, grad_row_stride,
+    target_ptr, loss_ptr, grad_scale_ptr, bad_target_ptr,
+    vocab, ignore_index, label_smoothing, z_loss,
+    WRITE_GRAD: tl.constexpr, PER_ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Loss of one row and, with WRITE_GRAD, grad_scale * dloss/dx, in two passes over V.
+
+    Pass 1, online logsumexp in fp32: per block, m' = max(m, max(x)),
+        sum_exp = sum_exp * 2^((m - m') log2 e) + sum(2^((x - m') log2 e)),
+    so each logit costs one exp2; lse = m + log(sum_exp).
+    Pass 2 writes p_j * (1 + 2 z lse) - (1 - s) [j == t] - s / V, times the row's scale, to
+    grad (which may be the logits buffer itself: every block is read before it is written).
+    It walks the blocks last to first, so the first blocks it re-reads are the ones pass 1
+    read last, the likeliest to still be in L2.
+    A target outside [0, V) that is not ignore_index sets bad_target; such rows, like
+    ignored rows, get loss 0 and gradient 0.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    offsets = tl.arange(0, BLOCK_V)
+    target = tl.load(target_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < vocab)
+
+    if in_range & (~ignored):
+        row_max = tl.full((), float("-inf"), tl.float32)
+        sum_exp = tl.zeros((), tl.float32)
+        row_sum = tl.zeros((), tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offsets
+            mask = cols < vocab
+            x = tl.load(logits_row + cols, mask=mask, other=float("-inf"),
+                        eviction_policy="evict_last").to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(x, axis=0))
+            # while every logit so far is -inf, shift by 0 so no exp sees (-inf) - (-inf)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            sum_exp = (sum_exp * tl.exp2((row_max - shift) * LOG2E)
+                       + tl.sum(tl.exp2((x - shift) * LOG2E), axis=0))
+            row_max = new_max
+            if HAS_SMOOTHING:
+                row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        lse = row_max + tl.log(sum_exp)
+        target_logit = tl.load(logits_row + target).to(tl.float32)
+        loss = lse - (1.0 - label_smoothing) * target_logit + z_loss * lse * lse
+        if HAS_SMOOTHING:
+            loss -= label_smoothing * row_sum / vocab
+        tl.store(loss_ptr + row, loss)
+
+        if WRITE_GRAD:
+            if PER_ROW_SCALE:
+                scale = tl.load(grad_scale_ptr + row).to(tl.float32)
+            else:
+                scale = tl.load(grad_scale_ptr).to(tl.float32)
+            prob_weight = (1.0 + 2.0 * z_loss * lse) * scale
+            target_weight = (1.0 - label_smoothing) * scale
+            uniform_weight = label_smoothing / vocab * scale
+            lse_log2 = lse * LOG2E
+            num_blocks = tl.cdiv(vocab, BLOCK_V)
+            for block in range(0, num_blocks):
+                cols = (num_blocks - 1 - block) * BLOCK_V + offsets
+                mask = cols < vocab
+                x = tl.load(logits_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy="evict_first").to(tl.float32)
+                prob = tl.exp2(x * LOG2E - lse_log2)
+                grad = prob * prob_weight - uniform_weight - tl.where(cols == target, target_weight, 0.0)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        if ~ignored:
+            tl.store(bad_target_ptr, 1)
+        tl.store(loss_ptr + row, 0.0)
+        if WRITE_GRAD:
+            zeros = tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty)
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                tl.store(grad_row + cols, zeros, mask=cols < vocab)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, row_stride, scale_ptr, vocab,
+                       PER_ROW_SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """grad[row, :] *= scale (scale[row] per row), leaving rows whose scale is exactly 1."""
+    row = tl.program_id(0).to(tl.int64)
+    if PER_ROW_SCALE:
+        scale = tl.load(scale_ptr + row).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        grad_row = grad_ptr + row * row_stride
+        offsets = tl.arange(0, BLOCK_V)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offsets
+            mask = cols < vocab
+            grad = tl.load(grad_row + cols, mask=mask).to(tl.float32)
+            tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------- launch wrappers --
+
+def _launch_config(vocab: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of ``vocab`` logits of ``element_size`` bytes.
+
+    GPU: 16 KB of logits a block (8192 bf16 or 4096 fp32) over 512 or 256 threads, i.e.
+    16 values a thread: one exp2 and a few FMAs each between two block reductions, few enough
+    registers for several programs an SM, which is how the loads of a row stay in flight
+    (a loop without tl.dot is not software-pipelined). V = 50257 takes 7 bf16 blocks; its
+    rows start only 2-byte aligned, so loads are 2 bytes a thread, still 64 contiguous bytes
+    a warp instruction (a padded V such as 50304 gets 16-byte vector loads).
+    Interpreter: every tl op is one numpy call, so fewer, larger blocks run faster; 2048
+    still gives more than one block for the test vocabularies.
+    """
+    if interpreter_enabled():
+        return min(triton.next_power_of_2(vocab), 2048), 4
+    block = min(triton.next_power_of_2(vocab), 16384 // element_size)
+    return block, max(4, min(16, block // 512))
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_cross_entropy(logits, target, loss, grad, grad_scale, bad_target,
+                          ignore_index, label_smoothing, z_loss):
+    """loss[i] (and grad[i, :] when grad is not None) for every row of the (N, V) logits.
+
+    grad may be logits itself. grad_scale: a 0-d fp32 tensor, or one fp32 value per row.
+    """
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    block, num_warps = _launch_config(vocab, logits.element_size())
+    write_grad = grad is not None
+    with _device_guard(logits):
+        _cross_entropy_kernel[(rows,)](
+            logits, logits.stride(0), grad if write_grad else logits,
+            grad.stride(0) if write_grad else 0,
+            target, loss, grad_scale if grad_scale is not None else loss, bad_target,
+            vocab, ignore_index, label_smoothing, z_loss,
+            WRITE_GRAD=write_grad, PER_ROW_SCALE=grad_scale is not None and grad_scale.dim() == 1,
+            HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block, num_warps=num_warps,
+        )
+
+
+def _launch_scale_rows(grad, scale):
+    rows, vocab = grad.shape
+    if rows == 0:
+        return
+    block, num_warps = _launch_config(vocab, grad.element_size())
+    with _device_guard(grad):
+        _scale_rows_kernel[(rows,)](grad, grad.stride(0), scale, vocab,
+                                    PER_ROW_SCALE=scale.dim() == 1, BLOCK_V=block,
+                                    num_warps=num_warps)
+
+
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, V) with unit stride along V (the kernels index rows by stride); copies only if it must."""
+    return t if t.shape[0] == 0 or t.stride(1) == 1 else t.contiguous()
+
+
+def _raise_if_bad_targets(bad_target, target, vocab, ignore_index):
+    if bool(bad_target.item()):
+        bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+        value = int(target[bad][0])
+        raise ValueError(f"target holds class index {value}, outside [0, {vocab}) and not "
+                         f"ignore_index={ignore_index}")
+
+
+def _new_flag(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+# -------------------------------------------------------------------- custom ops: logits --
+
+@torch.library.custom_op("gptfast::cross_entropy_loss", mutates_args=())
+def _cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                        label_smoothing: float, z_loss: float, check_targets: bool) -> torch.Tensor:
+    """Per-row losses (fp32) of (N, V) logits, logits untouched."""
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    bad_target = _new_flag(logits.device)
+    _launch_cross_entropy(logits, target, loss, None, None, bad_target,
+                          ignore_index, label_smoothing, z_loss)
+    if check_targets:
+        _raise_if_bad_targets(bad_target, target, logits.shape[1], ignore_index)
+    return loss
+
+
+@_cross_entropy_loss.register_fake
+def _(logits, target, ignore_index, label_smoothing, z_loss, check_targets):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("gptfast::cross_entropy_loss_and_grad_", mutates_args=("logits",))
+def _cross_entropy_loss_and_grad_(logits: torch.Tensor, target: torch.Tensor,
+                                  grad_scale: torch.Tensor, ignore_index: int,
+                                  label_smoothing: float, z_loss: float,
+                                  check_targets: bool) -> torch.Tensor:
+    """Per-row losses; overwrites the (N, V) logits with grad_scale * dloss/dlogits."""
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    bad_target = _new_flag(logits.device)
+    _launch_cross_entropy(logits, target, loss, logits, grad_scale, bad_target,
+                          ignore_index, label_smoothing, z_loss)
+    if check_targets:
+        _raise_if_bad_targets(bad_target, target, logits.shape[1], ignore_index)
+    return loss
+
+
+@_cross_entropy_loss_and_grad_.register_fake
+def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, check_targets):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("gptfast::cross_entropy_grad", mutates_args=())
+def _cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor,
+                        ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """grad_scale * dloss/dlogits as a new (N, V) tensor (the kept-logits backward)."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _launch_cross_entropy(logits, target, loss, grad, grad_scale, _new_flag(logits.device),
+                          ignore_index, label_smoothing, z_loss)
+    return grad
+
+
+@_cross_entropy_grad.register_fake
+def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------- custom ops: linear + CE --
+
+def chunk_rows(rows: int, vocab: int, hidden: int, element_size: int,
+               device: torch.device) -> int:
+    """Rows of x per chunk of linear_cross_entropy.
+
+    The chunk's logits may take as many bytes as the weight (V x C), at least 32 MiB and at
+    most 256 MiB: the weight-gradient cast at the end holds the fp32 accumulator (4VC bytes)
+    next to the result (2VC for bf16), so a chunk up to the weight's size does not raise the
+    peak, which stays about 6VC + 2NC bytes (245 MiB for GPT-2's V=50257, C=768 at N=16384).
+    Each chunk also costs a read and a write of the fp32 accumulator in the grad_W GEMM
+    epilogue (8VC bytes), so chunks much smaller than this would be slower. On CUDA at most a
+    quarter of the free memory. Rounded down to a multiple of 64 rows (GEMM tiles).
+    ``CHUNK_ROWS`` or the GPTFAST_CE_CHUNK_ROWS environment variable overrides it.
+    """
+    override = os.environ.get("GPTFAST_CE_CHUNK_ROWS") or CHUNK_ROWS
+    if override:
+        return max(1, min(rows, int(override)))
+    budget = min(max(vocab * hidden * element_size, 32 << 20), 256 << 20)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(budget, free // 4)
+    chunk = max(1, budget // (vocab * element_size))
+    if chunk >= 64:
+        chunk -= chunk % 64
+    return max(1, min(rows, chunk))
+
+
+_FP32_ACCUMULATING_ADDMM = True  # cleared if this torch's addmm refuses fp32 self with bf16/fp16 inputs
+
+
+def _accumulate_matmul_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """accumulator (fp32) += a @ b without rounding a @ b to a's dtype first."""
+    global _FP32_ACCUMULATING_ADDMM
+    if a.dtype == accumulator.dtype:
+        accumulator.addmm_(a, b)
+        return
+    if not a.is_cuda:  # no mixed-dtype GEMM on CPU; CPU shapes here are test-sized
+        accumulator.addmm_(a.float(), b.float())
+        return
+    if _FP32_ACCUMULATING_ADDMM:
+        try:  # cuBLAS reads and writes the fp32 accumulator in the GEMM epilogue
+            torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+            return
+        except (RuntimeError, TypeError):
+            _FP32_ACCUMULATING_ADDMM = False
+    slab = max(1, (32 << 20) // (4 * b.shape[1]))  # fp32 partial products of at most 32 MiB
+    for start in range(0, a.shape[0], slab):
+        accumulator[start:start + slab] += torch.mm(a[start:start + slab], b, out_dtype=torch.float32)
+
+
+def _empty_grad(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("gptfast::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+    grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
+    z_loss: float, need_x_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+    check_targets: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row losses, grad_x, grad_weight, grad_bias) of cross_entropy(x @ W.T + b).
+
+    The gradients are those of sum_i grad_scale_i * loss_i (grad_scale 0-d or per row), each
+    empty when not asked for, all of them empty when grad_scale is None.
+    """
+    rows, hidden = x.shape
+    vocab = weight.shape[0]
+    device = x.device
+    with_grad = grad_scale is not None
+    need_x_grad, need_weight_grad, need_bias_grad = (
+        with_grad and need_x_grad, with_grad and need_weight_grad,
+        with_grad and need_bias_grad and bias is not None)
+    loss = torch.empty(rows, dtype=torch.float32, device=device)
+    grad_x = x.new_empty(x.shape) if need_x_grad else _empty_grad(x)
+    fp32 = dict(dtype=torch.float32, device=device)
+    grad_weight32 = torch.zeros(vocab, hidden, **fp32) if need_weight_grad else None
+    grad_bias32 = torch.zeros(vocab, **fp32) if need_bias_grad else None
+    bad_target = _new_flag(device)
+
+    step = chunk_rows(rows, vocab, hidden, x.element_size(), device)
+    chunk_buffer = torch.empty(min(step, rows), vocab, dtype=x.dtype, device=device)
+    weight_t = weight.t()
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        x_chunk = x[start:stop]
+        logits = chunk_buffer[: stop - start]
+        if bias is None:
+            torch.mm(x_chunk, weight_t, out=logits)
+        else:
+            torch.addmm(bias, x_chunk, weight_t, out=logits)
+        chunk_scale = grad_scale[start:stop] if with_grad and grad_scale.dim() == 1 else grad_scale
+        _launch_cross_entropy(logits, target[start:stop], loss[start:stop],
+                              logits if with_grad else None, chunk_scale, bad_target,
+                              ignore_index, label_smoothing, z_loss)
+        if need_x_grad:
+            torch.mm(logits, weight, out=grad_x[start:stop])
+        if need_weight_grad:
+            _accumulate_matmul_fp32(grad_weight32, logits.t(), x_chunk)
+        if need_bias_grad:
+            grad_bias32 += logits.sum(dim=0, dtype=torch.float32)
+    chunk_buffer = logits = None  # freed before the casts below, which set the peak
+    if check_targets:
+        _raise_if_bad_targets(bad_target, target, vocab, ignore_index)
+    grad_weight = grad_weight32.to(weight.dtype) if need_weight_grad else _empty_grad(weight)
+    grad_bias = grad_bias32.to(bias.dtype) if need_bias_grad else _empty_grad(x)
+    return loss, grad_x, grad_weight, grad_bias
+
+
+@_linear_cross_entropy.register_fake
+def _(x, weight, bias, target, grad_scale, ignore_index, label_smoothing, z_loss,
+      need_x_grad, need_weight_grad, need_bias_grad, check_targets):
+    with_grad = grad_scale is not None
+    return (
+        x.new_empty(x.shape[0], dtype=torch.float32),
+        x.new_empty(x.shape) if with_grad and need_x_grad else _empty_grad(x),
+        torch.empty_like(weight) if with_grad and need_weight_grad else _empty_grad(weight),
+        torch.empty_like(bias) if with_grad and need_bias_grad and bias is not None else _empty_grad(x),
+    )
+
+
+# ------------------------------------------------------------------------------ autograd --
+
+def _count_kept(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (target != ignore_index).sum()
+
+
+def _reduce(loss: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / kept.clamp(min=1)
+
+
+def _folds_mean(dtype: torch.dtype, reduction: str) -> bool:
+    """Whether a gradient stored before backward may already carry the 1/count of "mean".
+
+    bf16 and fp32 have fp32's exponent range, so scaling by 1/count now and by the upstream
+    gradient later rounds the same as scaling once. fp16 does not: (p - onehot) / N for
+    N = 16k rows underflows in fp16 before a GradScaler's upstream 2^16 could lift it, so
+    fp16 stores the unscaled gradient and backward applies upstream / count.
+    """
+    return reduction == "mean" and dtype != torch.float16
+
+
+def _forward_scale(kept: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """Factor of the gradient written in forward: 1/count when "mean" folds in, else 1 (0-d fp32)."""
+    if _folds_mean(dtype, reduction):
+        return 1.0 / kept.clamp(min=1).to(torch.float32)
+    return torch.ones((), dtype=torch.float32, device=kept.device)
+
+
+def _backward_scale(grad_loss: torch.Tensor, kept: torch.Tensor, reduction: str,
+                    folded: bool) -> torch.Tensor:
+    """Factor still to apply in backward: the upstream gradient (per row for "none"),
+    divided by the count for a "mean" the forward did not fold in."""
+    grad_loss = grad_loss.to(torch.float32).contiguous()
+    if reduction == "mean" and not folded:
+        return grad_loss / kept.clamp(min=1)
+    return grad_loss
+
+
+def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad * scale (0-d, or one value per row of grad), in grad's dtype.
+
+    Eager: in place, and rows whose scale is exactly 1 are not touched. Compiled: a
+    pointwise op, because functionalization clones a saved tensor that an op mutates,
+    whereas inductor writes a pointwise result into the saved (donated) buffer itself.
+    """
+    if torch.compiler.is_compiling():
+        factor = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (grad.dim() - 1)))
+        return (grad.to(torch.float32) * factor).to(grad.dtype)
+    if grad.dim() == 2:
+        _launch_scale_rows(grad, scale)
+        return grad
+    return grad.mul_(scale.to(grad.dtype))
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, z_loss,
+                overwrite, check_targets):
+        kept = _count_kept(target, ignore_index)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, overwrite)
+        if overwrite:
+            loss = torch.ops.gptfast.cross_entropy_loss_and_grad_(
+                logits, target, _forward_scale(kept, reduction, logits.dtype), ignore_index,
+                label_smoothing, z_loss, check_targets)
+            ctx.save_for_backward(logits, kept)  # logits now hold the gradient
+        else:
+            loss = torch.ops.gptfast.cross_entropy_loss(
+                logits, target, ignore_index, label_smoothing, z_loss, check_targets)
+            ctx.save_for_backward(logits, kept, target)
+        return _reduce(loss, kept, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ignore_index, reduction, label_smoothing, z_loss, overwrite = ctx.options
+        if overwrite:
+            grad, kept = ctx.saved_tensors
+            folded = _folds_mean(grad.dtype, reduction)
+            grad = _scaled(grad, _backward_scale(grad_loss, kept, reduction, folded))
+        else:
+            logits, kept, target = ctx.saved_tensors
+            grad = torch.ops.gptfast.cross_entropy_grad(
+                logits, target, _backward_scale(grad_loss, kept, reduction, folded=False),
+                ignore_index, label_smoothing, z_loss)
+        return grad, None, None, None, None, None, None, None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Gradients in forward for "mean"/"sum" in bf16/fp32 (3 GEMMs; backward scales them).
+
+    For "none" (a different upstream factor per row, which grad_W sums over) and for fp16
+    (see _folds_mean), they cannot be rescaled after the fact, so the forward computes only
+    the losses and backward recomputes the logits with the upstream factor folded into
+    dlogits (4 GEMMs).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
+                check_targets):
+        need_grads = tuple(ctx.needs_input_grad[:3])
+        kept = _count_kept(target, ignore_index)
+        recompute = reduction == "none" or x.dtype == torch.float16
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, need_grads, recompute)
+        if recompute:
+            loss, *_ = torch.ops.gptfast.linear_cross_entropy(
+                x, weight, bias, target, None, ignore_index, label_smoothing, z_loss,
+                *need_grads, check_targets)
+            ctx.save_for_backward(x, weight, bias, target, kept)
+        else:
+            loss, grad_x, grad_weight, grad_bias = torch.ops.gptfast.linear_cross_entropy(
+                x, weight, bias, target, _forward_scale(kept, reduction, x.dtype),
+                ignore_index, label_smoothing, z_loss, *need_grads, check_targets)
+            ctx.save_for_backward(grad_x, grad_weight, grad_bias)
+        return _reduce(loss, kept, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ignore_index, reduction, label_smoothing, z_loss, need_grads, recompute = ctx.options
+        if recompute:
+            x, weight, bias, target, kept = ctx.saved_tensors
+            _, *grads = torch.ops.gptfast.linear_cross_entropy(
+                x, weight, bias, target, _backward_scale(grad_loss, kept, reduction, folded=False),
+                ignore_index, label_smoothing, z_loss, *need_grads, False)
+        else:
+            scale = grad_loss.to(torch.float32)
+            grads = [_scaled(grad, scale) for grad in ctx.saved_tensors]
+        grad_x, grad_weight, grad_bias = (
+            grad if needed else None for grad, needed in zip(grads, need_grads))
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- entry points --
+
+def _may_overwrite(logits: torch.Tensor) -> bool:
+    """Whether the forward may write the gradient into ``logits`` (see the module docstring)."""
+    if LOGITS_POLICY == "keep":
+        return False
+    if LOGITS_POLICY == "overwrite":
+        return True
+    base = logits if logits._base is None else logits._base
+    return not base.is_leaf
+
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  z_loss=0.0):
+    """Triton cross-entropy with the semantics of ``gptfast.reference.cross_entropy``."""
+    vocab = logits.shape[-1]
+    rows = _unit_stride_rows(logits.reshape(-1, vocab))
+    flat_target = target.reshape(-1).contiguous()
+    check_targets = torch.compiler.is_compiling()  # eager callers were checked by functional
+    options = (int(ignore_index), float(label_smoothing), float(z_loss))
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss = _CrossEntropy.apply(rows, flat_target, options[0], reduction, options[1],
+                                   options[2], _may_overwrite(rows), check_targets)
+    else:
+        loss = _reduce(torch.ops.gptfast.cross_entropy_loss(rows, flat_target, *options, check_targets),
+                       _count_kept(flat_target, options[0]), reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0):
+    """Triton fused linear + cross-entropy, == ``gptfast.reference.linear_cross_entropy``."""
+    rows = x.reshape(-1, x.shape[-1])
+    flat_target = target.reshape(-1).contiguous()
+    check_targets = torch.compiler.is_compiling()
+    options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad:
+        loss = _LinearCrossEntropy.apply(rows, weight, bias, flat_target, *options, check_targets)
+    else:
+        per_row, *_ = torch.ops.gptfast.linear_cross_entropy(
+            rows, weight, bias, flat_target, None, options[0], options[2], options[3],
+            False, False, False, check_targets)
+        loss = _reduce(per_row, _count_kept(flat_target, options[0]), reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _dtype_reason(**tensors) -> Optional[str]:
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} (the kernels take float32, float16, bfloat16)"
+    return None
+
+
+def cross_entropy_unsupported(logits, target, ignore_index=-100, reduction="mean",
+                              label_smoothing=0.0, z_loss=0.0) -> Optional[str]:
+    return _dtype_reason(logits=logits)
+
+
+def linear_cross_entropy_unsupported(x, weight, target, bias=None, ignore_index=-100,
+                                     reduction="mean", label_smoothing=0.0,
+                                     z_loss=0.0) -> Optional[str]:
+    return _dtype_reason(x=x, weight=weight, bias=bias)
