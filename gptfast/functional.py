@@ -115,10 +115,11 @@ def _check_loss_options(ignore_index, reduction, label_smoothing, z_loss):
 
 # -------------------------------------------------------------------------------- ops --
 
-def _run(op, device, args):
+def _run(op, device, args, triton_options=None):
+    """Run ``op`` on the backend chosen for this call; ``triton_options`` go to the kernel only."""
     backend, _ = choose(op, device, args)
     if backend == "triton":
-        return registered_kernel(op).function(*args)
+        return registered_kernel(op).function(*args, **(triton_options or {}))
     return getattr(reference, op)(*args)
 
 
@@ -177,12 +178,18 @@ def causal_attention(q, k, v, scale=None):
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0):
+                  label_smoothing=0.0, z_loss=0.0, *, keep_logits=False):
     """Cross-entropy of logits (..., V) against class indices target (...), like F.cross_entropy.
 
     ``reduction``: "mean" over non-ignored rows (0 if all are ignored), "sum", or "none"
     (per-row losses in target's shape, 0 at ignored rows). ``z_loss`` adds
     ``z_loss * logsumexp^2`` per row. The loss is fp32 (fp64 for fp64 logits).
+
+    Memory: on the Triton backend, when autograd needs the gradient of logits produced by an
+    op (``lm_head(h)``), the kernel writes that gradient into the logits buffer during the
+    forward, so no second N x V tensor exists; the logits then hold gradients, not logits.
+    Pass ``keep_logits=True`` if you read the logits after the loss (the backward then
+    allocates the gradient). Leaf tensors are never overwritten.
     """
     _tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] == 0:
@@ -191,9 +198,11 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
     _check_target(target, logits.numel() // vocab, "logits")
     _same_device("logits", logits, target=target)
     _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
+    if not isinstance(keep_logits, bool):
+        raise TypeError(f"keep_logits must be a bool, got {type(keep_logits).__name__}")
     _check_target_range(target, vocab, ignore_index)
     args = (logits, target, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
-    return _run("cross_entropy", logits.device, args)
+    return _run("cross_entropy", logits.device, args, {"keep_logits": keep_logits})
 
 
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",

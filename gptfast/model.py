@@ -11,7 +11,6 @@ KV cache.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
-from .backend import choose
 from .nn import CausalSelfAttention, KVCache, LayerNorm
 
 __all__ = ["GPTConfig", "GPT", "PEAK_BF16_FLOPS", "peak_flops_for_name", "device_peak_flops"]
@@ -170,8 +168,8 @@ class GPT(nn.Module):
         if return_logits:
             logits = self.lm_head(x)
             rows, flat_targets = logits.view(-1, logits.size(-1)), targets.view(-1)
-            with _logits_kept_by_cross_entropy(rows, flat_targets):
-                loss = functional.cross_entropy(rows, flat_targets, ignore_index=-1)
+            # the logits are returned: the Triton loss must not write its gradient into them
+            loss = functional.cross_entropy(rows, flat_targets, ignore_index=-1, keep_logits=True)
             return logits, loss
         x, weight = _autocast_inputs(x, self.lm_head.weight)
         loss = functional.linear_cross_entropy(x.reshape(-1, x.size(-1)), weight,
@@ -328,24 +326,6 @@ class GPT(nn.Module):
         model = cls(dataclasses.replace(config, dropout=dropout))
         _load_checked(model, state, path)
         return model
-
-
-def _logits_kept_by_cross_entropy(logits, targets):
-    """A context in which ``functional.cross_entropy(logits, targets, ignore_index=-1)`` leaves
-    the logits intact.
-
-    When autograd needs their gradient, the Triton cross-entropy writes it into logits made by
-    an op (``lm_head(x)``), which are normally dead once the loss exists; forward returns them,
-    so here that kernel is told to keep them (its backward then recomputes the softmax).
-    """
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        return contextlib.nullcontext()
-    args = (logits, targets, -1, "mean", 0.0, 0.0)
-    if choose("cross_entropy", logits.device, args)[0] != "triton":
-        return contextlib.nullcontext()
-    from gptfast.kernels.cross_entropy import logits_policy
-
-    return logits_policy("keep")
 
 
 def _autocast_inputs(x, weight):

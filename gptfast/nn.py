@@ -71,23 +71,27 @@ class CrossEntropyLoss(nn.Module):
 
     As ``gptfast.cross_entropy``: on the Triton backend, logits produced by an op whose
     gradient autograd needs are overwritten by that gradient (they are usually dead once the
-    loss exists; see ``gptfast.kernels.cross_entropy``), so do not read them afterwards.
+    loss exists), so do not read them afterwards, or pass ``keep_logits=True``.
     """
 
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 keep_logits=False):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.keep_logits = keep_logits
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.cross_entropy(logits, target, self.ignore_index, self.reduction,
-                                        self.label_smoothing, self.z_loss)
+                                        self.label_smoothing, self.z_loss,
+                                        keep_logits=self.keep_logits)
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}")
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"keep_logits={self.keep_logits}")
 
 
 class LinearCrossEntropy(nn.Module):

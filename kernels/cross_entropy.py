@@ -593,8 +593,11 @@ def _may_overwrite(logits: torch.Tensor) -> bool:
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  z_loss=0.0):
-    """Triton cross-entropy with the semantics of ``gptfast.reference.cross_entropy``."""
+                  z_loss=0.0, keep_logits=False):
+    """Triton cross-entropy with the semantics of ``gptfast.reference.cross_entropy``.
+
+    ``keep_logits=True`` never writes into ``logits``, whatever :data:`LOGITS_POLICY` says.
+    """
     vocab = logits.shape[-1]
     rows = _unit_stride_rows(logits.reshape(-1, vocab))
     flat_target = target.reshape(-1).contiguous()
@@ -602,7 +605,8 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     options = (int(ignore_index), float(label_smoothing), float(z_loss))
     if torch.is_grad_enabled() and logits.requires_grad:
         loss = _CrossEntropy.apply(rows, flat_target, options[0], reduction, options[1],
-                                   options[2], _may_overwrite(rows), check_targets)
+                                   options[2], not keep_logits and _may_overwrite(rows),
+                                   check_targets)
     else:
         loss = _reduce(torch.ops.gptfast.cross_entropy_loss(rows, flat_target, *options, check_targets),
                        _count_kept(flat_target, options[0]), reduction)

@@ -552,3 +552,23 @@ def test_gpu_inductor_compile_matches_eager():
         torch.testing.assert_close(compiled, eager)
         for got, want in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_keep_logits_through_the_public_api(triton_backend):
+    """gptfast.cross_entropy(..., keep_logits=True) leaves op-made logits intact, with equal grads."""
+    x = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(37, 16)
+    target = torch.randint(0, 37, (9,))
+    target[3] = -100
+    grads = []
+    for keep in (True, False):
+        x.grad = None
+        logits = x @ weight.T
+        before = logits.detach().clone()
+        loss = gptfast.cross_entropy(logits, target, keep_logits=keep)
+        assert torch.equal(logits.detach(), before) == keep
+        loss.backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(TypeError, match="keep_logits must be a bool"):
+        gptfast.cross_entropy(logits, target, keep_logits="yes")
