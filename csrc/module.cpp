@@ -2,6 +2,8 @@
 // needs neither torch nor a GPU. The token loader (csrc/loader*) lands here too.
 #include <pybind11/pybind11.h>
 
+#include "loader_bindings.h"
+
 #ifdef GPTFAST_WITH_CUDA
 #include "cuda_info.h"
 #endif
@@ -35,6 +37,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "gptfast compiled extension (C++ token loader; CUDA runtime queries where built with nvcc)";
   m.def("build_info", &build_info,
         "dict: cuda (built with the CUDA part), cuda_runtime_version, compiler");
+  gptfast::register_loader(m);
 #ifdef GPTFAST_WITH_CUDA
   m.def("cuda_driver_version", &gptfast::cuda_driver_version,
         "installed CUDA driver version, 0 without a driver");

@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "GPT": "gptfast.model",
     "GPTConfig": "gptfast.model",
+    "TokenLoader": "gptfast.data",
     "patch": "gptfast.nn",
     "nn": "gptfast.nn",
     "reference": "gptfast.reference",

@@ -14,6 +14,14 @@ import sys
 
 OPS = ("layer_norm", "add_layer_norm", "causal_attention", "cross_entropy", "linear_cross_entropy")
 
+# What "auto" does beyond the per-op line, worth knowing before a benchmark or a long run.
+NOTES = (
+    "attention dropout > 0 in training (gptfast.nn.CausalSelfAttention) runs PyTorch SDPA, "
+    "not the Triton kernel",
+    "cross_entropy on triton writes the gradient into op-made logits during the forward "
+    "(no second N x V buffer); pass keep_logits=True to read the logits afterwards",
+)
+
 
 # ------------------------------------------------------------------------------ info --
 
@@ -70,6 +78,7 @@ def collect_info() -> dict:
         "TRITON_INTERPRET": interpreter_enabled(),
         "extension": _extension_info(),
         "ops": {op: describe(op, device) for op in OPS},
+        "notes": list(NOTES),
     }
     if cuda:
         major, minor = torch.cuda.get_device_capability(0)
@@ -106,6 +115,7 @@ def format_info(info: dict) -> str:
     ]
     width = max(len(op) for op in info["ops"])
     lines += [f"  {op:<{width}}  {choice}" for op, choice in info["ops"].items()]
+    lines += ["", "notes:"] + [f"  - {note}" for note in info["notes"]]
     return "\n".join(lines)
 
 
@@ -119,11 +129,27 @@ def run_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- prepare --
+
+def _prepare_arguments(parser):
+    from .prepare import add_arguments  # light: tiktoken, tqdm and the pool load in run
+
+    add_arguments(parser)
+
+
+def run_prepare(args) -> int:
+    from .prepare import run
+
+    return run(args)
+
+
 # ------------------------------------------------------------------------------ main --
 
 COMMANDS = {
     "info": ("versions, device, compiled extension, and which backend each op uses",
              _info_arguments, run_info),
+    "prepare": ("tokenize .txt/.jsonl documents with tiktoken into llm.c token shards",
+                _prepare_arguments, run_prepare),
 }
 
 

@@ -1,0 +1,434 @@
+"""TokenLoader (C++ gptfast._C) against the numpy reference, shard formats, bad input,
+resumption, thread shutdown."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gptfast
+from gptfast import _C, data
+from gptfast.data import TokenLoader, reference_batches, shard_layout
+
+MAGIC16, MAGIC32 = 20240520, 20240801
+B, T = 4, 16
+
+
+def llmc_bytes(tokens, magic=MAGIC16, version=None, count=None) -> bytes:
+    """An llm.c shard, optionally with a wrong version or token count."""
+    header = np.zeros(256, "<i4")
+    header[0] = magic
+    header[1] = version if version is not None else {MAGIC16: 1, MAGIC32: 7}.get(magic, 1)
+    header[2] = len(tokens) if count is None else count
+    dtype = "<u4" if magic == MAGIC32 else "<u2"
+    return header.tobytes() + np.asarray(tokens, dtype).tobytes()
+
+
+def write(path, content: bytes):
+    path.write_bytes(content)
+    return str(path)
+
+
+@pytest.fixture
+def mixed_shards(tmp_path):
+    """Three shards, one per format, of lengths that leave tails; token ids tell position
+    apart: shard s holds s * 20000 + arange(n) (uint32 shard: 70000 + arange(n))."""
+    write(tmp_path / "a.bin", llmc_bytes(np.arange(211), MAGIC16))                 # llm.c uint16
+    (20000 + np.arange(150, dtype="<u2")).tofile(tmp_path / "b.bin")             # nanoGPT raw
+    write(tmp_path / "c.bin", llmc_bytes(70000 + np.arange(187), MAGIC32))         # llm.c uint32
+    return str(tmp_path / "*.bin")
+
+
+def take(loader, n):
+    return [(x.numpy().copy(), y.numpy().copy()) for x, y in itertools.islice(loader, n)]
+
+
+def assert_same_batches(got, want):
+    for k, ((x, y), (rx, ry)) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(x, rx, err_msg=f"x of batch {k}")
+        np.testing.assert_array_equal(y, ry, err_msg=f"y of batch {k}")
+
+
+# ----------------------------------------------------------------- loader vs reference --
+
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("sampler", ["random", "sequential", "shuffle"])
+def test_loader_matches_reference_every_rank(mixed_shards, sampler, world_size):
+    for rank in range(world_size):
+        with TokenLoader(mixed_shards, B, T, sampler=sampler, seed=7, rank=rank,
+                         world_size=world_size) as loader:
+            got = take(loader, 40)  # ~8 epochs at world_size 3: batches straddle epoch ends
+            assert loader.position == 40
+        want = itertools.islice(reference_batches(mixed_shards, B, T, sampler=sampler, seed=7,
+                                                  rank=rank, world_size=world_size), 40)
+        assert_same_batches(got, want)
+        for x, y in got:
+            assert x.shape == y.shape == (B, T) and x.dtype == np.int64
+            np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+            # one shard per window: consecutive ids
+            np.testing.assert_array_equal(np.diff(x, axis=1), 1)
+
+
+@pytest.mark.parametrize("prefetch,workers", [(1, 1), (2, 2), (5, 3)])
+def test_ring_sizes_and_thread_counts_give_the_same_stream(mixed_shards, prefetch, workers):
+    with TokenLoader(mixed_shards, B, T, sampler="shuffle", seed=1, prefetch=prefetch,
+                     num_workers=workers) as loader:
+        got = take(loader, 30)
+    assert_same_batches(got, itertools.islice(reference_batches(mixed_shards, B, T, sampler="shuffle",
+                                                                seed=1), 30))
+
+
+def test_batches_belong_to_the_caller(mixed_shards):
+    """Holding on to batches: the workers never write into a tensor already handed out."""
+    with TokenLoader(mixed_shards, B, T, sampler="sequential", prefetch=2) as loader:
+        held = [next(loader) for _ in range(12)]
+    want = list(itertools.islice(reference_batches(mixed_shards, B, T, sampler="sequential"), 12))
+    assert_same_batches([(x.numpy(), y.numpy()) for x, y in held], want)
+    x, y = held[0]
+    assert x.is_contiguous() and y.is_contiguous()
+
+
+def window_ids(path_glob, sampler, world_size, batches, seed=0):
+    """Per stream position, the id of the window's first token (all ranks interleaved)."""
+    per_rank = []
+    for rank in range(world_size):
+        with TokenLoader(path_glob, B, T, sampler=sampler, seed=seed, rank=rank,
+                         world_size=world_size) as loader:
+            per_rank.append([x[:, 0].tolist() for x, _ in itertools.islice(loader, batches)])
+    ids = []
+    for k in range(batches):
+        for rank in range(world_size):
+            ids += per_rank[rank][k]
+    return ids
+
+
+def all_window_ids(mixed_shards):
+    lengths = {0: 211, 20000: 150, 70000: 187}
+    return sorted(base + j * T for base, n in lengths.items() for j in range((n - 1) // T))
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_shuffle_takes_every_window_once_per_epoch_across_ranks(mixed_shards, world_size):
+    windows = all_window_ids(mixed_shards)
+    n = len(windows)  # 13 + 9 + 11 = 33, not a multiple of B * world_size
+    ids = window_ids(mixed_shards, "shuffle", world_size, batches=4 * n // (B * world_size) + 1)
+    epochs = [ids[e * n:(e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == windows
+    assert epochs[0] != epochs[1] != epochs[2], "a new permutation every epoch"
+    assert epochs[0] != windows
+
+
+def test_sequential_walks_the_windows_in_order(mixed_shards):
+    windows = all_window_ids(mixed_shards)
+    ids = window_ids(mixed_shards, "sequential", world_size=3, batches=6)
+    assert ids == (windows * 3)[:len(ids)]
+
+
+def test_random_offsets_cover_every_shard_in_proportion(mixed_shards):
+    with TokenLoader(mixed_shards, 64, T, sampler="random", seed=3) as loader:
+        firsts = np.concatenate([x[:, 0].numpy() for x, _ in itertools.islice(loader, 50)])
+    shard = np.select([firsts >= 70000, firsts >= 20000], [2, 1], 0)
+    share = np.bincount(shard, minlength=3) / len(firsts)
+    valid = np.array([211 - T, 150 - T, 187 - T])
+    np.testing.assert_allclose(share, valid / valid.sum(), atol=0.05)
+    in_shard = firsts - np.array([0, 20000, 70000])[shard]
+    assert in_shard.min() >= 0 and (in_shard + T + 1 <= np.array([211, 150, 187])[shard]).all()
+
+
+def test_seeds_and_ranks_give_different_random_streams(mixed_shards):
+    def first(**kw):
+        with TokenLoader(mixed_shards, B, T, **kw) as loader:
+            return next(loader)[0]
+    assert not torch.equal(first(seed=0), first(seed=1))
+    assert not torch.equal(first(world_size=2, rank=0), first(world_size=2, rank=1))
+    assert torch.equal(first(seed=5), first(seed=5))
+
+
+# ------------------------------------------------------------------------- resumption --
+
+@pytest.mark.parametrize("sampler", ["random", "sequential", "shuffle"])
+def test_resume_mid_epoch_gives_exactly_the_next_batches(mixed_shards, sampler):
+    kw = dict(sampler=sampler, seed=11, rank=1, world_size=2)
+    with TokenLoader(mixed_shards, B, T, **kw) as original:
+        take(original, 3)  # mid-epoch (5.5 batches per epoch per rank); workers ran ahead
+        state = original.state_dict()
+        assert state["position"] == 3 and state["epoch"] == 0
+        expected = take(original, 12)
+        original.load_state_dict(state)  # rewinding the same loader works too
+        assert_same_batches(take(original, 12), expected)
+    with TokenLoader(mixed_shards, B, T, **kw) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.position == 3
+        assert_same_batches(take(resumed, 12), expected)
+        assert resumed.epoch == (15 * 2 + 1) * B // resumed.num_windows
+
+
+def test_state_from_another_configuration_is_refused(mixed_shards, tmp_path):
+    with TokenLoader(mixed_shards, B, T, sampler="shuffle") as loader:
+        state = loader.state_dict()
+    with TokenLoader(mixed_shards, B, T + 1, sampler="shuffle") as other:
+        with pytest.raises(ValueError, match="block_size"):
+            other.load_state_dict(state)
+    with TokenLoader(str(tmp_path / "a.bin"), B, T, sampler="shuffle") as fewer_shards:
+        with pytest.raises(ValueError, match="shard_tokens"):
+            fewer_shards.load_state_dict(state)
+    with TokenLoader(mixed_shards, B, T, sampler="random") as other_sampler:
+        with pytest.raises(ValueError, match="sampler"):
+            other_sampler.load_state_dict(state)
+
+
+def test_epoch_and_position_follow_the_stream(mixed_shards):
+    with TokenLoader(mixed_shards, B, T, sampler="sequential") as loader:
+        assert loader.num_windows == 33 and (loader.epoch, loader.position) == (0, 0)
+        take(loader, 9)  # 36 windows consumed
+        assert (loader.epoch, loader.position) == (1, 9)
+
+
+# ----------------------------------------------------------------------------- formats --
+
+def test_formats_read_alike_by_cpp_and_numpy(tmp_path):
+    tokens16 = np.array([0, 1, 50256, 65535, 7], "<u2")
+    tokens32 = np.array([0, 65536, 2**32 - 1, 100_000, 3], "<u4")
+    raw = tmp_path / "raw.bin"
+    tokens16.tofile(raw)
+    v1 = write(tmp_path / "v1.bin", llmc_bytes(tokens16, MAGIC16))
+    v7 = write(tmp_path / "v7.bin", llmc_bytes(tokens32, MAGIC32))
+    for path, tokens, fmt in [(str(raw), tokens16, "nanogpt"), (v1, tokens16, "llm.c"),
+                              (v7, tokens32, "llm.c")]:
+        info = _C.inspect_shard(path)
+        assert (info["format"], info["num_tokens"], info["token_bytes"]) == (fmt, 5, tokens.itemsize)
+        dtype, header, count = shard_layout(path)
+        assert (dtype.itemsize, header, count) == (tokens.itemsize, info["header_bytes"], 5)
+        np.testing.assert_array_equal(data.open_shard(path), tokens)
+        with TokenLoader(path, 1, 4, sampler="sequential") as loader:
+            x, y = next(loader)
+        np.testing.assert_array_equal(x[0].numpy(), tokens[:4].astype(np.int64))
+        np.testing.assert_array_equal(y[0].numpy(), tokens[1:].astype(np.int64))
+
+
+def test_empty_raw_file_is_a_shard_without_windows(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert _C.inspect_shard(str(tmp_path / "empty.bin"))["num_tokens"] == 0
+    assert len(data.open_shard(tmp_path / "empty.bin")) == 0
+
+
+# --------------------------------------------------------------------------- bad input --
+
+BAD_SHARDS = {
+    "odd_size": (np.arange(10, dtype="<u2").tobytes() + b"\x01", "whole number of uint16"),
+    "bad_version": (llmc_bytes(np.arange(40), MAGIC16, version=7), "version 7"),
+    "bad_version_uint32": (llmc_bytes(np.arange(40), MAGIC32, version=1), "version 1"),
+    "short_header": (llmc_bytes(np.arange(40), MAGIC16)[:600], "truncated"),
+    "count_too_big": (llmc_bytes(np.arange(40), MAGIC16, count=41), "header says 41 tokens"),
+    "count_too_small": (llmc_bytes(np.arange(40), MAGIC32, count=39), "header says 39 tokens"),
+    "truncated_tokens": (llmc_bytes(np.arange(40), MAGIC16)[:-2], "header says 40 tokens"),
+    "unknown_magic": (llmc_bytes(np.arange(40), magic=20240999), "unknown magic 20240999"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SHARDS))
+def test_corrupt_shards_raise_value_error_naming_the_file(tmp_path, name):
+    content, message = BAD_SHARDS[name]
+    path = write(tmp_path / f"{name}.bin", content)
+    with pytest.raises(ValueError, match=message) as err:
+        TokenLoader(path, B, T)
+    assert path in str(err.value)
+    with pytest.raises(ValueError, match=message):
+        _C.inspect_shard(path)
+    with pytest.raises(ValueError, match=message):
+        shard_layout(path)
+
+
+def test_missing_files_and_empty_globs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        TokenLoader(str(tmp_path / "nope.bin"), B, T)
+    with pytest.raises(FileNotFoundError, match=r"train_\*\.bin"):
+        TokenLoader(str(tmp_path / "train_*.bin"), B, T)
+    with pytest.raises(ValueError, match="is a directory"):
+        TokenLoader(str(tmp_path), B, T)
+    with pytest.raises(ValueError, match="no shard files"):
+        TokenLoader([], B, T)
+    with pytest.raises(FileNotFoundError):  # from C++: the OS error keeps its errno type
+        _C.inspect_shard(str(tmp_path / "gone.bin"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(block_size=0), "block_size"),
+    (dict(rank=3, world_size=3), "rank"),
+    (dict(rank=-1), "rank"),
+    (dict(world_size=0), "world_size"),
+    (dict(sampler="epochs"), "sampler"),
+    (dict(prefetch=0), "prefetch"),
+    (dict(num_workers=0), "num_workers"),
+    (dict(seed=-1), "seed"),
+])
+def test_bad_arguments_raise_value_error_naming_them(mixed_shards, kwargs, message):
+    args = dict(path_or_glob=mixed_shards, batch_size=B, block_size=T)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        TokenLoader(args.pop("path_or_glob"), args.pop("batch_size"), args.pop("block_size"), **args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_device_or_pinning_without_cuda_is_a_value_error(mixed_shards):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TokenLoader(mixed_shards, B, T, device="cuda")
+    with pytest.raises(ValueError, match="pin_memory"):
+        TokenLoader(mixed_shards, B, T, pin_memory=True)
+
+
+def test_block_size_longer_than_every_shard_is_an_error(mixed_shards):
+    with pytest.raises(ValueError, match=r"block_size 211 needs shards of at least 212 tokens.*a\.bin"):
+        TokenLoader(mixed_shards, B, 211)
+
+
+def test_shards_too_short_for_a_window_are_skipped_with_a_warning(mixed_shards):
+    with pytest.warns(UserWarning, match=r"skipping 2 shard\(s\).*b\.bin.*c\.bin"):
+        loader = TokenLoader(mixed_shards, B, 200, sampler="shuffle")
+    with loader:
+        assert [os.path.basename(p) for p in loader.shard_paths] == ["a.bin"]
+        got = take(loader, 3)
+    assert_same_batches(got, reference_batches(mixed_shards, B, 200, sampler="shuffle"))
+
+
+# ----------------------------------------------------------------- threads and shutdown --
+
+def test_worker_errors_reach_python(mixed_shards):
+    loader = TokenLoader(mixed_shards, B, T, prefetch=4, num_workers=2)
+    first = take(loader, 1)
+    loader._core.fail_at_batch(6)
+    # every batch before the failed one still arrives, whichever worker got there first
+    before = first + take(loader, 5)
+    assert_same_batches(before, reference_batches(mixed_shards, B, T))
+    with pytest.raises(RuntimeError, match="injected failure while filling batch 6"):
+        next(loader)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        next(loader)  # stays failed
+    loader.close()
+
+
+def test_close_is_idempotent_and_final(mixed_shards):
+    loader = TokenLoader(mixed_shards, B, T)
+    next(loader)
+    loader.close()
+    loader.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+
+EXIT_SCRIPT = """
+import sys, gc, gptfast
+from gptfast.data import TokenLoader
+pattern = sys.argv[1]
+GLOBAL = TokenLoader(pattern, 4, 16, prefetch=3)           # alive at exit, never closed
+next(GLOBAL)
+cycle = TokenLoader(pattern, 4, 16, sampler="shuffle")      # kept alive by a reference cycle
+cycle.self_ref = cycle
+next(cycle)
+del cycle
+for _ in range(3):                                           # created and dropped
+    loader = TokenLoader(pattern, 64, 16, num_workers=2)
+    next(loader)
+print("done", flush=True)
+sys.exit(0)
+"""
+
+FORK_SCRIPT = """
+import os, sys
+from gptfast.data import TokenLoader
+loader = TokenLoader(sys.argv[1], 4, 16, prefetch=2)
+next(loader)
+pid = os.fork()
+if pid == 0:
+    try:
+        next(loader)
+        print("child: next() worked", flush=True)
+    except RuntimeError as err:
+        print("child:", err, flush=True)
+    del loader
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+print("parent: child exit", os.waitstatus_to_exitcode(status), flush=True)
+print("parent still works:", next(loader)[0].shape, flush=True)
+"""
+
+
+def test_interpreter_exit_joins_workers_without_hanging(mixed_shards):
+    out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, mixed_shards], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+
+
+def test_forked_child_gets_a_clear_error_and_exits(mixed_shards):
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT, mixed_shards], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "child: TokenLoader was created in another process" in out.stdout
+    assert "parent: child exit 0" in out.stdout
+    assert "parent still works: torch.Size([4, 16])" in out.stdout
+
+
+def _rss_file_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_resident_memory_stays_bounded_over_a_long_read(tmp_path, monkeypatch):
+    path = tmp_path / "big.bin"
+    np.random.default_rng(0).integers(0, 50257, 16 << 20, dtype=np.uint16).tofile(path)  # 32 MiB
+    monkeypatch.setattr(data, "RSS_RELEASE_BYTES", 2 << 20)
+    before = _rss_file_kb()
+    with TokenLoader(str(path), 16, 1024, sampler="sequential", prefetch=2) as loader:
+        peak = 0
+        for x, _ in itertools.islice(loader, (16 << 20) // (16 * 1024)):  # the whole file
+            peak = max(peak, _rss_file_kb() - before)
+    assert peak < 12 << 10, f"file-backed RSS grew by {peak} kB reading a 32 MiB shard"
+
+
+# ---------------------------------------------------- the device (narrow) path, on CPU --
+
+def test_narrow_gather_and_widen_reproduce_the_batches(mixed_shards):
+    """The CUDA path's pieces: uint16/uint32 (B, T+1) gather in C++, int64 widening."""
+    core = _C.LoaderCore(data.resolve_paths(mixed_shards), B, T, "shuffle", 2, 0, 1, "narrow",
+                         2, 2, 0)
+    assert core.narrow_token_bytes == 4  # one shard is uint32
+    make = lambda: torch.empty((B, T + 1), dtype=torch.int32)  # noqa: E731
+    core.start([make(), make()], 0)
+    got = []
+    for _ in range(10):
+        x, y = data.widen_tokens(core.next(make()))
+        assert x.is_contiguous() and y.is_contiguous()
+        got.append((x.numpy(), y.numpy()))
+    core.close()
+    assert_same_batches(got, reference_batches(mixed_shards, B, T, sampler="shuffle", seed=2))
+
+
+def test_widen_tokens_restores_unsigned_ids():
+    narrow16 = torch.tensor([[1, 40000, 65535]], dtype=torch.uint16).view(torch.int16)
+    x, y = data.widen_tokens(narrow16)
+    assert x.tolist() == [[1, 40000]] and y.tolist() == [[40000, 65535]] and x.dtype == torch.int64
+    narrow32 = torch.tensor([[5, 2**32 - 2]], dtype=torch.int64).to(torch.int32)
+    assert data.widen_tokens(narrow32)[1].tolist() == [[2**32 - 2]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["random", "shuffle"])
+def test_cuda_loader_matches_reference(mixed_shards, sampler):
+    with TokenLoader(mixed_shards, B, T, sampler=sampler, device="cuda", prefetch=2) as loader:
+        got = []
+        for x, y in itertools.islice(loader, 20):
+            assert x.device.type == "cuda" and x.dtype == torch.int64 and x.is_contiguous()
+            got.append((x.cpu().numpy(), y.cpu().numpy()))
+    assert_same_batches(got, reference_batches(mixed_shards, B, T, sampler=sampler))
+
+
+def test_token_loader_is_exported_lazily():
+    assert gptfast.TokenLoader is TokenLoader

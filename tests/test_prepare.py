@@ -1,0 +1,284 @@
+"""gptfast prepare: documents -> llm.c shards, with tiktoken encodings built offline here."""
+
+import base64
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import tiktoken
+
+from gptfast import cli, prepare as prep
+from gptfast.data import TokenLoader, open_shard, shard_layout
+
+EOT = "<|endoftext|>"
+MERGES = [b"th", b"he", b"the", b"in", b" t", b" the", b"er", b"an", b"ll", b"hello"]
+
+
+def rank_table() -> dict:
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in MERGES:
+        ranks[merge] = len(ranks)
+    return ranks
+
+
+def make_encoding(eot_id=None) -> tiktoken.Encoding:
+    ranks = rank_table()
+    return tiktoken.Encoding(name="test-bpe", pat_str=prep.GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks) if eot_id is None else eot_id})
+
+
+DOCUMENTS = [
+    "the theme in the hello",
+    "Hello, world! It's 2024 and   spaces\n\nnewlines\ttabs.",
+    "ünïcödé ✓ 🎉 中文 — and a literal <|endoftext|> inside",
+    "",
+    "short",
+    *[f"document number {i}: the {'ll' * (i % 7)} end" for i in range(40)],
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """DOCUMENTS spread over a .txt file, a .jsonl file and a directory of both."""
+    root = tmp_path / "corpus"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / "first.txt").write_text(DOCUMENTS[0], encoding="utf-8")
+    with open(root / "second.jsonl", "w", encoding="utf-8") as f:
+        for text in DOCUMENTS[1:4]:
+            f.write(json.dumps({"text": text, "id": 1}) + "\n\n")
+    (root / "nested" / "a.txt").write_text(DOCUMENTS[4], encoding="utf-8")
+    with open(root / "nested" / "deeper" / "b.jsonl", "w", encoding="utf-8") as f:
+        for text in DOCUMENTS[5:]:
+            f.write(json.dumps({"text": text}) + "\n")
+    (root / "nested" / "ignored.csv").write_text("not a document")
+    inputs = [root / "first.txt", root / "second.jsonl", root / "nested"]
+    return [str(p) for p in inputs]
+
+
+def expected_split(n_docs, val_fraction):
+    """The documented rule: hash per document, the last one fills an empty split."""
+    splits = ["val" if prep.is_val_document(i, val_fraction) else "train" for i in range(n_docs)]
+    head = splits[:-1]
+    if "train" not in head:
+        splits[-1] = "train"
+    elif "val" not in head and val_fraction > 0:
+        splits[-1] = "val"
+    return splits
+
+
+def split_tokens(out, split):
+    paths = sorted(glob.glob(os.path.join(out, f"{split}_*.bin")))
+    return np.concatenate([open_shard(p) for p in paths]) if paths else np.empty(0, np.uint16)
+
+
+def check_round_trip(out, encoding, documents, val_fraction):
+    splits = expected_split(len(documents), val_fraction)
+    for split in ("train", "val"):
+        docs = [d for d, s in zip(documents, splits) if s == split]
+        tokens = split_tokens(out, split)
+        want = [t for d in docs for t in encoding.encode_ordinary(d) + [encoding.eot_token]]
+        np.testing.assert_array_equal(tokens, want)
+        assert encoding.decode(tokens.tolist()) == "".join(d + EOT for d in docs)
+    return splits
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_round_trips_txt_jsonl_and_directories(corpus, tmp_path, workers):
+    encoding = make_encoding()
+    out = tmp_path / "out"
+    meta = prep.prepare(corpus, out, encoder=encoding, val_fraction=0.2, shard_tokens=97,
+                        workers=workers, progress=False)
+    splits = check_round_trip(out, encoding, DOCUMENTS, 0.2)
+    assert meta == json.loads((out / "meta.json").read_text())
+    train = split_tokens(out, "train")
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(split_tokens(out, "val"))
+    assert meta["train_documents"] == splits.count("train") and meta["val_documents"] == splits.count("val")
+    assert (meta["encoding"], meta["vocab_size"], meta["eot_token"]) == ("test-bpe", 267, 266)
+    assert (meta["dtype"], meta["magic"], meta["format"], meta["tokenizer_file"]) == (
+        "uint16", 20240520, "llm.c", None)
+    assert meta["train_shards"] == [f"train_{i:06d}.bin" for i in range(-(-len(train) // 97))]
+    for name in meta["train_shards"][:-1]:  # full shards; documents run across boundaries
+        assert shard_layout(out / name)[1:] == (1024, 97)
+    assert sorted(os.listdir(out)) == sorted(["meta.json", *meta["train_shards"], *meta["val_shards"]])
+
+
+def test_parallel_and_serial_write_identical_files(corpus, tmp_path):
+    encoding = make_encoding()
+    for workers in (1, 3):
+        prep.prepare(corpus, tmp_path / f"w{workers}", encoder=encoding, val_fraction=0.1,
+                     shard_tokens=50, workers=workers, progress=False)
+    names = sorted(os.listdir(tmp_path / "w1"))
+    assert names == sorted(os.listdir(tmp_path / "w3"))
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w3" / name).read_bytes()
+
+
+def test_prepared_shards_feed_the_loader(corpus, tmp_path):
+    encoding = make_encoding()
+    prep.prepare(corpus, tmp_path, encoder=encoding, val_fraction=0.2, shard_tokens=120,
+                 workers=1, progress=False)
+    with TokenLoader(str(tmp_path / "train_*.bin"), 2, 8, sampler="sequential") as loader:
+        x, y = next(loader)
+    first = split_tokens(tmp_path, "train")[:9].astype(np.int64)
+    np.testing.assert_array_equal(x[0].numpy(), first[:8])
+    np.testing.assert_array_equal(y[0].numpy(), first[1:])
+
+
+def test_vocabularies_beyond_uint16_write_uint32_shards(tmp_path):
+    (tmp_path / "doc.txt").write_text("hello there")
+    encoding = make_encoding(eot_id=70_000)
+    meta = prep.prepare([tmp_path / "doc.txt"], tmp_path / "out", encoder=encoding,
+                        val_fraction=0.0, workers=1, progress=False)
+    assert (meta["dtype"], meta["magic"], meta["eot_token"]) == ("uint32", 20240801, 70_000)
+    tokens = open_shard(tmp_path / "out" / "train_000000.bin")
+    assert tokens.dtype == np.uint32 and tokens[-1] == 70_000
+    assert encoding.decode(tokens.tolist()) == "hello there" + EOT
+
+
+@pytest.mark.parametrize("n_docs,fraction,want", [
+    (2, 0.0005, ["train", "val"]),  # tiny fraction: val still gets a document
+    (3, 0.0, ["train"] * 3),        # no val asked for
+    (1, 0.5, ["train"]),            # one document: train
+])
+def test_val_split_is_non_empty_with_two_documents(tmp_path, n_docs, fraction, want):
+    for i in range(n_docs):
+        (tmp_path / f"d{i}.txt").write_text(f"doc {i}")
+    meta = prep.prepare([tmp_path / f"d{i}.txt" for i in range(n_docs)], tmp_path / "out",
+                        encoder=make_encoding(), val_fraction=fraction, workers=1, progress=False)
+    assert expected_split(n_docs, fraction) == want
+    assert (meta["train_documents"], meta["val_documents"]) == (want.count("train"), want.count("val"))
+    assert bool(meta["val_shards"]) == ("val" in want)
+
+
+def test_val_rule_is_a_seeded_hash_spread_over_the_corpus():
+    picks = [i for i in range(20000) if prep.is_val_document(i, 0.05)]
+    assert 800 < len(picks) < 1200
+    assert picks[0] < 200 and picks[-1] > 19800  # not the tail of the corpus
+    assert picks == [i for i in range(20000) if prep.is_val_document(i, 0.05)]
+
+
+# ------------------------------------------------------------------ tokenizer file, CLI --
+
+def write_rank_file(path, ranks):
+    with open(path, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+def test_cli_prepare_with_a_local_tokenizer_file(corpus, tmp_path, capsys):
+    rank_file = tmp_path / "test.tiktoken"
+    write_rank_file(rank_file, rank_table())
+    out = tmp_path / "out"
+    code = cli.main(["prepare", *corpus, "--out", str(out), "--tokenizer-file", str(rank_file),
+                     "--val-fraction", "0.1", "--shard-tokens", "64", "--workers", "2"])
+    assert code == 0
+    assert "train tokens" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["encoding"], meta["tokenizer_file"]) == ("gpt2", str(rank_file))
+    assert (meta["vocab_size"], meta["eot_token"]) == (267, 266)  # <|endoftext|> = n_vocab of the file
+    encoding = prep.load_encoding("gpt2", rank_file)
+    assert encoding.encode("the hello") == make_encoding().encode("the hello")
+    check_round_trip(out, encoding, DOCUMENTS, 0.1)
+
+
+def test_gpt2_pattern_is_tiktokens():
+    public = pytest.importorskip("tiktoken_ext.openai_public")
+    assert prep.GPT2_PATTERN == public.r50k_pat_str
+
+
+def test_rank_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(base64.b64encode(b"a") + b" 0\nnot-base64!! 1\n")
+    with pytest.raises(ValueError, match=r"bad\.tiktoken:2"):
+        prep.load_rank_file(bad)
+    with pytest.raises(ValueError, match="GPT-2-family"):
+        prep.load_encoding("cl100k_base", bad)
+
+
+def test_offline_encoding_failure_points_to_tokenizer_file(monkeypatch):
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="--tokenizer-file"):
+        prep.load_encoding("gpt2")
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"text": "ok"}\n{"txt": "x"}\n', r"bad\.jsonl:2: expected a JSON object"),
+    ('{"text": "ok"}\nnot json\n', r"bad\.jsonl:2"),
+    ('{"text": 5}\n', r"bad\.jsonl:1: \"text\" is int"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prep.prepare([tmp_path / "bad.jsonl"], tmp_path / "out", encoder=make_encoding(),
+                     workers=1, progress=False)
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_bad_inputs_and_arguments(tmp_path, capsys):
+    encoding = make_encoding()
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        prep.prepare([tmp_path / "missing.txt"], tmp_path / "out", encoder=encoding, progress=False)
+    (tmp_path / "data.csv").write_text("x")
+    with pytest.raises(ValueError, match="data.csv"):
+        prep.prepare([tmp_path / "data.csv"], tmp_path / "out", encoder=encoding, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .txt or .jsonl"):
+        prep.prepare([tmp_path / "empty"], tmp_path / "out", encoder=encoding, progress=False)
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no documents"):
+        prep.prepare([tmp_path / "blank.jsonl"], tmp_path / "out", encoder=encoding, progress=False)
+    for kwargs in (dict(val_fraction=1.0), dict(shard_tokens=0), dict(workers=0)):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            prep.prepare([tmp_path / "blank.jsonl"], tmp_path / "out", encoder=encoding,
+                         progress=False, **kwargs)
+    assert cli.main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- atomicity --
+
+def test_failure_midway_leaves_only_complete_shards(corpus, tmp_path, monkeypatch):
+    encoding = make_encoding()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")  # from an earlier run
+    real_encode, calls = prep._encode_document, []
+
+    def failing_encode(text):
+        calls.append(text)
+        if len(calls) == 30:
+            raise OSError("disk on fire")
+        return real_encode(text)
+
+    monkeypatch.setattr(prep, "_encode_document", failing_encode)
+    with pytest.raises(OSError, match="disk on fire"):
+        prep.prepare(corpus, out, encoder=encoding, val_fraction=0.0, shard_tokens=40,
+                     workers=1, progress=False)
+    names = os.listdir(out)
+    assert names, "the documents before the failure filled some shards"
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert "meta.json" not in names, "meta.json marks a complete run only"
+    for name in names:
+        assert shard_layout(out / name)[1:] == (1024, 40), f"{name} is not a complete shard"
+
+
+def test_rerun_replaces_the_previous_output(corpus, tmp_path):
+    encoding = make_encoding()
+    out = tmp_path / "out"
+    prep.prepare(corpus, out, encoder=encoding, val_fraction=0.0, shard_tokens=30, workers=1,
+                 progress=False)
+    meta = prep.prepare(corpus, out, encoder=encoding, val_fraction=0.0, shard_tokens=300,
+                        workers=1, progress=False)
+    assert sorted(os.listdir(out)) == sorted(["meta.json", *meta["train_shards"]])
+    check_round_trip(out, encoding, DOCUMENTS, 0.0)
+
+
+def test_write_shard_is_atomic_and_readable(tmp_path):
+    prep.write_shard(tmp_path / "s.bin", np.arange(5, dtype=np.uint16))
+    assert os.listdir(tmp_path) == ["s.bin"]
+    np.testing.assert_array_equal(open_shard(tmp_path / "s.bin"), np.arange(5))
