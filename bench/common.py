@@ -7,6 +7,7 @@ Only numbers from one run of one script are meant to be compared with each other
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -53,3 +54,17 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def parse_pairs(text: str, example: str = "16x1024") -> list[tuple[int, int]]:
+    """"16x1024,64x1024" -> [(16, 1024), (64, 1024)]; an argparse type (clear errors)."""
+    pairs = []
+    for item in text.split(","):
+        try:
+            first, second = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"size {item!r} is not AxB (e.g. {example})") from None
+        if first < 1 or second < 1:
+            raise argparse.ArgumentTypeError(f"size {item!r} must be positive")
+        pairs.append((first, second))
+    return pairs

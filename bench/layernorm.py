@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from .common import markdown_table, time_ms
+from .common import markdown_table, parse_pairs, time_ms
 
 DEFAULT_SIZES = "16384x768,65536x768,16384x4096,8192x8192"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,16 +33,7 @@ EPS = 1e-5
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for item in text.split(","):
-        try:
-            n, c = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size {item!r} is not NxC (e.g. 16384x768)") from None
-        if n < 1 or c < 1:
-            raise argparse.ArgumentTypeError(f"size {item!r} must be positive")
-        sizes.append((n, c))
-    return sizes
+    return parse_pairs(text, example="16384x768")
 
 
 def _liger():

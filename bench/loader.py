@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from .common import markdown_table
+from .common import markdown_table, parse_pairs
 
 DEFAULT_SIZES = "16x1024,64x1024,8x4096"
 GPT2_VOCAB = 50257
@@ -44,16 +44,7 @@ def cpu_name() -> str:
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for item in text.split(","):
-        try:
-            batch, block = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size {item!r} is not BxT (e.g. 16x1024)") from None
-        if batch < 1 or block < 1:
-            raise argparse.ArgumentTypeError(f"size {item!r} must be positive")
-        sizes.append((batch, block))
-    return sizes
+    return parse_pairs(text, example="16x1024")
 
 
 def write_random_shard(path: str, tokens: int, seed: int = 0) -> None:
