@@ -1,5 +1,6 @@
 """Packaging: the wheel's layout, and that building it needs neither torch nor a GPU."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory):
     pytest.importorskip("pybind11", reason="building the wheel offline needs pybind11 (in [test])")
     work = tmp_path_factory.mktemp("wheel")
+    # Build from a copy: an in-tree build would leave a CPU-only build/ that a later
+    # `pip install .` in the checkout reuses instead of compiling the CUDA part.
+    source = work / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "*.so", "__pycache__", ".pytest_cache", "bench-results"))
     # A torch that refuses to import: the build must never need it.
     fake = work / "no_torch" / "torch"
     fake.mkdir(parents=True)
@@ -22,7 +28,7 @@ def wheel(tmp_path_factory):
            "HOME": str(work)}
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(work / "dist"), str(ROOT)],
+         "-w", str(work / "dist"), str(source)],
         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     (built,) = (work / "dist").glob("gptfast_kernels-*.whl")
