@@ -143,6 +143,20 @@ def run_prepare(args) -> int:
     return run(args)
 
 
+# ----------------------------------------------------------------------------- bench --
+
+def _bench_arguments(parser):
+    from .bench.sweep import add_arguments  # light: matplotlib and tqdm load in run
+
+    add_arguments(parser)
+
+
+def run_bench(args) -> int:
+    from .bench.sweep import run
+
+    return run(args)
+
+
 # ------------------------------------------------------------------------------ main --
 
 COMMANDS = {
@@ -150,6 +164,9 @@ COMMANDS = {
              _info_arguments, run_info),
     "prepare": ("tokenize .txt/.jsonl documents with tiktoken into llm.c token shards",
                 _prepare_arguments, run_prepare),
+    "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
+              "context length; writes results.jsonl, results.md and PNG plots",
+              _bench_arguments, run_bench),
 }
 
 

@@ -1,0 +1,296 @@
+"""The GPT step suite of ``gptfast bench``: one training step or one inference forward, timed
+per implementation, batch size B and context length T.
+
+Implementations:
+
+- ``gptfast``: ``gptfast.GPT`` on backend "auto" (Triton kernels on CUDA), its loss from the
+  fused linear + cross-entropy (``return_logits=False``);
+- ``gptfast-reference``: the same model on the reference ops (backend "reference": plain PyTorch);
+- ``gptfast-compile``: ``gptfast.GPT`` (backend "auto") under ``torch.compile``;
+- ``nanogpt-eager``: the nanoGPT baseline (:mod:`.nanogpt`: PyTorch, SDPA, fp32-upcast loss),
+  the reference point of every speed-up;
+- ``nanogpt-compile``: the baseline under ``torch.compile``, as nanoGPT's train.py runs it.
+
+Modes: ``train`` is forward, backward, AdamW step (fused on CUDA) and ``zero_grad``, nanoGPT's
+loop without gradient clipping or accumulation; ``infer`` is the forward computing the loss of
+all B x T positions under ``torch.no_grad`` (the cost of evaluation or prefill).
+
+Each measurement builds its own seeded model (block_size ``max(1024, T)``: positions beyond 1024
+get a fresh, randomly initialised position table) and optimizer, on one random batch, so cells
+do not share memory or compiled code. bf16 runs under autocast with fp32 weights, as nanoGPT.
+The first warm-up step, which includes ``torch.compile``'s compilation, and the whole warm-up are
+timed separately from the timed steps. Timed steps use CUDA events on GPU (``perf_counter``
+on CPU); a cell reports their median and spread. An out-of-memory error is a result ("oom"),
+as is any other failure ("error", with its message); the sweep goes on after either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import time
+from typing import Callable, Optional
+
+import torch
+
+import gptfast
+from gptfast.model import GPT, GPTConfig, device_peak_flops
+
+from .nanogpt import NanoGPT
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    description: str
+    family: str                    # "gptfast" or "nanogpt": which model class
+    backend: Optional[str] = None  # the gptfast backend the steps run under
+    compiled: bool = False
+
+
+IMPLS = {
+    "gptfast": Impl("gptfast.GPT, backend auto (Triton kernels on CUDA), fused linear + CE loss",
+                    "gptfast", "auto"),
+    "gptfast-reference": Impl("gptfast.GPT on the reference ops (plain PyTorch)", "gptfast",
+                              "reference"),
+    "gptfast-compile": Impl("gptfast.GPT, backend auto, under torch.compile", "gptfast", "auto",
+                            compiled=True),
+    "nanogpt-eager": Impl("nanoGPT baseline: PyTorch, SDPA, fp32-upcast cross-entropy", "nanogpt"),
+    "nanogpt-compile": Impl("nanoGPT baseline under torch.compile", "nanogpt", compiled=True),
+}
+IMPL_ALIASES = {"eager": "nanogpt-eager", "compile": "nanogpt-compile",
+                "reference": "gptfast-reference"}
+BASELINE = "nanogpt-eager"
+MODES = ("train", "infer")
+MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MAX_CONTEXT_LENGTH = 65536  # the longest T the sweep accepts
+VOCAB_SIZE = 50304          # GPT-2's 50257 padded to a multiple of 64, as nanoGPT trains it
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTSettings:
+    """What every cell of one sweep shares."""
+
+    model: str
+    device: torch.device
+    dtype: str
+    warmup: int
+    repeats: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTCell:
+    mode: str
+    impl: str
+    batch_size: int
+    context_length: int
+
+    @property
+    def label(self) -> str:
+        return f"gpt {self.mode} {self.impl} B={self.batch_size} T={self.context_length}"
+
+
+# ----------------------------------------------------------------------------- models --
+
+def model_config(model: str, context_length: int) -> GPTConfig:
+    """The config of ``model`` ("tiny": 2 layers, 4 heads, 128 wide; or a GPT-2 size) with
+    nanoGPT's padded vocabulary and a block_size that fits ``context_length``."""
+    if model == "tiny":
+        base = GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=VOCAB_SIZE)
+    else:
+        base = GPTConfig.preset(model, vocab_size=VOCAB_SIZE)
+    return dataclasses.replace(base, block_size=max(base.block_size, context_length))
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model(model: str) -> GPT:
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        return GPT(model_config(model, 1))
+
+
+def describe_model(model: str) -> str:
+    """e.g. "gpt2 (12 layers, 12 heads, 768 wide, 124.0M parameters, vocab 50304)"."""
+    meta = _meta_model(model)
+    cfg = meta.config
+    return (f"{model} ({cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
+            f"{meta.num_params() / 1e6:.1f}M parameters, vocab {cfg.vocab_size})")
+
+
+def flops_per_token(model: str, mode: str, context_length: int) -> float:
+    """nanoGPT's count, 6 N + 12 L H D T for a training step (N leaves out the position
+    table, so it does not depend on block_size); the forward is a third of it."""
+    train = _meta_model(model).flops_per_token(context_length)
+    return train if mode == "train" else train / 3
+
+
+def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """nanoGPT's AdamW: decay on matrices and embeddings only, fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def make_step(cell: GPTCell, settings: GPTSettings) -> Callable[[], None]:
+    """A fresh model, optimizer and batch for ``cell``, and the function running one step."""
+    impl, device = IMPLS[cell.impl], settings.device
+    config = model_config(settings.model, cell.context_length)
+    torch.manual_seed(0)
+    with device:
+        model = GPT(config) if impl.family == "gptfast" else NanoGPT(config)
+    runner = torch.compile(model) if impl.compiled else model
+    tokens = torch.randint(config.vocab_size, (cell.batch_size, cell.context_length + 1),
+                           device=device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    loss_options = {"return_logits": False} if impl.family == "gptfast" else {}
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if settings.dtype == "bf16"
+                else contextlib.nullcontext())
+
+    def backend():
+        return gptfast.use_backend(impl.backend) if impl.backend else contextlib.nullcontext()
+
+    def forward():
+        with autocast, backend():
+            return runner(x, y, **loss_options)
+
+    if cell.mode == "infer":
+        def infer_step():
+            with torch.no_grad():
+                forward()
+        return infer_step
+
+    optimizer = adamw(model, device)
+
+    def train_step():
+        logits, loss = forward()  # logits stay alive through the step, as in nanoGPT's loop
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------- timing --
+
+@dataclasses.dataclass
+class StepTimes:
+    first_step_s: float   # the first call: compilation, autotuning, allocator growth
+    warmup_s: float       # every warm-up step, the first included
+    samples_ms: list      # one per timed step
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int,
+               repeats: int) -> StepTimes:
+    """Run ``warmup`` untimed steps (timed as a whole), then ``repeats`` timed ones."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step()
+    sync()
+    warm = time.perf_counter() - start
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for begin, end in events:
+            begin.record()
+            step()
+            end.record()
+        sync()
+        samples = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        samples = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return StepTimes(first, warm, samples)
+
+
+def percentile(samples: list, q: float) -> float:
+    """The q-th percentile (0..100) of samples, linearly interpolated."""
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# ------------------------------------------------------------------------------ cells --
+
+def cells(impls, modes, batch_sizes, context_lengths, max_tokens: int = 0) -> list[GPTCell]:
+    """The grid, T-major so that an interrupted sweep leaves whole comparisons behind; cells
+    with B*T above ``max_tokens`` (when not 0) are left out."""
+    return [GPTCell(mode, impl, batch, seq)
+            for seq in context_lengths for batch in batch_sizes
+            if not max_tokens or batch * seq <= max_tokens
+            for impl in impls for mode in modes]
+
+
+def measure(cell: GPTCell, settings: GPTSettings) -> dict:
+    """The measures of one cell (raises on OOM or failure)."""
+    device = settings.device
+    times = time_steps(make_step(cell, settings), device, settings.warmup, settings.repeats)
+    median_ms = percentile(times.samples_ms, 50)
+    tokens_per_s = cell.batch_size * cell.context_length / (median_ms / 1e3)
+    flops = flops_per_token(settings.model, cell.mode, cell.context_length) * tokens_per_s
+    peak = device_peak_flops(device)
+    return {
+        "tokens_per_s": tokens_per_s,
+        "step_ms": median_ms,
+        "step_ms_p20": percentile(times.samples_ms, 20),
+        "step_ms_p80": percentile(times.samples_ms, 80),
+        "step_ms_min": min(times.samples_ms),
+        "step_ms_max": max(times.samples_ms),
+        "tflops": flops / 1e12,
+        "mfu": None if peak is None else flops / peak,
+        "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 1e9
+                        if device.type == "cuda" else None),
+        "first_step_s": times.first_step_s,
+        "warmup_s": times.warmup_s,
+        "warmup_steps": settings.warmup,
+        "repeats": settings.repeats,
+    }
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    # compiled code and some CUDA paths raise a plain RuntimeError/other wrapper saying so
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _short_message(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _fresh_start(device: torch.device, compiled: bool) -> None:
+    """Drop what earlier cells left (compiled graphs, cached blocks) and restart peak memory."""
+    if compiled:
+        torch._dynamo.reset()
+    if device.type == "cuda":  # on a CPU nothing is measured that a late free would change
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_cell(cell: GPTCell, settings: GPTSettings) -> dict:
+    """One result row: the cell, its status ("ok", "oom", "error") and its measures."""
+    row = {"suite": "gpt", "mode": cell.mode, "impl": cell.impl, "model": settings.model,
+           "batch_size": cell.batch_size, "context_length": cell.context_length,
+           "tokens_per_step": cell.batch_size * cell.context_length}
+    compiled = IMPLS[cell.impl].compiled
+    _fresh_start(settings.device, compiled)
+    try:
+        row.update(measure(cell, settings), status="ok")
+    except Exception as err:  # KeyboardInterrupt is not an Exception: it ends the sweep
+        row.update(status="oom" if is_out_of_memory(err) else "error", error=_short_message(err))
+    # here, after the handler, the traceback and the model its frames held are released
+    _fresh_start(settings.device, compiled)
+    return row

@@ -1,0 +1,164 @@
+"""The kernels suite of ``gptfast bench``: the kernel benchmarks run from one place, as rows.
+
+It calls the measuring functions of :mod:`.layernorm`, :mod:`.cross_entropy` and
+:mod:`.attention` (gptfast against torch eager, torch.compile, the SDPA backends and Liger
+when it imports) and turns each of their table rows into one result row per implementation
+and pass, with a throughput to plot:
+
+- ``layer_norm``: GB/s as the LayerNorm benchmark counts bytes (also the device copy ceiling);
+- ``cross_entropy``: fwd+bwd ms and extra peak MB, and GB/s of reading the N x V logits and
+  writing their gradient (2 N V bytes-per-element / time), the traffic floor of the loss;
+- ``linear_cross_entropy``: fwd+bwd ms and extra MB, and TFLOP/s of its three GEMMs (6 N C V);
+- ``causal_attention``: TFLOP/s fwd and fwd+bwd (fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd).
+
+The kernels are Triton kernels timed on a CUDA device; there is nothing to time on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from .gpt import DTYPES
+
+REQUIRES = "a CUDA device (the Triton kernels are timed on the GPU)"
+VOCAB = 50257          # GPT-2's vocabulary, as in ANCHORS.md
+HIDDEN = 768           # GPT-2 124M's width, for the fused linear + cross-entropy
+ATTENTION_TOKENS = 16384  # B * T per attention call
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSizes:
+    layer_norm: tuple       # (N, C) pairs
+    cross_entropy: tuple    # N rows
+    linear: tuple           # N rows
+    head_dims: tuple
+    attention_seq: tuple    # T values
+
+
+FULL = KernelSizes(layer_norm=((16384, 768), (65536, 768), (16384, 4096), (8192, 8192)),
+                   cross_entropy=(8192, 16384, 32768), linear=(16384, 32768),
+                   head_dims=(64, 128), attention_seq=(512, 1024, 2048, 4096, 8192, 16384))
+QUICK = KernelSizes(layer_norm=((16384, 768),), cross_entropy=(8192,), linear=(8192,),
+                    head_dims=(64,), attention_seq=(1024, 4096))
+
+
+def _pair(text) -> Optional[tuple]:
+    """"1.25 / 300.0" -> (1.25, 300.0); "OOM", "n/a" and the like -> None."""
+    try:
+        first, second = (float(part) for part in str(text).split("/"))
+    except ValueError:
+        return None
+    return first, second
+
+
+def _status(text) -> str:
+    return "oom" if str(text).strip().upper() == "OOM" else "error"
+
+
+def _note(notes, prefix):
+    """The reason a benchmark gave for a provider's "n/a": its note starting with ``prefix``."""
+    found = [note[len(prefix):] for note in notes if note.startswith(prefix)]
+    return found[0] if found else None
+
+
+class KernelSuite:
+    """Builds the providers of each kernel benchmark once, on first use, and measures sizes."""
+
+    def __init__(self, dtype: str, sizes: KernelSizes):
+        self.dtype = DTYPES[dtype]
+        self.sizes = sizes
+        self._providers = {}
+
+    def _get(self, name, build):
+        if name not in self._providers:
+            torch._dynamo.reset()  # each benchmark's torch.compile baselines start cold
+            self._providers[name] = build()
+        return self._providers[name]
+
+    def units(self) -> list:
+        """(label, run) pairs, one per kernel size; run() returns result rows."""
+        s = self.sizes
+        units = [(f"kernels layer_norm {n}x{c}", lambda n=n, c=c: self.layer_norm(n, c))
+                 for n, c in s.layer_norm]
+        units += [(f"kernels cross_entropy N={n}", lambda n=n: self.cross_entropy(n))
+                  for n in s.cross_entropy]
+        units += [(f"kernels linear_cross_entropy N={n}", lambda n=n: self.linear(n))
+                  for n in s.linear]
+        units += [(f"kernels causal_attention hd={d} T={t}", lambda d=d, t=t: self.attention(d, t))
+                  for d in s.head_dims for t in s.attention_seq]
+        return units
+
+    def _row(self, kernel, impl, direction, shape, size, unit, throughput, **extra):
+        status = extra.pop("status", "ok" if throughput is not None else "error")
+        return {"suite": "kernels", "kernel": kernel, "impl": impl, "pass": direction,
+                "shape": shape, "size": size, "unit": unit, "throughput": throughput,
+                "status": status, "batch_size": extra.pop("batch_size", None),
+                "context_length": extra.pop("context_length", None), **extra}
+
+    def layer_norm(self, n: int, c: int) -> list:
+        from . import layernorm
+
+        # gptfast with fp32 weights (mixed precision); the baselines need x's dtype
+        impls = self._get("layer_norm", lambda: layernorm._implementations(param_dtype_is_x=False))
+        table = layernorm.bench_size(n, c, self.dtype, impls)
+        shape = f"{n}x{c}"
+        failed = "failed or out of memory (the reason is in the benchmark's stderr output)"
+        cells = [("copy", "copy", table["copy"])]
+        cells += [(name, direction, table[f"{name} {direction}"])
+                  for name in impls for direction in ("fwd", "fwd+bwd")]
+        return [self._row("layer_norm", name, direction, shape, n * c, "GB/s", gbps,
+                          note=None if gbps is not None else failed)
+                for name, direction, gbps in cells]
+
+    def _loss_rows(self, kernel, table, notes, providers, shape, size, unit, per_ms):
+        """Rows of a loss benchmark's "ms / MB" cells; ``per_ms`` / ms is the throughput."""
+        rows = []
+        for name in providers:
+            measured = _pair(table[name])
+            ms, extra_mb = measured if measured else (None, None)
+            rows.append(self._row(
+                kernel, name, "fwd+bwd", shape, size, unit,
+                None if ms is None else per_ms / ms,
+                status="ok" if measured else _status(table[name]),
+                ms=ms, extra_mb=extra_mb, loss_gap=table.get(f"{name} |dloss|"),
+                note=_note(notes, f"{name} N={size}: ")))
+        return rows
+
+    def cross_entropy(self, n: int) -> list:
+        from . import cross_entropy
+
+        providers = self._get("cross_entropy", cross_entropy.cross_entropy_providers)
+        table, notes = cross_entropy.bench_cross_entropy(n, VOCAB, self.dtype, providers)
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return self._loss_rows("cross_entropy", table, notes, providers, f"{n}x{VOCAB}", n,
+                               "GB/s", 2 * n * VOCAB * element / 1e6)  # bytes / ms -> GB/s
+
+    def linear(self, n: int) -> list:
+        from . import cross_entropy
+
+        providers = self._get("linear_cross_entropy", cross_entropy.linear_providers)
+        table, notes = cross_entropy.bench_linear(n, HIDDEN, VOCAB, self.dtype, providers)
+        return self._loss_rows("linear_cross_entropy", table, notes, providers,
+                               f"{n}x{HIDDEN} @ {VOCAB}x{HIDDEN}", n, "TFLOP/s",
+                               6 * n * HIDDEN * VOCAB / 1e9)  # FLOP / ms -> TFLOP/s
+
+    def attention(self, head_dim: int, seq: int) -> list:
+        from . import attention
+
+        providers = list(attention.PROVIDERS)
+        table, notes = attention.bench_shape(head_dim, seq, ATTENTION_TOKENS, self.dtype, providers)
+        shape = f"B{table['B']} H{table['H']} T{seq} D{head_dim}"
+        rows = []
+        for name in providers:
+            measured = _pair(table[name])
+            for index, direction in enumerate(("fwd", "fwd+bwd")):
+                rows.append(self._row(
+                    "causal_attention", name, direction, shape, seq, "TFLOP/s",
+                    measured[index] if measured else None,
+                    status="ok" if measured else _status(table[name]),
+                    batch_size=table["B"], context_length=seq, head_dim=head_dim,
+                    heads=table["H"], note=_note(notes, f"{name} hd{head_dim} T{seq}: ")))
+        return rows

@@ -1,0 +1,300 @@
+"""Results of ``gptfast bench``: the jsonl file written as the sweep goes, console lines, and
+the markdown report.
+
+Every row carries the run's context (run id, device, dtype, versions, git commit), so a
+results.jsonl file stands on its own. Numbers are meant to be compared within one run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .common import markdown_table
+
+# ----------------------------------------------------------------------------- context --
+
+
+def _cpu_name() -> str:
+    try:
+        from .loader import cpu_name
+    except ImportError:
+        return platform.processor() or platform.machine()
+    return cpu_name()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({os.cpu_count()} CPU cores)"
+
+
+def versions() -> dict:
+    import gptfast
+
+    try:
+        triton = importlib.metadata.version("triton")  # without importing it
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton, "gptfast": gptfast.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def git_state() -> tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the checkout gptfast is imported from, or (None, None) when it is
+    not a git checkout (an installed wheel, say)."""
+    import gptfast
+
+    package = Path(gptfast.__file__).resolve().parent
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        # a wheel installed inside some other repository is not that repository's code
+        if top is None or Path(top).resolve() != package.parent:
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD"), None if status is None else bool(status)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def run_context(device: torch.device, dtype: str, started: datetime.datetime) -> dict:
+    commit, dirty = git_state()
+    return {"run": started.isoformat(timespec="seconds"), "device": device.type,
+            "device_name": device_name(device), "dtype": dtype, "versions": versions(),
+            "git_commit": commit, "git_dirty": dirty}
+
+
+class ResultsWriter:
+    """Appends each row, with the run context, to results.jsonl as soon as it exists (flushed,
+    so an interrupted sweep keeps every finished row) and keeps the rows for the reports."""
+
+    def __init__(self, path: Path, context: dict):
+        self.path = Path(path)
+        self.context = context
+        self.rows: list[dict] = []
+        self._file = open(self.path, "w")
+
+    def write(self, row: dict) -> dict:
+        row = {**row, **self.context}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self.rows.append(row)
+        return row
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# ----------------------------------------------------------------------------- formats --
+
+def rate(value: Optional[float]) -> str:
+    """123456 -> "123.5k", 1.5e6 -> "1.50M", 2.5e9 -> "2.50G"."""
+    if value is None:
+        return "-"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}G"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def _num(value) -> str:
+    """3 significant digits, without exponents for large values: 2000, 823, 1.25, 0.0123."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def format_row(row: dict) -> str:
+    """One console line per result row."""
+    suite = row["suite"]
+    if suite == "gpt":
+        head = (f"{row['mode']:<5} {row['impl']:<17} B={row['batch_size']:<3} "
+                f"T={row['context_length']:<5}")
+        if row["status"] != "ok":
+            return f"{head} {row['status']}" + (f": {row['error']}" if row.get("error") else "")
+        mfu = "" if row["mfu"] is None else f"  MFU {row['mfu']:.1%}"
+        memory = "" if row["peak_mem_gb"] is None else f"  peak {row['peak_mem_gb']:.2f} GB"
+        return (f"{head} {rate(row['tokens_per_s']):>7} tok/s  {row['step_ms']:8.2f} ms  "
+                f"{row['tflops']:.3g} TFLOP/s{mfu}{memory}  first step {row['first_step_s']:.1f} s")
+    if suite == "kernels":
+        head = f"{row['kernel']} {row['shape']} {row['impl']} {row['pass']}"
+        if row["status"] != "ok":
+            return f"{head}: {row['status']}" + (f" ({row['note']})" if row.get("note") else "")
+        memory = "" if row.get("extra_mb") is None else f", extra {row['extra_mb']:.0f} MB"
+        return f"{head}: {_num(row['throughput'])} {row['unit']}{memory}"
+    return (f"loader {row['impl']} B={row['batch_size']} T={row['context_length']}: "
+            f"{row['ms_per_batch']:.3f} ms/batch, {rate(row['tokens_per_s'])} tok/s")
+
+
+# ---------------------------------------------------------------------------- markdown --
+
+MODE_TITLES = {"train": "training step (forward, backward, AdamW)",
+               "infer": "inference forward (loss of every position, no grad)"}
+
+
+def _ordered(values, order=()):
+    """Distinct values, those named in ``order`` first in that order, the rest sorted."""
+    distinct = list(dict.fromkeys(values))
+    return [v for v in order if v in distinct] + sorted(v for v in distinct if v not in order)
+
+
+def _grid_cell(row, base):
+    if row is None:
+        return "-"
+    if row["status"] != "ok":
+        return row["status"]
+    text = rate(row["tokens_per_s"])
+    if base is not None and base is not row and base["status"] == "ok":
+        text += f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
+    return text
+
+
+def _gpt_section(rows, baseline, impl_order) -> list[str]:
+    lines = []
+    for mode in _ordered((r["mode"] for r in rows), ("train", "infer")):
+        of_mode = [r for r in rows if r["mode"] == mode]
+        cell = {(r["impl"], r["batch_size"], r["context_length"]): r for r in of_mode}
+        batches = _ordered(r["batch_size"] for r in of_mode)
+        seqs = _ordered(r["context_length"] for r in of_mode)
+        lines += [f"## GPT {MODE_TITLES.get(mode, mode)}", ""]
+        has_base = any(r["impl"] == baseline for r in of_mode)
+        lines += ["tokens/s" + (f" (speed-up vs {baseline} in the same cell)" if has_base else "")
+                  + "; rows: context length T, columns: batch size B"
+                  + "; oom: out of memory, -: not run (B*T above --max-tokens or not reached)", ""]
+        for impl in _ordered((r["impl"] for r in of_mode), impl_order):
+            lines += [f"### {impl}", ""]
+            table = []
+            for seq in seqs:
+                entry = {"T \\ B": seq}
+                for batch in batches:
+                    entry[str(batch)] = _grid_cell(cell.get((impl, batch, seq)),
+                                                   cell.get((baseline, batch, seq)))
+                table.append(entry)
+            lines += [markdown_table(table, ["T \\ B", *map(str, batches)]), ""]
+        lines += ["### every cell", ""]
+        table = []
+        for r in of_mode:
+            ok = r["status"] == "ok"
+            table.append({
+                "impl": r["impl"], "B": r["batch_size"], "T": r["context_length"],
+                "status": r["status"] if ok
+                else f"{r['status']}: {r.get('error', '')}"[:120].replace("|", "/"),
+                "tokens/s": rate(r.get("tokens_per_s")),
+                "step ms": _num(r.get("step_ms")),
+                "p20-p80 ms": f"{_num(r['step_ms_p20'])}-{_num(r['step_ms_p80'])}" if ok else "-",
+                "TFLOP/s": _num(r.get("tflops")),
+                "MFU": "-" if r.get("mfu") is None else f"{r['mfu']:.1%}",
+                "peak GB": _num(r.get("peak_mem_gb")),
+                "first step s": _num(r.get("first_step_s")),
+                "warm-up s": _num(r.get("warmup_s")),
+            })
+        lines += [markdown_table(table, list(table[0])), ""]
+    return lines
+
+
+KERNEL_ORDER = ("layer_norm", "cross_entropy", "linear_cross_entropy", "causal_attention")
+
+
+def kernel_column(row) -> str:
+    """The table column (and plot label) of a kernel row: impl and pass, e.g. "eager fwd"."""
+    return row["impl"] if row["impl"] == row["pass"] else f"{row['impl']} {row['pass']}"
+
+
+def _kernel_cell(row):
+    if row["status"] != "ok":
+        return row["status"]
+    if row.get("ms") is None:
+        return _num(row["throughput"])
+    return f"{_num(row['throughput'])} ({_num(row['ms'])} ms, {_num(row['extra_mb'])} MB)"
+
+
+def _kernel_section(rows) -> list[str]:
+    lines = ["## Kernels", "",
+             "layer_norm: GB/s as bench/layernorm.py counts bytes; cross_entropy: GB/s of "
+             "reading the logits and writing their gradient; linear_cross_entropy: TFLOP/s of "
+             "its 3 GEMMs; both with (fwd+bwd ms, extra peak MB); causal_attention: TFLOP/s "
+             "(fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd)", ""]
+    for kernel in _ordered((r["kernel"] for r in rows), KERNEL_ORDER):
+        of_kernel = [r for r in rows if r["kernel"] == kernel]
+        columns = list(dict.fromkeys(kernel_column(r) for r in of_kernel))
+        table = {}
+        for r in of_kernel:
+            table.setdefault(r["shape"], {"shape": r["shape"]})[kernel_column(r)] = _kernel_cell(r)
+        lines += [f"### {kernel} ({of_kernel[0]['unit']})", "",
+                  markdown_table(list(table.values()), ["shape", *columns]), ""]
+        notes = sorted({f"{r['impl']} {r['shape']}: {r['note']}" for r in of_kernel if r.get("note")})
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    return lines
+
+
+def _loader_section(rows) -> list[str]:
+    table = {}
+    for r in rows:
+        key = f"{r['batch_size']} x {r['context_length']}"
+        entry = table.setdefault(key, {"B x T": key})
+        entry[f"{r['impl']} ms/batch"] = f"{r['ms_per_batch']:.3g}"
+        entry[f"{r['impl']} tok/s"] = rate(r["tokens_per_s"])
+        if r.get("speedup") is not None:
+            entry["speed-up"] = f"{r['speedup']:.1f}x"
+    columns = list(dict.fromkeys(c for entry in table.values() for c in entry))
+    return ["## Token loading", "",
+            "time per batch of B x T int64 tokens after warm-up (random windows of one shard)", "",
+            markdown_table(list(table.values()), columns), ""]
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The whole report: a header, then one section per suite that produced rows."""
+    versions = meta["versions"]
+    commit = meta.get("git_commit")
+    lines = [
+        f"# gptfast bench, {meta['run']}", "",
+        f"- device: {meta['device_name']}",
+        f"- dtype: {meta['dtype']}" + (f"; model: {meta['model']}" if meta.get("model") else ""),
+        f"- torch {versions['torch']}, triton {versions['triton'] or 'none'}, "
+        f"gptfast {versions['gptfast']}, commit "
+        + (f"{commit[:12]}{' (with local changes)' if meta.get('git_dirty') else ''}"
+           if commit else "none (not a git checkout)"),
+        f"- settings: {meta['settings']}",
+        f"- {'INTERRUPTED: only the cells finished before Ctrl-C' if meta.get('interrupted') else 'complete'}"
+        f", {len(rows)} rows in {meta.get('elapsed_s', 0):.0f} s",
+    ]
+    lines += [f"- {note}" for note in meta.get("notes", [])] + [""]
+    gpt = [r for r in rows if r["suite"] == "gpt"]
+    kernels = [r for r in rows if r["suite"] == "kernels"]
+    loader = [r for r in rows if r["suite"] == "loader"]
+    if gpt:
+        lines += _gpt_section(gpt, meta.get("baseline"), meta.get("impl_order", ()))
+    if kernels:
+        lines += _kernel_section(kernels)
+    if loader:
+        lines += _loader_section(loader)
+    return "\n".join(lines)
+
+
+def write_markdown(rows: list[dict], path: Path, meta: dict) -> Path:
+    Path(path).write_text(markdown(rows, meta))
+    return Path(path)

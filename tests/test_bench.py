@@ -1,0 +1,198 @@
+"""gptfast bench: the CPU quick sweep end to end, OOM as a result, Ctrl-C, argument errors."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from gptfast import cli
+from gptfast.bench import gpt, loader_suite, sweep
+from gptfast.bench.nanogpt import NanoGPT
+from gptfast.model import GPT, GPTConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = {"suite", "impl", "batch_size", "context_length", "status", "device", "versions",
+            "git_commit", "run"}
+GPT_MEASURES = {"mode", "tokens_per_s", "step_ms", "step_ms_p20", "step_ms_p80", "tflops", "mfu",
+                "peak_mem_gb", "first_step_s", "warmup_s"}
+# the tiny model on the CPU, two impls, the smallest steps that still make a grid
+TINY = ["bench", "--device", "cpu", "--model", "tiny", "--impls", "gptfast-reference,nanogpt-eager",
+        "--warmup", "1", "--repeats", "2"]
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def run_bench(out, *extra):
+    return cli.main([*TINY, "--out", str(out), *extra])
+
+
+def test_cpu_quick_sweep_writes_jsonl_markdown_and_plots(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loader_suite, "QUICK", loader_suite.LoaderSizes(
+        tokens=20_000, sizes=((2, 16),), seconds=0.01))
+    assert run_bench(tmp_path, "--suite", "all", "--batch-sizes", "1,2",
+                     "--context-lengths", "16,32") == 0
+    printed = capsys.readouterr().out
+    assert "kernels suite skipped: it needs a CUDA device" in printed
+    assert re.search(r"train +gptfast-reference +B=1 +T=16 .* tok/s", printed)
+
+    rows = read_rows(tmp_path)
+    gpt_rows = [r for r in rows if r["suite"] == "gpt"]
+    assert len(gpt_rows) == 2 * 2 * 2 * 2  # impls x modes x B x T
+    for row in gpt_rows:
+        assert ROW_KEYS | GPT_MEASURES <= set(row), row
+        assert row["status"] == "ok" and row["device"] == "cpu" and row["dtype"] == "fp32"
+        assert row["tokens_per_s"] > 0 and row["step_ms_p20"] <= row["step_ms"] <= row["step_ms_p80"]
+        assert row["mfu"] is None and row["peak_mem_gb"] is None  # CPU: no peak, no memory stats
+        assert set(row["versions"]) >= {"torch", "triton", "gptfast"}
+    loader_rows = [r for r in rows if r["suite"] == "loader"]
+    assert {r["impl"] for r in loader_rows} == {"nanogpt-get_batch", "gptfast-TokenLoader"}
+    assert all(ROW_KEYS <= set(r) and r["tokens_per_s"] > 0 for r in loader_rows)
+
+    report = (tmp_path / "results.md").read_text()
+    assert "## GPT training step" in report and "## GPT inference forward" in report
+    assert "| T \\ B | 1 | 2 |" in report and "x)" in report  # speed-ups vs nanogpt-eager
+    assert "## Token loading" in report
+    for mode in gpt.MODES:
+        for kind in ("tokens_vs_batch", "tokens_vs_context", "memory_vs_context"):
+            png = tmp_path / f"gpt_{mode}_{kind}.png"
+            assert png.read_bytes()[:8] == PNG_MAGIC, png
+
+
+def _failing_step_for(monkeypatch, failing_cell, error):
+    """Make the step of one cell raise ``error``; every other cell runs as usual."""
+    real_make_step = gpt.make_step
+
+    def make_step(cell, settings):
+        if (cell.impl, cell.batch_size, cell.context_length) == failing_cell:
+            def step():
+                raise error
+            return step
+        return real_make_step(cell, settings)
+
+    monkeypatch.setattr(gpt, "make_step", make_step)
+
+
+def test_out_of_memory_is_a_result_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    _failing_step_for(monkeypatch, ("nanogpt-eager", 1, 16), oom)
+    assert run_bench(tmp_path, "--suite", "gpt", "--modes", "infer", "--batch-sizes", "1,2",
+                     "--context-lengths", "16") == 0
+    rows = read_rows(tmp_path)
+    status = {(r["impl"], r["batch_size"]): r["status"] for r in rows}
+    assert status == {("gptfast-reference", 1): "ok", ("nanogpt-eager", 1): "oom",
+                      ("gptfast-reference", 2): "ok", ("nanogpt-eager", 2): "ok"}
+    assert "out of memory" in rows[1]["error"]
+    assert "| 16 | oom |" in (tmp_path / "results.md").read_text()
+
+
+def test_ctrl_c_keeps_the_rows_finished_before_it(tmp_path, monkeypatch, capsys):
+    _failing_step_for(monkeypatch, ("gptfast-reference", 2, 16), KeyboardInterrupt())
+    assert run_bench(tmp_path, "--suite", "gpt", "--modes", "infer", "--batch-sizes", "1,2,4",
+                     "--context-lengths", "16") == 130
+    rows = read_rows(tmp_path)
+    assert [(r["impl"], r["batch_size"]) for r in rows] == [("gptfast-reference", 1),
+                                                            ("nanogpt-eager", 1)]
+    assert "INTERRUPTED" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "gpt_infer_tokens_vs_batch.png").read_bytes()[:8] == PNG_MAGIC
+    assert "interrupted: keeping the 2 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", "gptfast,flash"], "unknown implementation 'flash'"),
+    (["--suite", "everything"], "invalid choice: 'everything'"),
+    (["--batch-sizes", "0,2"], "batch sizes must be positive, got 0"),
+    (["--batch-sizes", "1;2"], "comma-separated integers"),
+    (["--context-lengths", "128,1048576"], "larger than supported (at most 65536)"),
+    (["--repeats", "0"], "must be >= 1"),
+    (["--max-tokens", "8", "--batch-sizes", "4", "--context-lengths", "64"], "no gpt cell"),
+])
+def test_bad_arguments_fail_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no output directory
+
+
+def test_cuda_requested_without_cuda_is_an_argument_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_without_cuda_the_default_is_the_cpu_quick_sweep(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cli.build_parser().parse_args(["bench", "--impls", "eager,reference"])
+    assert args.impls == ("nanogpt-eager", "gptfast-reference")  # aliases
+    plan = sweep.make_plan(cli.build_parser().parse_args(["bench"]))
+    assert plan.device.type == "cpu" and plan.quick and plan.dtype == "fp32"
+    assert plan.gpt.model == "tiny" and plan.impls == sweep.CPU_IMPLS
+    assert plan.suites == ("gpt", "kernels", "loader")
+    assert plan.out_dir.parent.name == "bench-results"
+
+
+def test_nanogpt_baseline_is_the_same_model_as_gptfast_gpt():
+    config = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=4, n_embd=64)
+    baseline = NanoGPT(config)
+    ours = GPT(config)
+    ours.load_state_dict(baseline.state_dict(), strict=True)  # same names and shapes
+    assert ours.num_params() == sum(p.numel() for p in baseline.parameters()) - 32 * 64
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        _, expected = baseline(idx, idx)
+        _, loss = ours(idx, idx, return_logits=False)
+    # the only difference is nanoGPT's exact GELU against GPT-2's tanh GELU
+    torch.testing.assert_close(loss, expected, atol=1e-3, rtol=0)
+
+
+def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch):
+    """The kernel benchmarks need CUDA: feed the suite tables in their formats instead."""
+    from gptfast.bench import attention, cross_entropy, kernel_suite, layernorm, plots, report
+
+    monkeypatch.setattr(layernorm, "_implementations", lambda param_dtype_is_x: {"gptfast": 0})
+    monkeypatch.setattr(layernorm, "bench_size", lambda n, c, dtype, impls: {
+        "N x C": f"{n} x {c}", "copy": 2000.0, "gptfast fwd": 1500.0, "gptfast fwd+bwd": None})
+    loss_table = {"gptfast": "2.00 / 0.1", "gptfast |dloss|": "1.0e-06", "eager": "OOM",
+                  "eager |dloss|": None, "Liger": "n/a", "Liger |dloss|": None}
+    for name in ("cross_entropy_providers", "linear_providers"):
+        monkeypatch.setattr(cross_entropy, name, lambda: {"gptfast": 0, "eager": 0, "Liger": 0})
+    monkeypatch.setattr(cross_entropy, "bench_cross_entropy", lambda n, v, dtype, providers: (
+        {"N": n, "V": v, **loss_table}, [f"Liger N={n}: RuntimeError: no kernel"]))
+    monkeypatch.setattr(cross_entropy, "bench_linear", lambda n, c, v, dtype, providers: (
+        {"N": n, "C": c, "V": v, **loss_table}, []))
+    monkeypatch.setattr(attention, "PROVIDERS", {"gptfast": 0, "SDPA flash": 0})
+    monkeypatch.setattr(attention, "bench_shape", lambda hd, seq, tokens, dtype, providers: (
+        {"hd": hd, "H": 12, "B": tokens // seq, "T": seq, "gptfast": "310 / 260", "SDPA flash": "n/a"},
+        [f"SDPA flash hd{hd} T{seq}: RuntimeError: no flash"]))
+
+    suite = kernel_suite.KernelSuite("bf16", kernel_suite.QUICK)
+    rows = [row for _, run in suite.units() for row in run()]
+    by = {(r["kernel"], r["impl"], r["pass"], r["size"]): r for r in rows}
+    assert by["layer_norm", "copy", "copy", 16384 * 768]["throughput"] == 2000.0
+    assert by["layer_norm", "gptfast", "fwd+bwd", 16384 * 768]["status"] == "error"
+    ce = by["cross_entropy", "gptfast", "fwd+bwd", 8192]
+    assert (ce["ms"], ce["extra_mb"]) == (2.0, 0.1)
+    assert ce["throughput"] == pytest.approx(2 * 8192 * 50257 * 2 / 2e-3 / 1e9)  # GB/s
+    assert by["cross_entropy", "eager", "fwd+bwd", 8192]["status"] == "oom"
+    assert by["cross_entropy", "Liger", "fwd+bwd", 8192]["note"] == "RuntimeError: no kernel"
+    linear = by["linear_cross_entropy", "gptfast", "fwd+bwd", 8192]
+    assert linear["throughput"] == pytest.approx(6 * 8192 * 768 * 50257 / 2e-3 / 1e12)  # TFLOP/s
+    attn = by["causal_attention", "gptfast", "fwd+bwd", 4096]
+    assert (attn["throughput"], attn["batch_size"], attn["context_length"]) == (260.0, 4, 4096)
+    assert by["causal_attention", "SDPA flash", "fwd", 1024]["note"] == "RuntimeError: no flash"
+
+    meta = {"run": "2026-01-01T00:00:00", "device_name": "test GPU", "dtype": "bf16",
+            "versions": {"torch": "t", "triton": "t", "gptfast": "g"}, "settings": "test"}
+    text = report.markdown(rows, meta)
+    assert "| 16384x768 | 2000 | 1500 | error |" in text  # copy, gptfast fwd, gptfast fwd+bwd
+    assert "| 8192x50257 | 823 (2 ms, 0.1 MB) | oom | error |" in text
+    assert "| B4 H12 T4096 D64 | 310 | 260 | error | error |" in text
+    assert "- Liger 8192x50257: RuntimeError: no kernel" in text
+    (png,) = plots.write_plots(rows, tmp_path, meta)
+    assert png.name == "kernels.png" and png.read_bytes()[:8] == PNG_MAGIC
