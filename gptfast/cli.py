@@ -108,7 +108,7 @@ def format_info(info: dict) -> str:
         f"device     {device}",
         f"extension  gptfast._C {ext_line}",
         f"backend    {info['backend_setting']}"
-        + (f" (from GPTFAST_BACKEND)" if info["GPTFAST_BACKEND"] else " (default; set GPTFAST_BACKEND to change)")
+        + (" (from GPTFAST_BACKEND)" if info["GPTFAST_BACKEND"] else " (default; set GPTFAST_BACKEND to change)")
         + (", TRITON_INTERPRET=1" if info["TRITON_INTERPRET"] else ""),
         "",
         "what 'auto' runs on this device:",

@@ -83,8 +83,22 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
     rows = logits.reshape(-1, vocab).to(acc)
     flat_target = target.reshape(-1)
     keep = flat_target != ignore_index
-    safe_target = torch.where(keep, flat_target, torch.zeros_like(flat_target)).long()
+    if not z_loss:
+        # torch's fused op is 1.5-2x faster than the formula below on CPU; same definition
+        loss = F.cross_entropy(rows, flat_target.long(), ignore_index=ignore_index,
+                               reduction="none", label_smoothing=label_smoothing)
+    else:
+        loss = cross_entropy_rows_formula(rows, flat_target, keep, label_smoothing, z_loss)
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum().clamp(min=1).to(acc)
 
+
+def cross_entropy_rows_formula(rows, flat_target, keep, label_smoothing, z_loss):
+    """Per-row losses of :func:`cross_entropy` written out (0 at rows where ``keep`` is False)."""
+    safe_target = torch.where(keep, flat_target, torch.zeros_like(flat_target)).long()
     lse = torch.logsumexp(rows, dim=-1)
     picked = rows.gather(1, safe_target[:, None]).squeeze(1)
     loss = (1.0 - label_smoothing) * (lse - picked)
@@ -92,13 +106,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
         loss = loss + label_smoothing * (lse - rows.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * lse.square()
-    loss = torch.where(keep, loss, torch.zeros_like(loss))
-
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / keep.sum().clamp(min=1).to(acc)
+    return torch.where(keep, loss, torch.zeros_like(loss))
 
 
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100,

@@ -119,6 +119,16 @@ def test_cross_entropy_matches_torch(reduction, label_smoothing):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+def test_cross_entropy_fast_path_equals_the_written_out_formula(label_smoothing):
+    logits, target = rand(9, 17), torch.randint(0, 17, (9,))
+    target[[0, 4]] = -100
+    keep = target != -100
+    fast = reference.cross_entropy(logits, target, -100, "none", label_smoothing)
+    formula = reference.cross_entropy_rows_formula(logits, target, keep, label_smoothing, 0.0)
+    torch.testing.assert_close(fast, formula, rtol=1e-12, atol=1e-12)
+
+
 def test_cross_entropy_z_loss_adds_squared_logsumexp():
     logits, target = rand(6, 9), torch.randint(0, 9, (6,))
     target[0] = 3
