@@ -6,7 +6,8 @@
   fused ``gptfast.linear_cross_entropy`` (never materialises N x V) as modules.
 - :class:`CausalSelfAttention`: nanoGPT's attention (``c_attn``, ``c_proj``) with optional
   grouped-query heads and a :class:`KVCache` for generation.
-- :func:`patch`: turns every ``torch.nn.LayerNorm`` of a model into :class:`LayerNorm` in place.
+- :func:`patch`: makes another model's LayerNorms and causal attention (nanoGPT-style modules,
+  Hugging Face ``GPT2Attention``) run on gptfast's ops, in place.
 
 Every module runs wherever ``gptfast.functional`` runs: Triton kernels on CUDA, plain PyTorch
 elsewhere (see ``gptfast.use_backend``).
@@ -26,7 +27,7 @@ from . import functional
 
 __all__ = [
     "LayerNorm", "CrossEntropyLoss", "LinearCrossEntropy", "CausalSelfAttention", "KVCache",
-    "PatchReport", "patch",
+    "PatchReport", "patch", "hf_attention",
 ]
 
 
@@ -257,55 +258,289 @@ class CausalSelfAttention(nn.Module):
 
 # ------------------------------------------------------------------------------ patch --
 
+LAYER_NORM = "LayerNorm"
+NANOGPT_ATTENTION = "nanoGPT attention"
+HF_GPT2_ATTENTION = "GPT2Attention"
+HF_IMPLEMENTATION = "gptfast"  # the name gptfast registers in transformers' AttentionInterface
+
+
 @dataclasses.dataclass
 class PatchReport:
-    """What :func:`patch` did: qualified names replaced, and names skipped with the reason."""
+    """What :func:`patch` did: qualified names replaced (with their kind), names skipped with why.
+
+    ``kinds`` maps each replaced name to ``"LayerNorm"``, ``"nanoGPT attention"`` or
+    ``"GPT2Attention"``.
+    """
 
     replaced: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)
+    kinds: dict = dataclasses.field(default_factory=dict)
+
+    def names(self, kind: str) -> list:
+        """The replaced names of one kind, in module order."""
+        return [name for name in self.replaced if self.kinds.get(name) == kind]
+
+    def _add(self, name: str, kind: str) -> None:
+        self.replaced.append(name)
+        self.kinds[name] = kind
 
     def __str__(self):
-        lines = [f"gptfast.patch: {len(self.replaced)} LayerNorm(s) now run on gptfast, "
-                 f"{len(self.skipped)} skipped"]
+        attention = len(self.replaced) - len(self.names(LAYER_NORM))
+        lines = [f"gptfast.patch: {len(self.names(LAYER_NORM))} LayerNorm(s) and {attention} "
+                 f"attention module(s) now run on gptfast, {len(self.skipped)} skipped"]
         lines += [f"  skipped {name or '<root>'}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
-def _skip_reason(module: nn.LayerNorm) -> Optional[str]:
-    if type(module) is not nn.LayerNorm:
-        return (f"{type(module).__qualname__} subclasses torch.nn.LayerNorm; its forward may "
-                "differ, so it is left alone")
-    if len(module.normalized_shape) != 1:
-        return (f"normalized_shape {tuple(module.normalized_shape)} spans more than the last "
-                "dim")
-    return None
+def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, *,
+          layer_norm: bool = True, attention: bool = True):
+    """Make ``model`` compute its LayerNorms and causal attention with gptfast's ops, in place.
 
+    - Each exact ``torch.nn.LayerNorm`` over the last dim becomes a :class:`gptfast.nn.LayerNorm`
+      (its class is switched; :class:`LayerNorm` adds no state). LayerNorms over several dims
+      and subclasses of ``torch.nn.LayerNorm`` (which may override forward) are skipped.
+    - nanoGPT-style attention (a module with ``c_attn``/``c_proj`` Linears and ``n_head``,
+      ``n_embd``, computing causal self-attention as nanoGPT's CausalSelfAttention) gets a
+      forward that runs ``gptfast.causal_attention``; in training with dropout > 0 it runs SDPA
+      with that dropout instead, as nanoGPT's flash path does. Before switching, the new
+      forward is checked against the module's own on a small probe input: a module whose
+      math differs (not causal, rotary embeddings, another scale...) is skipped.
+    - Hugging Face ``GPT2Attention`` modules running the "sdpa" implementation (HF's default)
+      run through the attention function "gptfast", registered in transformers'
+      AttentionInterface: a pure causal call goes to ``gptfast.causal_attention``; any other call
+      (a padding mask, decoding with a KV cache, attention dropout in training) runs HF's SDPA
+      function, exactly as before. Cross-attention and models loaded with another
+      ``attn_implementation`` (eager, flash, flex) are skipped.
 
-def patch(model: nn.Module, verbose: bool = False, return_report: bool = False):
-    """Make every ``torch.nn.LayerNorm`` in ``model`` compute with ``gptfast.layer_norm``.
-
-    Each exact ``torch.nn.LayerNorm`` over the last dim becomes a :class:`gptfast.nn.LayerNorm`
-    in place: the module object keeps its identity, Parameters, hooks and state_dict keys (its
-    class is switched, and :class:`LayerNorm` adds no state), so optimisers already holding
-    the parameters and existing checkpoints are unaffected. LayerNorms over several dims, and
-    subclasses of ``torch.nn.LayerNorm`` (which may override forward), are skipped. Modules
-    that are already gptfast LayerNorms are left as they are, so patching twice is harmless.
-
-    Returns ``model``, or ``(model, PatchReport)`` with ``return_report=True``. Prints nothing
-    unless ``verbose=True``, which prints the report.
+    Module objects keep their identity, Parameters, hooks and state_dict keys, so optimisers
+    already holding the parameters and existing checkpoints are unaffected. Patch before
+    ``torch.compile``. Patching twice is harmless. Returns ``model``, or ``(model, PatchReport)``
+    with ``return_report=True``; ``verbose=True`` prints the report.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.LayerNorm) or isinstance(module, LayerNorm):
-            continue
-        reason = _skip_reason(module)
-        if reason is None:
-            module.__class__ = LayerNorm
-            report.replaced.append(name)
-        else:
-            report.skipped[name] = reason
+        if isinstance(module, nn.LayerNorm):
+            if layer_norm and not isinstance(module, LayerNorm):
+                _patch_layer_norm(name, module, report)
+        elif attention:
+            _patch_attention(name, module, report)
     if verbose:
         print(report)
     return (model, report) if return_report else model
+
+
+def _patch_layer_norm(name: str, module: nn.LayerNorm, report: PatchReport) -> None:
+    if type(module) is not nn.LayerNorm:
+        report.skipped[name] = (f"{type(module).__qualname__} subclasses torch.nn.LayerNorm; its "
+                                "forward may differ, so it is left alone")
+    elif len(module.normalized_shape) != 1:
+        report.skipped[name] = (f"normalized_shape {tuple(module.normalized_shape)} spans more "
+                                "than the last dim")
+    else:
+        module.__class__ = LayerNorm
+        report._add(name, LAYER_NORM)
+
+
+def _patch_attention(name: str, module: nn.Module, report: PatchReport) -> None:
+    if _is_hf_gpt2_attention(module):
+        kind, reason = HF_GPT2_ATTENTION, _patch_hf_attention(module)
+    elif _looks_like_nanogpt_attention(module):
+        kind, reason = NANOGPT_ATTENTION, _patch_nanogpt_attention(module)
+    else:
+        return
+    if reason is _ALREADY_PATCHED:
+        return
+    if reason is None:
+        report._add(name, kind)
+    else:
+        report.skipped[name] = reason
+
+
+_ALREADY_PATCHED = "already patched"
+
+
+# ---------------------------------------------------------------- nanoGPT attention --
+
+def _looks_like_nanogpt_attention(module: nn.Module) -> bool:
+    if isinstance(module, CausalSelfAttention):  # gptfast's own: already on gptfast
+        return False
+    return all(hasattr(module, attr) for attr in ("c_attn", "c_proj", "n_head", "n_embd"))
+
+
+def _nanogpt_shape_problem(module: nn.Module) -> Optional[str]:
+    n_head, n_embd = module.n_head, module.n_embd
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n_head, n_embd)) \
+            or n_embd % n_head:
+        return f"n_head={n_head!r}, n_embd={n_embd!r} are not positive ints with n_head | n_embd"
+    c_attn, c_proj = module.c_attn, module.c_proj
+    if not isinstance(c_attn, nn.Linear) or (c_attn.in_features, c_attn.out_features) != (n_embd, 3 * n_embd):
+        return f"c_attn is not a Linear({n_embd}, {3 * n_embd}) projecting to [q | k | v]"
+    if not isinstance(c_proj, nn.Linear) or (c_proj.in_features, c_proj.out_features) != (n_embd, n_embd):
+        return f"c_proj is not a Linear({n_embd}, {n_embd})"
+    return None
+
+
+def _attention_dropout_p(module: nn.Module) -> float:
+    """nanoGPT keeps the attention dropout as ``self.dropout`` (flash path) and ``attn_dropout``."""
+    p = getattr(module, "dropout", None)
+    if isinstance(p, nn.Dropout):
+        return p.p
+    if isinstance(p, (int, float)) and not isinstance(p, bool):
+        return float(p)
+    attn_dropout = getattr(module, "attn_dropout", None)
+    return attn_dropout.p if isinstance(attn_dropout, nn.Dropout) else 0.0
+
+
+def _nanogpt_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nanoGPT's CausalSelfAttention.forward on gptfast.causal_attention."""
+    batch, seq, channels = x.size()
+    head_dim = channels // self.n_head
+    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+    q = q.view(batch, seq, self.n_head, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, self.n_head, head_dim).transpose(1, 2)
+    v = v.view(batch, seq, self.n_head, head_dim).transpose(1, 2)
+    dropout_p = _attention_dropout_p(self) if self.training else 0.0
+    if dropout_p > 0.0:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    else:
+        y = functional.causal_attention(q, k, v)
+    y = self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
+    resid_dropout = getattr(self, "resid_dropout", None)
+    return resid_dropout(y) if isinstance(resid_dropout, nn.Module) else y
+
+
+_PATCHED_ATTENTION_CLASSES: dict = {}
+
+
+def _patched_attention_class(original: type) -> type:
+    """A subclass of ``original`` whose forward is :func:`_nanogpt_attention_forward` (one per class).
+
+    It keeps the original's name; pickling and deepcopy go through :func:`_rebuild_patched_attention`,
+    so a patched module survives both without this dynamically made class being importable.
+    """
+    patched = _PATCHED_ATTENTION_CLASSES.get(original)
+    if patched is None:
+        patched = type(original.__name__, (original,), {
+            "forward": _nanogpt_attention_forward,
+            "__reduce_ex__": _reduce_patched_attention,
+            "_gptfast_original_class": original,
+            "__module__": original.__module__,
+            "__qualname__": original.__qualname__,
+        })
+        _PATCHED_ATTENTION_CLASSES[original] = patched
+    return patched
+
+
+def _rebuild_patched_attention(original: type) -> nn.Module:
+    return object.__new__(_patched_attention_class(original))
+
+
+def _reduce_patched_attention(self, protocol):
+    return _rebuild_patched_attention, (type(self)._gptfast_original_class,), self.__getstate__()
+
+
+def _probe_mismatch(module: nn.Module) -> Optional[str]:
+    """None when the patched forward reproduces the module's own on a small input, else why not."""
+    weight = module.c_attn.weight
+    if weight.device.type == "meta":
+        return "its parameters are on the meta device, so the patched forward cannot be checked"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, module.n_embd, generator=generator).to(weight.device, weight.dtype)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # no dropout in the comparison
+    try:
+        with torch.no_grad():
+            expected = type(module).forward(module, x)
+            actual = _nanogpt_attention_forward(module, x)
+    except Exception as err:  # a forward taking other arguments, or failing on the probe
+        return f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
+        return "its forward does not return nanoGPT's (batch, seq, n_embd) tensor"
+    tolerance = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 3e-2
+    difference = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    if not difference <= tolerance * (scale + 1e-2):
+        return (f"its forward differs from nanoGPT's causal attention on a probe input (max "
+                f"difference {difference:.2e}), so it is left alone")
+    return None
+
+
+def _patch_nanogpt_attention(module: nn.Module) -> Optional[str]:
+    if getattr(type(module), "_gptfast_original_class", None) is not None:
+        return _ALREADY_PATCHED
+    reason = _nanogpt_shape_problem(module) or _probe_mismatch(module)
+    if reason is None:
+        module.__class__ = _patched_attention_class(type(module))
+    return reason
+
+
+# ------------------------------------------------------------- Hugging Face GPT-2 --
+
+# Arguments of transformers' attention functions that change the math away from plain causal
+# attention; when any is set, the call goes to HF's SDPA function.
+_HF_SPECIAL_ARGUMENTS = ("softcap", "sliding_window", "position_bias", "s_aux", "cu_seq_lens_q",
+                         "cu_seq_lens_k")
+
+
+def _is_hf_gpt2_attention(module: nn.Module) -> bool:
+    return any(cls.__name__ == "GPT2Attention" and cls.__module__.startswith("transformers.")
+               for cls in type(module).__mro__)
+
+
+def _hf_fast_path(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
+    """True for a pure causal call: no mask, no cache offset, no dropout, nothing special."""
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    return (getattr(module, "_gptfast_attention", False) and causal and attention_mask is None
+            and not dropout and query.shape[2] == key.shape[2]
+            and all(kwargs.get(name) is None for name in _HF_SPECIAL_ARGUMENTS))
+
+
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 is_causal=None, **kwargs):
+    """transformers' attention-function interface: q, k, v (B, H, T, D) -> ((B, T, H, D), None).
+
+    Registered as attn_implementation "gptfast". Pure causal calls of patched modules run
+    ``gptfast.causal_attention``; everything else runs HF's "sdpa" function unchanged.
+    """
+    if _hf_fast_path(module, query, key, attention_mask, dropout, is_causal, kwargs):
+        return functional.causal_attention(query, key, value, scale=scaling).transpose(1, 2), None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _register_hf_attention() -> Optional[str]:
+    """Registers "gptfast" with transformers (attention function and SDPA's masks); None or why not."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError as err:
+        return (f"this transformers has no AttentionInterface/AttentionMaskInterface ({err}); "
+                "patching GPT2Attention needs transformers >= 4.53")
+    AttentionInterface.register(HF_IMPLEMENTATION, hf_attention)
+    # SDPA's masks: None for a pure causal call (that is the fast path), a boolean mask otherwise
+    AttentionMaskInterface.register(HF_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return None
+
+
+def _patch_hf_attention(module: nn.Module) -> Optional[str]:
+    if getattr(module, "_gptfast_attention", False):
+        return _ALREADY_PATCHED
+    if getattr(module, "is_cross_attention", False):
+        return "cross-attention (over encoder states, not causal) keeps HF's forward"
+    config = getattr(module, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", HF_IMPLEMENTATION):
+        return (f"the model runs attn_implementation={implementation!r}; gptfast.patch replaces "
+                "HF's default 'sdpa' (load the model with attn_implementation='sdpa' to patch it)")
+    reason = _register_hf_attention()
+    if reason is None:
+        config._attn_implementation = HF_IMPLEMENTATION
+        module._gptfast_attention = True
+    return reason

@@ -84,7 +84,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
     flat_target = target.reshape(-1)
     keep = flat_target != ignore_index
     if not z_loss:
-        # torch's fused op is 1.5-2x faster than the formula below on CPU; same definition
+        # torch's fused op: same definition, ~1.3x faster forward on CPU (512 x 50304: 47 vs 62 ms)
         loss = F.cross_entropy(rows, flat_target.long(), ignore_index=ignore_index,
                                reduction="none", label_smoothing=label_smoothing)
     else:
