@@ -102,7 +102,7 @@ class KernelSuite:
         from . import layernorm
 
         # gptfast with fp32 weights (mixed precision); the baselines need x's dtype
-        impls = self._get("layer_norm", lambda: layernorm._implementations(param_dtype_is_x=False))
+        impls = self._get("layer_norm", lambda: layernorm.implementations(param_dtype_is_x=False))
         table = layernorm.bench_size(n, c, self.dtype, impls)
         shape = f"{n}x{c}"
         failed = "failed or out of memory (the reason is in the benchmark's stderr output)"

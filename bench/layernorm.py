@@ -45,7 +45,7 @@ def _liger():
     return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
 
 
-def _implementations(param_dtype_is_x: bool):
+def implementations(param_dtype_is_x: bool):
     import gptfast
 
     def ours(x, w, b):
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
 
     dtype = DTYPES[args.dtype]
     param_fp32 = args.param_dtype == "fp32"
-    impls = _implementations(param_dtype_is_x=not param_fp32)
+    impls = implementations(param_dtype_is_x=not param_fp32)
     rows = [bench_size(n, c, dtype, impls) for n, c in args.sizes]
     columns = ["N x C", "dtype", "copy"] + [f"{name} {kind}" for name in impls for kind in ("fwd", "fwd+bwd")]
     print(f"\nLayerNorm GB/s on {torch.cuda.get_device_name()} (torch {torch.__version__}); "

@@ -155,7 +155,7 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     """The kernel benchmarks need CUDA: feed the suite tables in their formats instead."""
     from gptfast.bench import attention, cross_entropy, kernel_suite, layernorm, plots, report
 
-    monkeypatch.setattr(layernorm, "_implementations", lambda param_dtype_is_x: {"gptfast": 0})
+    monkeypatch.setattr(layernorm, "implementations", lambda param_dtype_is_x: {"gptfast": 0})
     monkeypatch.setattr(layernorm, "bench_size", lambda n, c, dtype, impls: {
         "N x C": f"{n} x {c}", "copy": 2000.0, "gptfast fwd": 1500.0, "gptfast fwd+bwd": None})
     loss_table = {"gptfast": "2.00 / 0.1", "gptfast |dloss|": "1.0e-06", "eager": "OOM",
