@@ -157,6 +157,34 @@ def run_bench(args) -> int:
     return run(args)
 
 
+# ----------------------------------------------------------------------------- train --
+
+def _train_arguments(parser):
+    from .train import add_arguments  # light: the model, loader and tqdm load in run
+
+    add_arguments(parser)
+
+
+def run_train(args) -> int:
+    from .train import run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------------------- sample --
+
+def _sample_arguments(parser):
+    from .sample import add_arguments
+
+    add_arguments(parser)
+
+
+def run_sample(args) -> int:
+    from .sample import run
+
+    return run(args)
+
+
 # ------------------------------------------------------------------------------ main --
 
 COMMANDS = {
@@ -167,6 +195,10 @@ COMMANDS = {
     "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
               "context length; writes results.jsonl, results.md and PNG plots",
               _bench_arguments, run_bench),
+    "train": ("train a GPT on token shards (nanoGPT's recipe; DDP under torchrun), with "
+              "checkpoints that resume exactly", _train_arguments, run_train),
+    "sample": ("generate text from a training checkpoint or a local Hugging Face GPT-2",
+               _sample_arguments, run_sample),
 }
 
 

@@ -369,15 +369,20 @@ def _looks_like_nanogpt_attention(module: nn.Module) -> bool:
     return all(hasattr(module, attr) for attr in ("c_attn", "c_proj", "n_head", "n_embd"))
 
 
+def _is_linear(module, in_features: int, out_features: int) -> bool:
+    return isinstance(module, nn.Linear) and (module.in_features, module.out_features) == (
+        in_features, out_features)
+
+
 def _nanogpt_shape_problem(module: nn.Module) -> Optional[str]:
     n_head, n_embd = module.n_head, module.n_embd
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n_head, n_embd)) \
             or n_embd % n_head:
         return f"n_head={n_head!r}, n_embd={n_embd!r} are not positive ints with n_head | n_embd"
     c_attn, c_proj = module.c_attn, module.c_proj
-    if not isinstance(c_attn, nn.Linear) or (c_attn.in_features, c_attn.out_features) != (n_embd, 3 * n_embd):
+    if not _is_linear(c_attn, n_embd, 3 * n_embd):
         return f"c_attn is not a Linear({n_embd}, {3 * n_embd}) projecting to [q | k | v]"
-    if not isinstance(c_proj, nn.Linear) or (c_proj.in_features, c_proj.out_features) != (n_embd, n_embd):
+    if not _is_linear(c_proj, n_embd, n_embd):
         return f"c_proj is not a Linear({n_embd}, {n_embd})"
     return None
 

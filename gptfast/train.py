@@ -1,0 +1,950 @@
+"""The trainer: ``gptfast train`` (also under ``torchrun --nproc_per_node N -m gptfast train``).
+
+nanoGPT's train.py on gptfast's model, ops and token loader: GPT-2 124M by default, warmup +
+cosine learning rate, AdamW without decay on biases and LayerNorms (fused on CUDA), gradient
+accumulation, gradient clipping, bf16 autocast (fp16 with a GradScaler), periodic evaluation on
+the val shards, checkpoints that resume exactly, and DDP.
+
+Settings come from :class:`TrainConfig`'s defaults, then (``--init resume``) the checkpoint's
+saved settings, then ``--config FILE.toml``, then command-line flags, each overriding the last.
+
+Iterations: an iteration is one optimizer step over ``grad_accum`` micro-batches of
+``batch_size`` x ``block_size`` tokens on each of the ``world_size`` ranks. Iteration ``i``
+(0-based) is logged as ``"iter": i``; an evaluation at ``"iter": n`` sees the model after n
+iterations (nanoGPT's convention). Checkpoints hold ``iter_num``, the iterations done.
+
+Output directory: ``ckpt.pt`` (written atomically; loads with ``torch.load(weights_only=True)``,
+and with :meth:`gptfast.GPT.from_pretrained`) and ``metrics.jsonl``, one JSON object per log
+line: train lines carry ``loss``, eval lines ``val_loss``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import typing
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "ckpt.pt"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_VERSION = 1
+VOCAB_MULTIPLE = 64  # nanoGPT pads GPT-2's 50257 to 50304 for faster matmuls
+GPT2_PADDED_VOCAB = 50304
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+SAMPLERS = ("random", "sequential", "shuffle")
+BACKENDS = ("auto", "triton", "reference")
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (settings, data, checkpoint); the CLI prints it without a traceback."""
+
+
+class TrainingDiverged(TrainError):
+    """The loss became NaN or infinite; the last good checkpoint was left in place."""
+
+
+# ----------------------------------------------------------------------------- settings --
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run; each field is also a command-line flag (``--batch-size``) and a
+    TOML key (``batch_size`` or ``batch-size``). The defaults train GPT-2 124M as nanoGPT does."""
+
+    data: Optional[str] = None
+    out: Optional[str] = None
+    init: str = "scratch"
+    model: str = "gpt2"
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: int = 1024
+    batch_size: int = 12
+    grad_accum: int = 40
+    max_iters: int = 600_000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600_000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    eval_interval: int = 2000
+    eval_iters: int = 200
+    log_interval: int = 10
+    dtype: str = "auto"
+    compile: bool = False
+    backend: str = "auto"
+    sampler: str = "random"
+    seed: int = 1337
+    device: str = "auto"
+
+
+HELP = {
+    "data": "directory of train_*.bin / val_*.bin shards and meta.json (from gptfast prepare)",
+    "out": "output directory: ckpt.pt and metrics.jsonl",
+    "init": "scratch, resume (from OUT/ckpt.pt), or a path: a local Hugging Face GPT-2 directory "
+            "or a nanoGPT checkpoint",
+    "model": "architecture preset for --init scratch: gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+    "n_layer": "override the preset's number of layers",
+    "n_head": "override the preset's number of heads",
+    "n_embd": "override the preset's width",
+    "block_size": "context length T",
+    "batch_size": "micro-batch size B per rank",
+    "grad_accum": "micro-batches per optimizer step and rank (tokens per step: B*T*K*ranks)",
+    "max_iters": "optimizer steps to reach (a resumed run continues up to it)",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_iters": "linear warmup steps",
+    "lr_decay_iters": "step at which the cosine decay reaches --min-lr",
+    "weight_decay": "AdamW weight decay on matrices and embeddings",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "dropout": "dropout rate (0 for pretraining)",
+    "eval_interval": "evaluate on the val shards and write a checkpoint every N steps",
+    "eval_iters": "val batches per evaluation",
+    "log_interval": "log every N steps",
+    "dtype": "autocast dtype: auto (bfloat16 on CUDA where supported, else float16; float32 on "
+             "CPU), bfloat16, float16 (with a GradScaler), float32",
+    "compile": "torch.compile the model",
+    "backend": "gptfast op backend: auto, triton, reference",
+    "sampler": "train batch sampler: random (nanoGPT), sequential, shuffle",
+    "seed": "random seed (model init, data order, dropout)",
+    "device": "auto, cuda, cuda:N or cpu (under torchrun: cuda:LOCAL_RANK)",
+}
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            for name, hint in hints.items()}
+
+
+def _coerce(name: str, value, source: str):
+    wanted = _field_types()[name]
+    if value is None:
+        return None
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool)):
+        raise TrainError(f"{source}: {name} must be {wanted.__name__}, got {value!r}")
+    return value
+
+
+def read_config_file(path) -> dict:
+    """Settings from a TOML file: TrainConfig keys, with - or _ (unknown keys are an error)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as err:
+        raise TrainError(f"cannot read --config {path}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise TrainError(f"--config {path} is not valid TOML: {err}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise TrainError(f"--config {path}: unknown setting {key!r}; known: "
+                             f"{', '.join(sorted(known))}")
+        settings[name] = _coerce(name, value, f"--config {path}")
+    return settings
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    if not cfg.out:
+        raise TrainError("--out DIR is required")
+    if not cfg.data:
+        raise TrainError("--data DIR is required (a resumed run takes it from the checkpoint)")
+    for name in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters",
+                 "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise TrainError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "seed"):
+        if getattr(cfg, name) < 0:
+            raise TrainError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr_decay_iters < cfg.warmup_iters:
+        raise TrainError(f"lr_decay_iters ({cfg.lr_decay_iters}) must be >= warmup_iters "
+                         f"({cfg.warmup_iters})")
+    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr):
+        raise TrainError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={cfg.lr}, min_lr={cfg.min_lr}")
+    if not (0 <= cfg.dropout < 1 and cfg.grad_clip >= 0 and cfg.weight_decay >= 0):
+        raise TrainError("need 0 <= dropout < 1, grad_clip >= 0 and weight_decay >= 0")
+    _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("sampler", cfg.sampler, SAMPLERS)
+    _check_choice("backend", cfg.backend, BACKENDS)
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            raise TrainError(f"device {cfg.device!r} is not a torch device") from None
+    return cfg
+
+
+def resolve_config(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[dict]]:
+    """(settings, checkpoint to resume or None): defaults < checkpoint < config file < overrides."""
+    given = read_config_file(config_file) if config_file else {}
+    given.update({k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
+    base = dataclasses.asdict(TrainConfig())
+    checkpoint = None
+    if given.get("init") == "resume":
+        if not given.get("out"):
+            raise TrainError("--init resume needs --out DIR holding ckpt.pt")
+        checkpoint = load_checkpoint(Path(given["out"]) / CHECKPOINT_NAME)
+        saved = {k: v for k, v in checkpoint["config"].items() if k in base}
+        base.update(saved)
+    base.update(given)
+    for name in ("data", "out"):
+        if base[name]:
+            base[name] = os.path.abspath(base[name])
+    return validate(TrainConfig(**base)), checkpoint
+
+
+# ---------------------------------------------------------------------------- devices --
+
+@dataclasses.dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    control_group: object = None  # gloo group for host-side agreement (no GPU sync under nccl)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when flag is True on any: one tiny CPU collective under DDP."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1 if flag else 0])
+        torch.distributed.all_reduce(value, group=self.control_group)
+        return bool(value.item())
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.enabled:
+            return [obj]
+        objects = [None] * self.world_size
+        torch.distributed.all_gather_object(objects, obj, group=self.control_group)
+        return objects
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier(group=self.control_group)
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"device {setting!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_setting: str) -> tuple[Distributed, torch.device]:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK and joins the process group (nccl on CUDA,
+    gloo on CPU); a plain process gets rank 0 of 1 and no group."""
+    env = os.environ
+    dist = Distributed(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")),
+                       int(env.get("LOCAL_RANK", "0")))
+    device = pick_device(device_setting, dist.local_rank)
+    if dist.enabled and device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl", device_id=device)
+        dist.control_group = torch.distributed.new_group(backend="gloo")
+    elif dist.enabled:
+        torch.distributed.init_process_group(backend="gloo")
+        dist.control_group = torch.distributed.group.WORLD
+    return dist, device
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, setting)
+
+
+# ------------------------------------------------------------------------------- data --
+
+def read_data_meta(data_dir) -> Optional[dict]:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def shard_paths(data_dir, split: str) -> list[str]:
+    """SPLIT_*.bin shards (gptfast prepare, llm.c), else nanoGPT's single SPLIT.bin."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(str(data_dir)), f"{split}_*.bin")))
+    single = os.path.join(data_dir, f"{split}.bin")
+    return paths or ([single] if os.path.exists(single) else [])
+
+
+def make_loader(paths, cfg: TrainConfig, sampler: str, dist: Distributed, device, prefetch=4):
+    from .data import TokenLoader
+
+    return TokenLoader(paths, cfg.batch_size, cfg.block_size, sampler=sampler, seed=cfg.seed,
+                       rank=dist.rank, world_size=dist.world_size, device=device, prefetch=prefetch)
+
+
+# ------------------------------------------------------------------------------ model --
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, so saved
+    keys never carry their prefixes."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def crop_block_size(model, block_size: int) -> None:
+    """Shrink a loaded model's context to block_size (nanoGPT's crop_block_size)."""
+    if block_size > model.config.block_size:
+        raise TrainError(f"block_size {block_size} exceeds the loaded model's {model.config.block_size}")
+    if block_size < model.config.block_size:
+        model.config = dataclasses.replace(model.config, block_size=block_size)
+        wpe = model.transformer.wpe
+        wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
+        wpe.num_embeddings = block_size
+
+
+def _check_architecture(cfg: TrainConfig, config, checkpoint) -> None:
+    """Size flags must agree with a model that comes from a checkpoint or pretrained weights."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        wanted, actual = getattr(cfg, name), getattr(config, name)
+        if wanted is not None and wanted != actual:
+            source = "the checkpoint being resumed" if checkpoint is not None else f"--init {cfg.init}"
+            raise TrainError(f"{name} {wanted} differs from the model of {source} ({actual}); the "
+                             "architecture comes from there")
+
+
+def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict]):
+    """The GPT to train: from scratch (a preset, vocab from the data), the checkpoint being
+    resumed, or pretrained weights (GPT.from_pretrained)."""
+    from .model import GPT, GPTConfig
+
+    if checkpoint is not None:
+        args = {**checkpoint["model_args"], "dropout": cfg.dropout}
+        model = GPT(GPTConfig(**args))
+        model.load_state_dict(checkpoint["model"])
+    elif cfg.init == "scratch":
+        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+        try:
+            config = GPTConfig.preset(cfg.model, vocab_size=padded_vocab_size(data_vocab),
+                                      block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+        model = GPT(config)
+    else:
+        try:
+            model = GPT.from_pretrained(cfg.init, dropout=cfg.dropout)
+        except (OSError, ValueError) as err:
+            raise TrainError(f"--init {cfg.init}: {err}") from None
+        crop_block_size(model, cfg.block_size)
+    _check_architecture(cfg, model.config, checkpoint)
+    if model.config.vocab_size < data_vocab:
+        raise TrainError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                         f"data's ({data_vocab})")
+    return model
+
+
+# ------------------------------------------------------------------------ checkpoints --
+
+def save_checkpoint(path, state: dict) -> None:
+    """torch.save to PATH.tmp, fsync, then os.replace: PATH is always a whole checkpoint."""
+    path = Path(path)
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        with open(temp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise TrainError(f"no checkpoint to resume at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise TrainError(f"{path} is not a gptfast training checkpoint (version {CHECKPOINT_VERSION})")
+    return checkpoint
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator the run uses, in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ----------------------------------------------------------------------------- schedule --
+
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's get_lr: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+# ---------------------------------------------------------------------------- logging --
+
+def _format_train(r: dict) -> str:
+    parts = [f"iter {r['iter']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+             f"{r['tokens_per_sec']:,.0f} tok/s"]
+    if r["mfu"] is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    parts += [f"step {r['step_ms']:.1f} ms", f"data {r['data_wait_ms']:.2f} ms",
+              f"mem {r['peak_memory_gb']:.2f} GB"]
+    return " | ".join(parts)
+
+
+class Reporter:
+    """Rank 0's output: metrics.jsonl, and a tqdm bar on a terminal or plain lines otherwise."""
+
+    def __init__(self, out_dir: Path, enabled: bool, start_iter: int, max_iters: int, resuming: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.file = None
+        if not enabled:
+            return
+        path = out_dir / METRICS_NAME
+        _keep_metrics_before(path, start_iter if resuming else 0)
+        self.file = open(path, "a")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_iters, initial=start_iter, unit="it", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def record(self, record: dict, line: str) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f}, {record['tokens_per_sec']:,.0f} tok/s")
+        else:
+            self.message(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def _keep_metrics_before(path: Path, start_iter: int) -> None:
+    """Drop what a resumed run will log again: train lines from start_iter, eval lines after it."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        it = record.get("iter", 0)
+        if it < start_iter or (it == start_iter and "val_loss" in record):
+            kept.append(line)
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text("".join(line + "\n" for line in kept))
+    os.replace(temp, path)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on device; on CPU, the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------- trainer --
+
+@dataclasses.dataclass
+class TrainResult:
+    iter_num: int
+    last_loss: Optional[float]
+    val_loss: Optional[float]
+    interrupted: bool
+    checkpoint: Optional[str]
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current step; a second Ctrl-C stops at once,
+    unless ``second_interrupt_quits`` is off (under torchrun every rank gets Ctrl-C twice, from
+    the terminal and from the agent, which itself kills workers that do not exit in time)."""
+
+    def __init__(self, second_interrupt_quits: bool = True):
+        self.requested = False
+        self.second_interrupt_quits = second_interrupt_quits
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and self.second_interrupt_quits:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, checkpoint: Optional[dict], dist: Distributed,
+                 device: torch.device):
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.out_dir = Path(cfg.out)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.dtype = autocast_dtype(cfg.dtype, device)
+        self.meta = read_data_meta(cfg.data)
+        if self.meta is None:
+            self._note(f"{cfg.data} has no meta.json: assuming GPT-2's vocabulary")
+        data_vocab = self.meta["vocab_size"] if self.meta else GPT2_PADDED_VOCAB
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.raw_model = build_model(cfg, data_vocab, checkpoint).to(device)
+        self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.lr,
+                                                             (cfg.beta1, cfg.beta2), device.type)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.train_loader, self.val_loader = self._make_loaders()
+        self.val_start = self.val_loader.state_dict() if self.val_loader is not None else None
+
+        self.start_iter = 0
+        self.val_loss: Optional[float] = None
+        self.best_val_loss: Optional[float] = None
+        seed_everything(cfg.seed + dist.rank)  # dropout differs across ranks
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.eval_model = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+
+        self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world_size
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.in_update = False
+        self.data_wait = 0.0
+        self.snapshot = None
+
+    # -- setup --
+
+    def _make_loaders(self):
+        cfg = self.cfg
+        train_paths = shard_paths(cfg.data, "train")
+        if not train_paths:
+            raise TrainError(f"{cfg.data} holds no train_*.bin (or train.bin) shards; make them "
+                             "with `gptfast prepare`")
+        try:
+            train = make_loader(train_paths, cfg, cfg.sampler, self.dist, self.device)
+        except ValueError as err:
+            raise TrainError(f"train shards: {err}") from None
+        val_paths = shard_paths(cfg.data, "val")
+        val = None
+        if val_paths:
+            try:
+                val = make_loader(val_paths, cfg, "sequential", self.dist, self.device, prefetch=2)
+            except ValueError as err:
+                self._note(f"evaluation off: the val shards are unusable ({err})")
+        else:
+            self._note(f"evaluation off: {cfg.data} has no val shards")
+        return train, val
+
+    def _restore(self, checkpoint: dict) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        try:
+            self.train_loader.load_state_dict(checkpoint["loader"])
+        except ValueError as err:
+            raise TrainError(f"cannot resume the data position: {err}") from None
+        self.start_iter = checkpoint["iter_num"]
+        self.val_loss = checkpoint.get("val_loss")
+        self.best_val_loss = checkpoint.get("best_val_loss")
+        states = checkpoint.get("rng") or []
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank], self.device)
+        else:
+            self._note(f"random state saved for {len(states)} rank(s), running {self.dist.world_size}: "
+                       "reseeded (dropout draws differ from an uninterrupted run)")
+
+    def _note(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    # -- one step --
+
+    def _micro_batch_context(self, last: bool):
+        if self.dist.enabled and not last:
+            return self.model.no_sync()  # gradients are all-reduced once, after the last micro-batch
+        return contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _next_batch(self, loader):
+        start = time.perf_counter()
+        batch = next(loader)
+        self.data_wait += time.perf_counter() - start
+        return batch
+
+    def train_step(self, it: int) -> torch.Tensor:
+        """One optimizer step; returns this step's mean loss as a device tensor (no host sync)."""
+        lr = learning_rate(it, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.cfg.grad_accum
+        total = None
+        for micro in range(accum):
+            x, y = self._next_batch(self.train_loader)
+            with self._micro_batch_context(last=micro == accum - 1):
+                with self._autocast():
+                    _, loss = self.model(x, y, return_logits=False)
+                    loss = loss / accum
+                self.scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        self.in_update = True
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                            self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite |= ~torch.isfinite(total)
+        return total
+
+    def _take_snapshot(self, iter_num: int) -> None:
+        """What a checkpoint needs beyond the weights, as of iter_num completed steps."""
+        self.snapshot = {"iter_num": iter_num, "loader": self.train_loader.state_dict(),
+                         "rng": rng_state(self.device)}
+        self.in_update = False  # from the optimizer step until here the snapshot was behind
+
+    # -- evaluation, logging, checkpoints --
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean val loss over eval_iters batches (the same batches every time), over all ranks."""
+        self.eval_model.eval()
+        self.val_loader.load_state_dict(self.val_start)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.eval_iters):
+            x, y = next(self.val_loader)
+            with self._autocast():
+                _, loss = self.eval_model(x, y, return_logits=False)
+            total += loss.float()
+        self.eval_model.train()
+        return (self.dist.all_sum(total) / (self.cfg.eval_iters * self.dist.world_size)).item()
+
+    def _diverged(self, it: int, what: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint, {self.checkpoint_path}, is unchanged"
+                if self.checkpoint_path.exists() else "no checkpoint was written")
+        return TrainingDiverged(f"{what} at iteration {it}: training stopped; {kept}. Try a lower "
+                                "--lr, more --warmup-iters, or --grad-clip")
+
+    def log_train(self, it: int, loss: torch.Tensor, reporter: Reporter, clock: dict) -> float:
+        """Logs step it; the one host sync of the interval. Raises TrainingDiverged on NaN/inf."""
+        values = torch.stack([loss.float(), self.grad_norm.float(), self.nonfinite.float()])
+        loss_value, grad_norm, nonfinite = (self.dist.all_sum(values) / self.dist.world_size).tolist()
+        if not math.isfinite(loss_value):
+            raise self._diverged(it, f"the loss became {loss_value}")
+        if nonfinite:
+            raise self._diverged(it, "a NaN/inf loss appeared")
+        now = time.perf_counter()
+        steps = it + 1 - clock["iter"]
+        elapsed = now - clock["time"]
+        tokens_per_sec = steps * self.tokens_per_iter / elapsed
+        record = {
+            "iter": it,
+            "loss": loss_value,
+            "lr": learning_rate(it, self.cfg),
+            "grad_norm": grad_norm if self.cfg.grad_clip > 0 else None,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": self.raw_model.estimate_mfu(tokens_per_sec / self.dist.world_size,
+                                               self.cfg.block_size, self.device),
+            "step_ms": 1000 * elapsed / steps,
+            "data_wait_ms": 1000 * self.data_wait / steps,
+            "peak_memory_gb": peak_memory_gb(self.device),
+            "elapsed_s": now - clock["start"],
+        }
+        reporter.record(record, _format_train(record))
+        clock.update(iter=it + 1, time=time.perf_counter())
+        self.data_wait = 0.0
+        return loss_value
+
+    def _check_finite(self, it: int) -> None:
+        """Raises TrainingDiverged if any rank has seen a NaN/inf loss (a host sync)."""
+        if self.dist.any(bool(self.nonfinite.item())):
+            raise self._diverged(it, "a NaN/inf loss appeared")
+
+    def evaluate_and_save(self, it: int, reporter: Reporter, save: bool = True) -> None:
+        self._check_finite(it)
+        if self.val_loader is not None:
+            start = time.perf_counter()
+            self.val_loss = self.evaluate()
+            if not math.isfinite(self.val_loss):
+                raise self._diverged(it, f"the val loss became {self.val_loss}")
+            self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
+            record = {"iter": it, "val_loss": self.val_loss,
+                      "eval_ms": 1000 * (time.perf_counter() - start)}
+            reporter.record(record, f"eval iter {it}: val loss {self.val_loss:.4f}")
+        if save:
+            self.save(it)
+
+    def save(self, it: int) -> None:
+        """Write the checkpoint of the state in self.snapshot (every rank calls this)."""
+        self._check_finite(it)
+        rng = self.dist.gather(self.snapshot["rng"])
+        if not self.dist.is_main:
+            return
+        model = unwrap_model(self.model)  # no "module." or "_orig_mod." in the keys
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.snapshot["loader"],
+            "iter_num": self.snapshot["iter_num"],
+            "rng": rng,
+            "world_size": self.dist.world_size,
+            "config": dataclasses.asdict(self.cfg),
+            "tokenizer": _tokenizer_info(self.meta),
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+        }
+        save_checkpoint(self.checkpoint_path, state)
+
+    # -- the loop --
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        reporter = Reporter(self.out_dir, self.dist.is_main, self.start_iter, cfg.max_iters,
+                            resuming=self.start_iter > 0)
+        try:
+            reporter.message(self._summary())
+            with StopRequest(second_interrupt_quits=not self.dist.enabled) as stop:
+                return self._loop(reporter, stop)
+        finally:
+            reporter.close()
+
+    def _loop(self, reporter: Reporter, stop: StopRequest) -> TrainResult:
+        cfg = self.cfg
+        it = self.start_iter
+        last_loss = None
+        self._take_snapshot(it)
+        if it == 0 and self.val_loader is not None:
+            self.evaluate_and_save(it, reporter, save=False)
+        clock = {"start": time.perf_counter(), "time": time.perf_counter(), "iter": it}
+        try:
+            while it < cfg.max_iters:
+                if self.dist.any(stop.requested):
+                    return self._interrupted(it, reporter, last_loss)
+                loss = self.train_step(it)
+                it += 1
+                self._take_snapshot(it)
+                reporter.advance()
+                if (it - 1) % cfg.log_interval == 0 or it == cfg.max_iters:
+                    last_loss = self.log_train(it - 1, loss, reporter, clock)
+                if it % cfg.eval_interval == 0 and it < cfg.max_iters:
+                    self.evaluate_and_save(it, reporter)
+                    clock.update(iter=it, time=time.perf_counter())  # eval time is not step time
+                    self.data_wait = 0.0
+        except KeyboardInterrupt:
+            # A second Ctrl-C means now; under DDP the other ranks could not join a save; and
+            # mid-update the weights are half-stepped: in each case no consistent state to save.
+            if stop.requested or self.dist.enabled or self.in_update:
+                reporter.message("interrupted: no checkpoint written")
+                raise
+            return self._interrupted(self.snapshot["iter_num"], reporter, last_loss)
+        if it > self.start_iter or not self.checkpoint_path.exists():
+            self.evaluate_and_save(it, reporter)
+        reporter.message(f"done: {it} iterations, checkpoint {self.checkpoint_path}")
+        return TrainResult(it, last_loss, self.val_loss, False, str(self.checkpoint_path))
+
+    def _interrupted(self, it: int, reporter: Reporter, last_loss) -> TrainResult:
+        self.save(it)
+        reporter.message(f"interrupted: checkpoint of iteration {it} written to "
+                         f"{self.checkpoint_path}; continue with --init resume")
+        return TrainResult(it, last_loss, self.val_loss, True, str(self.checkpoint_path))
+
+    def _summary(self) -> str:
+        cfg, config = self.cfg, self.raw_model.config
+        return (f"gptfast train: {self.raw_model.num_params() / 1e6:.2f}M parameters "
+                f"(n_layer {config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}, "
+                f"vocab {config.vocab_size}, block {config.block_size}) on {self.device}, "
+                f"{str(self.dtype).removeprefix('torch.')}, backend {cfg.backend}"
+                f"{', compiled' if cfg.compile else ''}, {self.dist.world_size} rank(s); "
+                f"{self.tokens_per_iter:,} tokens per iteration; iterations "
+                f"{self.start_iter} -> {cfg.max_iters}")
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+
+def _tokenizer_info(meta: Optional[dict]) -> Optional[dict]:
+    """What gptfast sample needs to decode: the data's tiktoken encoding and rank file."""
+    if meta is None:
+        return None
+    return {k: meta.get(k) for k in ("encoding", "tokenizer_file", "vocab_size", "eot_token")}
+
+
+def train(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainResult:
+    """Run training as configured (under torchrun, on every rank)."""
+    from .backend import use_backend
+
+    dist, device = init_distributed(cfg.device)
+    try:
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        with use_backend(cfg.backend):
+            trainer = Trainer(cfg, checkpoint, dist, device)
+            try:
+                result = trainer.run()
+            finally:
+                trainer.close()
+        dist.barrier()  # rank 0 may still be writing the last checkpoint
+        return result
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------- CLI --
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="settings file (TrainConfig keys); command-line flags override it")
+    types = _field_types()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = HELP[field.name] + ("" if default is None else f" (default {default})")
+        if types[field.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=types[field.name], default=argparse.SUPPRESS,
+                                metavar=field.name.upper(), help=help_text)
+
+
+def run(args) -> int:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        cfg, checkpoint = resolve_config(overrides, getattr(args, "config", None))
+        result = train(cfg, checkpoint)
+    except TrainError as err:
+        print(f"gptfast train: error: {err}", file=sys.stderr)
+        return 1
+    return 130 if result.interrupted else 0

@@ -1,0 +1,306 @@
+"""gptfast train: learning, exact resume, interrupts, NaN guard, atomic checkpoints, DDP, settings.
+
+Every run is a tiny GPT (2 layers, 64 wide, T=32) on a generated corpus, on the CPU.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gptfast import cli
+from gptfast import train as trainer
+from gptfast.model import GPT, GPTConfig
+from gptfast.prepare import write_shard
+
+VOCAB = 100  # the model pads it to 128
+PERIOD = 61  # the corpus repeats a random sequence of this length: learnable from context
+
+
+def write_corpus(directory, train_tokens=40_000, val_tokens=4_000):
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB - 1, PERIOD)
+    stream = np.tile(pattern, (train_tokens + val_tokens) // PERIOD + 1)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_shard(directory / "train_000000.bin", stream[:train_tokens].astype(np.uint16))
+    val = stream[train_tokens:train_tokens + val_tokens]
+    write_shard(directory / "val_000000.bin", val.astype(np.uint16))
+    (directory / "meta.json").write_text(json.dumps({"vocab_size": VOCAB, "eot_token": VOCAB - 1,
+                                                     "encoding": "gpt2", "tokenizer_file": None}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, grad_accum=2, lr=3e-3,
+            min_lr=3e-4, warmup_iters=2, lr_decay_iters=100, eval_interval=1000, eval_iters=2,
+            log_interval=1, device="cpu")
+
+
+def flags(data, out, **settings):
+    settings = {**TINY, "data": data, "out": out, **settings}
+    argv = ["train"]
+    for key, value in settings.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def train(data, out, **settings) -> int:
+    return cli.main(flags(data, out, **settings))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    return [(r["iter"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
+def val_losses(out):
+    return [(r["iter"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
+
+
+def checkpoint(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def training_forward(monkeypatch):
+    """Installs hook(call_number) to run before each training forward (eval forwards skipped)."""
+    def install(hook):
+        original = GPT.forward
+        calls = []
+
+        def forward(self, *args, **kwargs):
+            if self.training:
+                calls.append(None)
+                hooked = hook(len(calls))
+                if hooked is not None:
+                    return hooked(original(self, *args, **kwargs))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(GPT, "forward", forward)
+        return calls
+    return install
+
+
+# ------------------------------------------------------------------------- learning --
+
+def test_loss_falls_and_every_output_is_written(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(data, out, max_iters=100, grad_accum=1, batch_size=8, log_interval=10,
+                 eval_interval=50, eval_iters=4) == 0
+    records = metrics(out)
+    train_lines = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train_lines] == list(range(0, 100, 10)) + [99]
+    assert set(train_lines[0]) == {"iter", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_ms",
+                                   "data_wait_ms", "peak_memory_gb", "elapsed_s"}
+    assert train_lines[0]["mfu"] is None  # no GPU peak on a CPU
+    assert all(r["tokens_per_sec"] > 0 and r["step_ms"] > 0 and r["data_wait_ms"] >= 0
+               for r in train_lines)
+    first, last = train_lines[0]["loss"], train_lines[-1]["loss"]
+    assert first > math.log(VOCAB) - 0.5
+    assert last < 0.7 * first, (first, last)
+    assert [it for it, _ in val_losses(out)] == [0, 50, 100]
+    assert val_losses(out)[-1][1] < 0.7 * val_losses(out)[0][1]
+    printed = capsys.readouterr().out
+    assert "iter 99 | loss" in printed and "eval iter 100: val loss" in printed
+
+    state = checkpoint(out)  # loads with weights_only: no pickled objects
+    assert state["iter_num"] == 100 and state["loader"]["position"] == 100
+    assert state["model_args"]["vocab_size"] == 128  # 100 padded to a multiple of 64
+    assert not any(key.startswith(("_orig_mod.", "module.")) for key in state["model"])
+    model = GPT.from_pretrained(out)  # nanoGPT-compatible: "model" + "model_args"
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], state["model"]["lm_head.weight"])
+
+
+def test_learning_rate_is_nanogpts_schedule():
+    cfg = trainer.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    assert trainer.learning_rate(0, cfg) == pytest.approx(1 / 11)
+    assert trainer.learning_rate(9, cfg) == pytest.approx(10 / 11)
+    assert trainer.learning_rate(10, cfg) == pytest.approx(1.0)
+    assert trainer.learning_rate(60, cfg) == pytest.approx(0.55)
+    assert trainer.learning_rate(110, cfg) == pytest.approx(0.1)
+    assert trainer.learning_rate(500, cfg) == 0.1
+
+
+# --------------------------------------------------------------------------- resume --
+
+RESUMABLE = dict(dropout=0.1, eval_interval=3, lr_decay_iters=8)  # dropout: the RNG must resume too
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train(data, out, max_iters=8, **RESUMABLE) == 0
+    return out
+
+
+def test_resume_continues_bit_for_bit(data, tmp_path, uninterrupted):
+    out = tmp_path / "resumed"
+    assert train(data, out, max_iters=4, **RESUMABLE) == 0
+    assert checkpoint(out)["iter_num"] == 4
+    assert cli.main(["train", "--out", str(out), "--init", "resume", "--max-iters", "8"]) == 0
+    assert losses(out) == losses(uninterrupted)  # exact float equality
+    # the first run evaluated once more, at its end (iteration 4)
+    assert [v for v in val_losses(out) if v[0] != 4] == val_losses(uninterrupted)
+    for key, value in checkpoint(uninterrupted)["model"].items():
+        assert torch.equal(checkpoint(out)["model"][key], value), key
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(
+        data, tmp_path, uninterrupted, training_forward, capsys):
+    out = tmp_path / "ctrl-c"
+    # micro-batch 6 is the second of step 2: Ctrl-C there lets step 2 finish
+    training_forward(lambda call: os.kill(os.getpid(), signal.SIGINT) if call == 6 else None)
+    assert train(data, out, max_iters=8, **RESUMABLE) == 130
+    assert "interrupted: checkpoint of iteration 3" in capsys.readouterr().out
+    assert checkpoint(out)["iter_num"] == 3 and checkpoint(out)["loader"]["position"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert cli.main(["train", "--out", str(out), "--init", "resume"]) == 0
+    assert losses(out) == losses(uninterrupted)
+
+
+def test_keyboard_interrupt_mid_step_saves_the_last_complete_step(
+        data, tmp_path, uninterrupted, training_forward):
+    out = tmp_path / "raised"
+
+    def interrupt(call):
+        if call == 6:
+            raise KeyboardInterrupt
+
+    training_forward(interrupt)
+    assert train(data, out, max_iters=8, **RESUMABLE) == 130
+    assert checkpoint(out)["iter_num"] == 2 and checkpoint(out)["loader"]["position"] == 4
+    assert cli.main(["train", "--out", str(out), "--init", "resume"]) == 0
+    assert losses(out) == losses(uninterrupted)
+
+
+# -------------------------------------------------------------------------- failure --
+
+def times(factor):
+    """A hook result for training_forward: multiplies the model's loss by factor."""
+    return lambda result: (result[0], result[1] * factor)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, training_forward, capsys):
+    out = tmp_path / "nan"
+    # from step 5 on (micro-batch 11) the loss is NaN; steps 5..9 log nothing (log interval
+    # 10), so the guard that trips is the one before the checkpoint of step 6
+    training_forward(lambda call: times(float("nan")) if call >= 11 else None)
+    assert train(data, out, max_iters=20, eval_interval=2, log_interval=10) == 1
+    message = capsys.readouterr().err
+    assert "NaN/inf" in message and "last good checkpoint" in message and "iteration 6" in message
+    state = checkpoint(out)
+    assert state["iter_num"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_nan_seen_at_a_log_line_stops_at_once(data, tmp_path, training_forward, capsys):
+    out = tmp_path / "nan-log"
+    training_forward(lambda call: times(float("inf")) if call >= 3 else None)
+    assert train(data, out, max_iters=20) == 1
+    message = capsys.readouterr().err
+    assert "the loss became inf at iteration 1" in message and "no checkpoint was written" in message
+    assert [it for it, _ in losses(out)] == [0]
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    trainer.save_checkpoint(path, {"version": 1, "weights": torch.arange(4)})
+    real_save = torch.save
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path, {"version": 1, "weights": torch.zeros(4)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+# ----------------------------------------------------------------------------- DDP --
+
+def test_two_gloo_ranks_match_one_process_with_doubled_grad_accum(data, tmp_path):
+    """Sequential sampler: batch k of rank r holds windows (k*world + r)*B .. +B-1, so step i
+    of the 2-rank run (one micro-batch per rank) covers windows 2iB .. 2iB+2B-1, the same as
+    micro-batches 2i and 2i+1 of the 1-process run with grad_accum 2. DDP averages the two
+    ranks' gradients, accumulation averages the two micro-batches: the same step."""
+    same = dict(sampler="sequential", max_iters=3, eval_iters=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "gptfast", *flags(data, tmp_path / "ddp", grad_accum=1, **same)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert train(data, tmp_path / "single", grad_accum=2, **same) == 0
+    ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert [it for it, _ in ddp] == [0, 1, 2]  # rank 0 alone writes metrics
+    np.testing.assert_allclose([v for _, v in ddp], [v for _, v in single], rtol=1e-5)
+    assert done.stdout.count("iter 2 | loss") == 1
+    state = checkpoint(tmp_path / "ddp")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in state["model"])
+
+
+# ------------------------------------------------------------------- settings, init --
+
+def test_config_file_then_flags_override(tmp_path, data):
+    toml = tmp_path / "run.toml"
+    toml.write_text('batch-size = 5\nlr = 1\nsampler = "shuffle"\ncompile = true\n')
+    cfg, resumed = trainer.resolve_config({"data": str(data), "out": "o", "lr": 0.5}, toml)
+    assert resumed is None
+    assert (cfg.batch_size, cfg.lr, cfg.sampler, cfg.compile) == (5, 0.5, "shuffle", True)
+    assert cfg.out == os.path.abspath("o") and cfg.grad_accum == 40  # nanoGPT's default
+    toml.write_text("batch_sise = 5\n")
+    with pytest.raises(trainer.TrainError, match="unknown setting 'batch_sise'"):
+        trainer.resolve_config({"data": "d", "out": "o"}, toml)
+    toml.write_text('max_iters = "many"\n')
+    with pytest.raises(trainer.TrainError, match="max_iters must be int"):
+        trainer.resolve_config({"data": "d", "out": "o"}, toml)
+    with pytest.raises(trainer.TrainError, match="dtype must be one of"):
+        trainer.resolve_config({"data": "d", "out": "o", "dtype": "float8"})
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path, data, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "x"), "--init", "resume"]) == 1
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert cli.main(flags(tmp_path / "empty", tmp_path / "y", max_iters=1)) == 1
+    assert "holds no train_*.bin" in capsys.readouterr().err
+    assert cli.main(flags(data, tmp_path / "z", max_iters=1, model="gpt5")) == 1
+    assert "unknown preset 'gpt5'" in capsys.readouterr().err
+
+
+def test_init_from_a_local_hugging_face_gpt2(tmp_path, data):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=VOCAB,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "finetune"
+    settings = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_head", "n_embd")}
+    argv = flags(data, out, **{**settings, "max_iters": 2, "init": tmp_path / "hf"})
+    assert cli.main(argv) == 0
+    state = checkpoint(out)
+    assert state["model_args"]["block_size"] == 32  # cropped from 64 to --block-size
+    assert state["model"]["transformer.wpe.weight"].shape == (32, 64)
+    assert cli.main(argv + ["--n-layer", "3"]) == 1
+
+
+def test_unwrap_model_strips_the_compile_wrapper():
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    assert trainer.unwrap_model(torch.compile(model)) is model
+    assert trainer.unwrap_model(model) is model
