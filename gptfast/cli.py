@@ -1,12 +1,13 @@
 """The ``gptfast`` command (also ``python -m gptfast``).
 
-Subcommands register themselves in ``COMMANDS`` as (help, add_arguments, run); each ``run``
-takes the parsed arguments and returns an exit code.
+Subcommands are listed in ``COMMANDS`` as (help, module); the module provides
+``add_arguments(parser)`` and ``run(args)``, which returns an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -119,86 +120,34 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _info_arguments(parser):
+def add_arguments(parser):
+    """Arguments of ``gptfast info`` (this module is its entry in COMMANDS)."""
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def run_info(args) -> int:
+def run(args) -> int:
+    """``gptfast info``."""
     info = collect_info()
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
-# --------------------------------------------------------------------------- prepare --
-
-def _prepare_arguments(parser):
-    from .prepare import add_arguments  # light: tiktoken, tqdm and the pool load in run
-
-    add_arguments(parser)
-
-
-def run_prepare(args) -> int:
-    from .prepare import run
-
-    return run(args)
-
-
-# ----------------------------------------------------------------------------- bench --
-
-def _bench_arguments(parser):
-    from .bench.sweep import add_arguments  # light: matplotlib and tqdm load in run
-
-    add_arguments(parser)
-
-
-def run_bench(args) -> int:
-    from .bench.sweep import run
-
-    return run(args)
-
-
-# ----------------------------------------------------------------------------- train --
-
-def _train_arguments(parser):
-    from .train import add_arguments  # light: the model, loader and tqdm load in run
-
-    add_arguments(parser)
-
-
-def run_train(args) -> int:
-    from .train import run
-
-    return run(args)
-
-
-# ---------------------------------------------------------------------------- sample --
-
-def _sample_arguments(parser):
-    from .sample import add_arguments
-
-    add_arguments(parser)
-
-
-def run_sample(args) -> int:
-    from .sample import run
-
-    return run(args)
-
-
 # ------------------------------------------------------------------------------ main --
 
+# name -> (help, module). Each module has add_arguments(parser) and run(args) -> exit code;
+# it is imported only to build its subparser, so heavy imports belong inside its run().
 COMMANDS = {
     "info": ("versions, device, compiled extension, and which backend each op uses",
-             _info_arguments, run_info),
+             "gptfast.cli"),
     "prepare": ("tokenize .txt/.jsonl documents with tiktoken into llm.c token shards",
-                _prepare_arguments, run_prepare),
+                "gptfast.prepare"),
     "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
               "context length; writes results.jsonl, results.md and PNG plots",
-              _bench_arguments, run_bench),
+              "gptfast.bench.sweep"),
     "train": ("train a GPT on token shards (nanoGPT's recipe; DDP under torchrun), with "
-              "checkpoints that resume exactly", _train_arguments, run_train),
+              "checkpoints that resume exactly", "gptfast.train"),
     "sample": ("generate text from a training checkpoint or a local Hugging Face GPT-2",
-               _sample_arguments, run_sample),
+               "gptfast.sample"),
 }
 
 
@@ -209,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gptfast", description="Fast GPT training: Triton kernels with PyTorch fallbacks.")
     parser.add_argument("--version", action="version", version=f"gptfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    for name, (help_text, module) in COMMANDS.items():
+        importlib.import_module(module).add_arguments(
+            sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -220,9 +170,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    _, _, run = COMMANDS[args.command]
+    _, module = COMMANDS[args.command]
     try:
-        return run(args)
+        return importlib.import_module(module).run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
