@@ -226,6 +226,20 @@ def _ln_bwd_fused(
 
 
 @triton.jit
+def _ln_bwd_chunk(X, DY, W, row64, stride_x, stride_dy, cols, mask, mean, rstd,
+                  HAS_W: tl.constexpr):
+    """xhat, dy and g = dy * w (fp32) for one chunk of a row; both passes of the looped
+    backward recompute them rather than keep a row that does not fit in registers."""
+    x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return xhat, dy, g
+
+
+@triton.jit
 def _ln_bwd_looped(
     DY, X, W, Mean, Rstd, DS, DX, DX2, DW_part, DB_part,
     stride_dy, stride_x, stride_ds, N, C,
@@ -261,12 +275,8 @@ def _ln_bwd_looped(
         for start in range(0, C, BLOCK_C):
             cols = start + offs
             mask = cols < C
-            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat, dy, g = _ln_bwd_chunk(X, DY, W, row64, stride_x, stride_dy, cols, mask,
+                                        mean, rstd, HAS_W)
             c1_acc += xhat * g
             c2_acc += g
         c1 = tl.sum(c1_acc, axis=0) / C
@@ -274,12 +284,8 @@ def _ln_bwd_looped(
         for start in range(0, C, BLOCK_C):
             cols = start + offs
             mask = cols < C
-            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat, dy, g = _ln_bwd_chunk(X, DY, W, row64, stride_x, stride_dy, cols, mask,
+                                        mean, rstd, HAS_W)
             dx = (g - (xhat * c1 + c2)) * rstd
             if HAS_DS:
                 dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
