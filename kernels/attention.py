@@ -148,6 +148,19 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
 
 
 @triton.jit
+def _query_tile(H, GROUP, BLOCK_M: tl.constexpr):
+    """(batch * H + head, first query row, batch, head, kv head) of a program on the grid
+    (B * H, cdiv(T, BLOCK_M)); query blocks are taken last-first, so the blocks that see the
+    most keys start first and the tail of the grid is balanced."""
+    pid_bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    batch = (pid_bh // H).to(tl.int64)
+    head = pid_bh % H
+    kv_head = (head // GROUP).to(tl.int64)
+    return pid_bh, start_m, batch, head.to(tl.int64), kv_head
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      stride_qb, stride_qh, stride_qt, stride_qd,
                      stride_kb, stride_kh, stride_kt, stride_kd,
@@ -164,12 +177,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
     Keys [0, start_m) are all visible to every row of the tile (BLOCK_M % BLOCK_N == 0), so
     they run unmasked; keys [start_m, start_m + BLOCK_M) are the masked diagonal band.
     """
-    pid_bh = tl.program_id(0)
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    batch = (pid_bh // H).to(tl.int64)
-    head = pid_bh % H
-    kv_head = (head // GROUP).to(tl.int64)
-    head = head.to(tl.int64)
+    pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
     Q_head = Q + batch * stride_qb + head * stride_qh
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
@@ -396,12 +404,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     then the masked diagonal band (BLOCK_M % BLOCK_N == 0). Grid (B * H, cdiv(T, BLOCK_M)),
     last query blocks (the most keys) first.
     """
-    pid_bh = tl.program_id(0)
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    batch = (pid_bh // H).to(tl.int64)
-    head = pid_bh % H
-    kv_head = (head // GROUP).to(tl.int64)
-    head = head.to(tl.int64)
+    pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
 
