@@ -269,17 +269,25 @@ def _new_flag(device) -> torch.Tensor:
 
 # -------------------------------------------------------------------- custom ops: logits --
 
-@torch.library.custom_op("gptfast::cross_entropy_loss", mutates_args=())
-def _cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                        label_smoothing: float, z_loss: float, check_targets: bool) -> torch.Tensor:
-    """Per-row losses (fp32) of (N, V) logits, logits untouched."""
+def _row_losses(logits, target, grad_out, grad_scale, ignore_index, label_smoothing, z_loss,
+                check_targets):
+    """Run the CE kernel: per-row fp32 losses, and grad_scale * dloss/dlogits into grad_out
+    when given; raises on out-of-range targets afterwards if asked."""
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     bad_target = _new_flag(logits.device)
-    _launch_cross_entropy(logits, target, loss, None, None, bad_target,
+    _launch_cross_entropy(logits, target, loss, grad_out, grad_scale, bad_target,
                           ignore_index, label_smoothing, z_loss)
     if check_targets:
         _raise_if_bad_targets(bad_target, target, logits.shape[1], ignore_index)
     return loss
+
+
+@torch.library.custom_op("gptfast::cross_entropy_loss", mutates_args=())
+def _cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                        label_smoothing: float, z_loss: float, check_targets: bool) -> torch.Tensor:
+    """Per-row losses (fp32) of (N, V) logits, logits untouched."""
+    return _row_losses(logits, target, None, None, ignore_index, label_smoothing, z_loss,
+                       check_targets)
 
 
 @_cross_entropy_loss.register_fake
@@ -293,13 +301,8 @@ def _cross_entropy_loss_and_grad_(logits: torch.Tensor, target: torch.Tensor,
                                   label_smoothing: float, z_loss: float,
                                   check_targets: bool) -> torch.Tensor:
     """Per-row losses; overwrites the (N, V) logits with grad_scale * dloss/dlogits."""
-    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    bad_target = _new_flag(logits.device)
-    _launch_cross_entropy(logits, target, loss, logits, grad_scale, bad_target,
-                          ignore_index, label_smoothing, z_loss)
-    if check_targets:
-        _raise_if_bad_targets(bad_target, target, logits.shape[1], ignore_index)
-    return loss
+    return _row_losses(logits, target, logits, grad_scale, ignore_index, label_smoothing,
+                       z_loss, check_targets)
 
 
 @_cross_entropy_loss_and_grad_.register_fake
