@@ -15,7 +15,6 @@ The default comes from the ``GPTFAST_BACKEND`` environment variable (else "auto"
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import importlib
 import os
@@ -34,39 +33,55 @@ def _check_name(name) -> str:
     return name.lower()
 
 
-def _default_from_env() -> str:
-    value = os.environ.get("GPTFAST_BACKEND", "auto")
-    try:
-        return _check_name(value)
-    except ValueError:
-        raise ValueError(f"GPTFAST_BACKEND must be one of {BACKENDS}, got {value!r}") from None
-
-
-_current = contextvars.ContextVar("gptfast_backend", default=None)
+# The setting in force: None until use_backend() is called (then GPTFAST_BACKEND, read at
+# import, applies). A plain module global, not a ContextVar or thread-local: torch.compile
+# (dynamo in torch 2.11 and 2.13) cannot trace ContextVar.get, while it reads a module global at
+# trace time and guards on its value, so a compiled function recompiles when the setting
+# changes instead of running the backend it was traced with.
+_setting: Optional[str] = None
+_ENV_DEFAULT = os.environ.get("GPTFAST_BACKEND", "auto")
 
 
 def get_backend() -> str:
     """The backend in force: the last :func:`use_backend`, else ``GPTFAST_BACKEND``, else auto."""
-    value = _current.get()
-    return _default_from_env() if value is None else value
+    if _setting is not None:
+        return _setting
+    return _default_from_env()
+
+
+def _default_from_env() -> str:
+    try:
+        return _check_name(_ENV_DEFAULT)
+    except ValueError:
+        raise ValueError(
+            f"GPTFAST_BACKEND must be one of {BACKENDS}, got {_ENV_DEFAULT!r}") from None
 
 
 class use_backend:
     """Select the backend for every op: ``use_backend("triton")`` or ``with use_backend(...):``.
 
     As a call it changes the setting until changed again; as a context manager it restores
-    the previous setting on exit.
+    the previous setting on exit. The setting is process-wide (like ``torch.backends``
+    flags), not per thread.
+
+    Under ``torch.compile`` the setting is read when a function is traced: the compiled code
+    runs the backend that was in force then, and dynamo guards on the setting, so calling
+    the compiled function under another backend recompiles it. A ``with use_backend(...)``
+    block inside a compiled function is traced as well (dynamo replays the global's changes).
     """
 
     def __init__(self, name: str):
+        global _setting
         self.name = _check_name(name)
-        self._token = _current.set(self.name)
+        self._previous = _setting
+        _setting = self.name
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _current.reset(self._token)
+        global _setting
+        _setting = self._previous
         return False
 
     def __repr__(self):
