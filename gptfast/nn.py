@@ -269,12 +269,14 @@ class PatchReport:
     """What :func:`patch` did: qualified names replaced (with their kind), names skipped with why.
 
     ``kinds`` maps each replaced name to ``"LayerNorm"``, ``"nanoGPT attention"`` or
-    ``"GPT2Attention"``.
+    ``"GPT2Attention"``; ``already`` lists the modules that ran on gptfast before the call
+    (gptfast's own modules, or patched by an earlier call).
     """
 
     replaced: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)
     kinds: dict = dataclasses.field(default_factory=dict)
+    already: list = dataclasses.field(default_factory=list)  # ran on gptfast before this call
 
     def names(self, kind: str) -> list:
         """The replaced names of one kind, in module order."""
@@ -287,7 +289,8 @@ class PatchReport:
     def __str__(self):
         attention = len(self.replaced) - len(self.names(LAYER_NORM))
         lines = [f"gptfast.patch: {len(self.names(LAYER_NORM))} LayerNorm(s) and {attention} "
-                 f"attention module(s) now run on gptfast, {len(self.skipped)} skipped"]
+                 f"attention module(s) now run on gptfast, {len(self.already)} already did, "
+                 f"{len(self.skipped)} skipped"]
         lines += [f"  skipped {name or '<root>'}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -299,6 +302,12 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
     - Each exact ``torch.nn.LayerNorm`` over the last dim becomes a :class:`gptfast.nn.LayerNorm`
       (its class is switched; :class:`LayerNorm` adds no state). LayerNorms over several dims
       and subclasses of ``torch.nn.LayerNorm`` (which may override forward) are skipped.
+    - LayerNorm-like modules of other classes (nanoGPT's ``LayerNorm``: a 1-D ``weight``, an
+      optional ``bias``, no other state, ``F.layer_norm`` in forward) are recognised by what
+      they compute: their forward is checked against ``F.layer_norm`` on probe inputs (which
+      also pins ``eps``, from an ``eps``/``variance_epsilon`` attribute or 1e-5), and only a
+      match gets a forward on ``gptfast.layer_norm``. A module named "*Norm*" that does not
+      match (RMSNorm, GroupNorm...) is reported as skipped with the reason.
     - nanoGPT-style attention (a module with ``c_attn``/``c_proj`` Linears and ``n_head``,
       ``n_embd``, computing causal self-attention as nanoGPT's CausalSelfAttention) gets a
       forward that runs ``gptfast.causal_attention``; in training with dropout > 0 it runs SDPA
@@ -314,16 +323,21 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
 
     Module objects keep their identity, Parameters, hooks and state_dict keys, so optimisers
     already holding the parameters and existing checkpoints are unaffected. Patch before
-    ``torch.compile``. Patching twice is harmless. Returns ``model``, or ``(model, PatchReport)``
+    ``torch.compile``. Patching twice is harmless: the second report lists the modules as
+    ``already`` on gptfast. Returns ``model``, or ``(model, PatchReport)``
     with ``return_report=True``; ``verbose=True`` prints the report.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            if layer_norm and not isinstance(module, LayerNorm):
+        if _runs_on_gptfast(module):
+            report.already.append(name)
+        elif isinstance(module, nn.LayerNorm):
+            if layer_norm:
                 _patch_layer_norm(name, module, report)
+        elif layer_norm and _looks_like_layer_norm(module):
+            _patch_layer_norm_like(name, module, report)
         elif attention:
             _patch_attention(name, module, report)
     if verbose:
@@ -351,6 +365,7 @@ def _patch_attention(name: str, module: nn.Module, report: PatchReport) -> None:
     else:
         return
     if reason is _ALREADY_PATCHED:
+        report.already.append(name)
         return
     if reason is None:
         report._add(name, kind)
@@ -416,34 +431,43 @@ def _nanogpt_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     return resid_dropout(y) if isinstance(resid_dropout, nn.Module) else y
 
 
-_PATCHED_ATTENTION_CLASSES: dict = {}
+_PATCHED_CLASSES: dict = {}
 
 
-def _patched_attention_class(original: type) -> type:
-    """A subclass of ``original`` whose forward is :func:`_nanogpt_attention_forward` (one per class).
+def _patched_class(original: type, kind: str) -> type:
+    """A subclass of ``original`` whose forward is ``_PATCHED_FORWARDS[kind]`` (one per class and kind).
 
-    It keeps the original's name; pickling and deepcopy go through :func:`_rebuild_patched_attention`,
+    It keeps the original's name; pickling and deepcopy go through :func:`_rebuild_patched`,
     so a patched module survives both without this dynamically made class being importable.
     """
-    patched = _PATCHED_ATTENTION_CLASSES.get(original)
+    patched = _PATCHED_CLASSES.get((original, kind))
     if patched is None:
         patched = type(original.__name__, (original,), {
-            "forward": _nanogpt_attention_forward,
-            "__reduce_ex__": _reduce_patched_attention,
+            "forward": _PATCHED_FORWARDS[kind],
+            "__reduce_ex__": _reduce_patched,
             "_gptfast_original_class": original,
+            "_gptfast_kind": kind,
             "__module__": original.__module__,
             "__qualname__": original.__qualname__,
         })
-        _PATCHED_ATTENTION_CLASSES[original] = patched
+        _PATCHED_CLASSES[(original, kind)] = patched
     return patched
 
 
-def _rebuild_patched_attention(original: type) -> nn.Module:
-    return object.__new__(_patched_attention_class(original))
+def _rebuild_patched(original: type, kind: str) -> nn.Module:
+    return object.__new__(_patched_class(original, kind))
 
 
-def _reduce_patched_attention(self, protocol):
-    return _rebuild_patched_attention, (type(self)._gptfast_original_class,), self.__getstate__()
+def _reduce_patched(self, protocol):
+    cls = type(self)
+    return _rebuild_patched, (cls._gptfast_original_class, cls._gptfast_kind), self.__getstate__()
+
+
+def _runs_on_gptfast(module: nn.Module) -> bool:
+    """gptfast's own modules, and modules an earlier patch() switched."""
+    return (isinstance(module, (LayerNorm, CausalSelfAttention))
+            or getattr(type(module), "_gptfast_original_class", None) is not None
+            or bool(getattr(module, "_gptfast_attention", False)))
 
 
 def _probe_mismatch(module: nn.Module) -> Optional[str]:
@@ -480,8 +504,87 @@ def _patch_nanogpt_attention(module: nn.Module) -> Optional[str]:
         return _ALREADY_PATCHED
     reason = _nanogpt_shape_problem(module) or _probe_mismatch(module)
     if reason is None:
-        module.__class__ = _patched_attention_class(type(module))
+        module.__class__ = _patched_class(type(module), NANOGPT_ATTENTION)
     return reason
+
+
+# ------------------------------------------------------------ LayerNorm-like modules --
+
+_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+
+
+def _looks_like_layer_norm(module: nn.Module) -> bool:
+    """A leaf whose state is a 1-D ``weight`` and an optional ``bias`` of the same shape."""
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if next(module.children(), None) is not None or next(module.buffers(), None) is not None:
+        return False
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or weight.numel() == 0:
+        return False
+    if bias is not None and (not isinstance(bias, nn.Parameter) or bias.shape != weight.shape):
+        return False
+    allowed = {"weight"} | ({"bias"} if bias is not None else set())
+    return {name for name, _ in module.named_parameters(recurse=False)} == allowed
+
+
+def _layer_norm_like_eps(module: nn.Module) -> float:
+    for attribute in _EPS_ATTRIBUTES:
+        value = getattr(module, attribute, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return 1e-5  # nanoGPT's LayerNorm passes 1e-5 to F.layer_norm in its forward
+
+
+def _layer_norm_like_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm-like module's forward on gptfast.layer_norm (its eps found by the probe)."""
+    return functional.layer_norm(input, self.weight, getattr(self, "bias", None), self._gptfast_eps)
+
+
+def _layer_norm_probe_mismatch(module: nn.Module, eps: float) -> Optional[str]:
+    """None when ``F.layer_norm`` with ``eps`` reproduces the module's forward, else why not.
+
+    The probe has ordinary rows and rows of variance ~1e-6, where a different eps shows.
+    """
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if weight.device.type == "meta":
+        return "its parameters are on the meta device, so its forward cannot be checked"
+    generator = torch.Generator().manual_seed(0)
+    features = weight.numel()
+    x = torch.randn(2, 3, features, generator=generator, dtype=torch.float64)
+    x[1] = 0.5 + 1e-3 * x[1]
+    x = x.to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            expected = type(module).forward(module, x)
+            actual = F.layer_norm(x, (features,), weight, bias, eps)
+    except Exception as err:
+        return f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
+    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
+        return "its forward does not return a tensor of its input's shape"
+    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
+    difference = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    if not difference <= tolerance * (scale + 1e-2):
+        return (f"its forward is not F.layer_norm over the last dim with eps={eps:g} on a probe "
+                f"input (max difference {difference:.2e}), so it is left alone")
+    return None
+
+
+def _patch_layer_norm_like(name: str, module: nn.Module, report: PatchReport) -> None:
+    eps = _layer_norm_like_eps(module)
+    reason = _layer_norm_probe_mismatch(module, eps)
+    if reason is None:
+        module._gptfast_eps = eps
+        module.__class__ = _patched_class(type(module), LAYER_NORM)
+        report._add(name, LAYER_NORM)
+    elif "norm" in type(module).__name__.lower():
+        report.skipped[name] = reason
+
+
+_PATCHED_FORWARDS = {
+    NANOGPT_ATTENTION: _nanogpt_attention_forward,
+    LAYER_NORM: _layer_norm_like_forward,
+}
 
 
 # ------------------------------------------------------------- Hugging Face GPT-2 --

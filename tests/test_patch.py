@@ -168,6 +168,89 @@ def test_gptfast_modules_and_opt_outs_are_respected():
     assert report.replaced == ["1.attn"]  # gptfast's own attention is not touched
 
 
+# ------------------------------------------------------------ LayerNorm-like modules --
+
+class NanoLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm, verbatim: "LayerNorm but with an optional bias"."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class WideEpsNorm(NanoLayerNorm):
+    """Claims eps 1e-5 but normalises with 1e-2: the probe must notice."""
+
+    eps = 1e-5
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_layer_norms_move_to_gptfast_with_the_same_outputs_and_gradients(bias, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(NanoLayerNorm(32, bias), nn.Linear(32, 32), NanoLayerNorm(32, bias))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    reference = copy.deepcopy(model)
+    keys, params = list(model.state_dict()), list(model.parameters())
+    calls = []
+    real = functional.layer_norm
+    monkeypatch.setattr(functional, "layer_norm", lambda *a: calls.append(a[3]) or real(*a))
+
+    _, report = patch(model, return_report=True)
+
+    assert report.names("LayerNorm") == ["0", "2"] and report.skipped == {}
+    assert list(model.state_dict()) == keys and list(model.parameters()) == params
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    out = model(x)
+    assert calls == [1e-5, 1e-5], "both norms run gptfast.layer_norm with nanoGPT's eps"
+    expected = reference(x)
+    torch.testing.assert_close(out, expected, **TOL)
+    grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *reference.parameters()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, **TOL)
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(copy.deepcopy(restored)(x), expected, **TOL)
+
+
+def test_norms_that_compute_something_else_are_reported_and_left_alone():
+    model = nn.Sequential(RMSNorm(16), WideEpsNorm(16, True), nn.Linear(16, 16))
+    _, report = patch(model, return_report=True)
+    assert report.replaced == []
+    assert "not F.layer_norm" in report.skipped["0"]
+    assert "eps=1e-05" in report.skipped["1"]
+    assert type(model[0]) is RMSNorm and type(model[1]) is WideEpsNorm
+    assert "2" not in report.skipped, "a Linear is not a norm: nothing to report"
+
+
+def test_a_second_patch_reports_what_already_runs_on_gptfast():
+    torch.manual_seed(0)
+    model = nn.Sequential(NanoBlock(), gptfast.nn.CausalSelfAttention(32, 4), NanoLayerNorm(32, False))
+    _, first = patch(model, return_report=True)
+    assert len(first.replaced) == 4 and first.already == ["1"]
+    _, second = patch(model, return_report=True)
+    assert second.replaced == [] and second.skipped == {}
+    assert second.already == ["0.ln_1", "0.attn", "0.ln_2", "1", "2"]
+    assert "0 attention module(s) now run on gptfast, 5 already did" in str(second)
+
+
 # ---------------------------------------------------------------- Hugging Face GPT-2 --
 
 def hf_config(**overrides):
