@@ -28,6 +28,8 @@ from .nn import CausalSelfAttention, KVCache, LayerNorm
 
 __all__ = ["GPTConfig", "GPT", "PEAK_BF16_FLOPS", "peak_flops_for_name", "device_peak_flops"]
 
+A100_BF16_FLOPS = 312e12  # the peak nanoGPT's estimate_mfu divides by, on every device
+
 
 # --------------------------------------------------------------------------- config --
 
@@ -259,6 +261,10 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def get_num_params(self, non_embedding=True):
+        """nanoGPT's name for :meth:`num_params`."""
+        return self.num_params(non_embedding)
+
     def flops_per_token(self, T=None):
         """Training FLOPs per token at context T (default block_size), nanoGPT's estimate_mfu
         count (PaLM appendix B): ``6 * N + 12 * L * H * D * T``, N = ``num_params()`` (non-embedding)."""
@@ -266,8 +272,8 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
-    def estimate_mfu(self, tokens_per_second, T=None, device=None):
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak.
+    def mfu(self, tokens_per_second, T=None, device=None):
+        """Model FLOPs utilisation on this GPU: achieved training FLOP/s over its dense bf16 peak.
 
         ``device`` defaults to the current CUDA device; returns None on CPU or on a GPU that
         is not in :data:`PEAK_BF16_FLOPS`.
@@ -276,6 +282,25 @@ class GPT(nn.Module):
         if peak is None:
             return None
         return self.flops_per_token(T) * tokens_per_second / peak
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt):
+        """nanoGPT's estimate_mfu: ``fwdbwd_per_iter`` sequences of block_size tokens in ``dt``
+        seconds, as a fraction of an A100's bf16 peak (312 TFLOP/s), whatever the device.
+        :meth:`mfu` measures against the GPU actually in use."""
+        tokens_per_second = fwdbwd_per_iter * self.config.block_size / dt
+        return self.flops_per_token() * tokens_per_second / A100_BF16_FLOPS
+
+    def crop_block_size(self, block_size):
+        """nanoGPT's crop_block_size: shrink the context to ``block_size`` (e.g. after loading
+        GPT-2's 1024 positions to train at 256), keeping the first position embeddings."""
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} exceeds the model's {self.config.block_size}")
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        wpe = self.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight.detach()[:block_size].clone())
+        wpe.num_embeddings = block_size
 
     # --------------------------------------------------------------------- training --
 
@@ -295,22 +320,29 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dropout=0.0):
-        """Load a local checkpoint on the CPU (no download, transformers not needed).
+        """Load a checkpoint on the CPU (transformers not needed).
 
         ``path`` is one of:
         - a Hugging Face GPT-2 directory: config.json and model.safetensors (or a sharded
           model.safetensors.index.json, or pytorch_model.bin), e.g. from
           ``huggingface-cli download gpt2 --local-dir gpt2``;
         - a nanoGPT checkpoint file (``ckpt.pt`` with "model" and "model_args"), or a directory
-          holding ckpt.pt. ``_orig_mod.`` prefixes (torch.compile) are stripped.
-        ``dropout`` overrides the checkpoint's dropout, as nanoGPT does (default 0).
+          holding ckpt.pt. ``_orig_mod.`` prefixes (torch.compile) are stripped;
+        - as nanoGPT's ``from_pretrained(model_type, override_args)``: "gpt2", "gpt2-medium",
+          "gpt2-large" or "gpt2-xl" when no such local path exists, fetched from the Hugging
+          Face hub (huggingface_hub's cache; needs the network the first time).
+        ``dropout`` overrides the checkpoint's dropout, as nanoGPT does (default 0); nanoGPT's
+        ``override_args`` dict (``{"dropout": p}``, its only allowed key) works in its place.
         """
+        dropout = _dropout_override(dropout)
+        if isinstance(path, str) and path in _PRESETS and not os.path.exists(path):
+            path = _download_hf_gpt2(path)
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"GPT.from_pretrained loads local directories only and {path!r} does not exist. "
-                "To get Hugging Face GPT-2 weights run e.g. `huggingface-cli download gpt2 "
-                "--local-dir ./gpt2` and pass ./gpt2"
+                f"GPT.from_pretrained: {path!r} is neither a local path nor one of the hub's "
+                f"GPT-2 names ({', '.join(_PRESETS)}). For a local copy of Hugging Face GPT-2 "
+                "weights run e.g. `huggingface-cli download gpt2 --local-dir ./gpt2` and pass ./gpt2"
             )
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
             config, state = _read_hf_gpt2(path)
@@ -326,6 +358,31 @@ class GPT(nn.Module):
         model = cls(dataclasses.replace(config, dropout=dropout))
         _load_checked(model, state, path)
         return model
+
+
+def _dropout_override(dropout) -> float:
+    """``dropout`` as a number, or nanoGPT's override_args dict {"dropout": p} (or None/{})."""
+    if dropout is None:
+        return 0.0
+    if isinstance(dropout, dict):
+        unknown = sorted(set(dropout) - {"dropout"})
+        if unknown:
+            raise ValueError(f"override_args may only override 'dropout' (as nanoGPT), got {unknown}")
+        return dropout.get("dropout", 0.0)
+    return dropout
+
+
+def _download_hf_gpt2(model_type: str) -> str:
+    """A local directory with the hub's ``model_type`` GPT-2 (config.json + weights)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(
+            f"GPT.from_pretrained({model_type!r}) fetches the weights from the Hugging Face hub "
+            "with huggingface_hub (pip install huggingface_hub), or pass a local directory"
+        ) from None
+    return snapshot_download(model_type, allow_patterns=["config.json", "model.safetensors",
+                                                         "pytorch_model.bin"])
 
 
 def _autocast_inputs(x, weight):

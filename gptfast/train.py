@@ -352,13 +352,10 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def crop_block_size(model, block_size: int) -> None:
     """Shrink a loaded model's context to block_size (nanoGPT's crop_block_size)."""
-    if block_size > model.config.block_size:
-        raise TrainError(f"block_size {block_size} exceeds the loaded model's {model.config.block_size}")
-    if block_size < model.config.block_size:
-        model.config = dataclasses.replace(model.config, block_size=block_size)
-        wpe = model.transformer.wpe
-        wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
-        wpe.num_embeddings = block_size
+    try:
+        model.crop_block_size(block_size)
+    except ValueError as err:
+        raise TrainError(f"--block-size: {err}") from None
 
 
 def _check_architecture(cfg: TrainConfig, config, checkpoint) -> None:
@@ -767,8 +764,8 @@ class Trainer:
             "lr": learning_rate(it, self.cfg),
             "grad_norm": grad_norm if self.cfg.grad_clip > 0 else None,
             "tokens_per_sec": tokens_per_sec,
-            "mfu": self.raw_model.estimate_mfu(tokens_per_sec / self.dist.world_size,
-                                               self.cfg.block_size, self.device),
+            "mfu": self.raw_model.mfu(tokens_per_sec / self.dist.world_size,
+                                      self.cfg.block_size, self.device),
             "step_ms": 1000 * elapsed / steps,
             "data_wait_ms": 1000 * self.data_wait / steps,
             "peak_memory_gb": peak_memory_gb(self.device),

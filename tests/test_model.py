@@ -101,8 +101,10 @@ def test_from_pretrained_sharded_safetensors(hf_gpt2, tmp_path):
 
 def test_from_pretrained_rejects_what_it_cannot_load(hf_gpt2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="local directories only.*huggingface-cli download gpt2"):
-        GPT.from_pretrained("gpt2")
+    with pytest.raises(FileNotFoundError, match="neither a local path nor.*huggingface-cli download"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="may only override 'dropout'"):
+        GPT.from_pretrained("gpt2", dict(bias=False))
     with pytest.raises(FileNotFoundError, match="neither config.json"):
         GPT.from_pretrained(tmp_path)
 
@@ -122,6 +124,22 @@ def test_from_pretrained_rejects_what_it_cannot_load(hf_gpt2, tmp_path, monkeypa
     (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ValueError, match="activation_function 'relu'"):
         GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_takes_nanogpts_model_type_and_override_args(hf_gpt2, tmp_path, monkeypatch):
+    """nanoGPT's sample.py/train.py: ``GPT.from_pretrained("gpt2", dict(dropout=0.0))``."""
+    hf_gpt2.save_pretrained(tmp_path)
+    fetched = []
+    monkeypatch.setattr(gptfast.model, "_download_hf_gpt2",
+                        lambda name: fetched.append(name) or str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no local "gpt2-medium" here
+    model = GPT.from_pretrained("gpt2-medium", dict(dropout=0.1))
+    assert fetched == ["gpt2-medium"] and model.config.dropout == 0.1
+    assert_matches_hf(model.eval(), hf_gpt2)
+    (tmp_path / "gpt2").mkdir()  # a local path of that name wins over the hub
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        GPT.from_pretrained("gpt2")
+    assert fetched == ["gpt2-medium"]
 
 
 # --------------------------------------------------------------------- nanoGPT ckpt.pt --
@@ -383,13 +401,24 @@ def test_flops_per_token_formula():
     assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 16 * 32
 
 
-def test_estimate_mfu_is_none_on_cpu():
+def test_mfu_is_none_on_cpu():
     model = small_gpt()
-    assert model.estimate_mfu(1e5, 32, device="cpu") is None
+    assert model.mfu(1e5, 32, device="cpu") is None
     assert device_peak_flops("cpu") is None
     if not torch.cuda.is_available():
-        assert model.estimate_mfu(1e5) is None
+        assert model.mfu(1e5) is None
         assert device_peak_flops() is None
+
+
+def test_estimate_mfu_is_nanogpts_a100_fraction_on_every_device():
+    """nanoGPT's train.py prints ``raw_model.estimate_mfu(batch_size * grad_accum, dt) * 100``."""
+    model = small_gpt()
+    n = model.get_num_params()
+    L, H, Q, T = (model.config.n_layer, model.config.n_head,
+                  model.config.n_embd // model.config.n_head, model.config.block_size)
+    nanogpt = (6 * n + 12 * L * H * Q * T) * T * 12 * (1.0 / 0.5) / 312e12
+    assert model.estimate_mfu(12, 0.5) == pytest.approx(nanogpt, rel=1e-12)
+    assert model.get_num_params(False) == model.num_params(False) > model.get_num_params()
 
 
 @pytest.mark.parametrize("name, flops", [
@@ -422,7 +451,7 @@ def test_device_peak_flops_reads_the_cuda_device_name(monkeypatch):
     assert device_peak_flops() == PEAK_BF16_FLOPS["H100 PCIe"]
     assert device_peak_flops("cuda:0") == 756e12
     model = small_gpt()
-    mfu = model.estimate_mfu(1e6, 32, device="cuda")
+    mfu = model.mfu(1e6, 32, device="cuda")
     assert mfu == pytest.approx(model.flops_per_token(32) * 1e6 / 756e12)
 
 
