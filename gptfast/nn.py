@@ -490,13 +490,22 @@ def _probe_mismatch(module: nn.Module) -> Optional[str]:
             m.training = training
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
         return "its forward does not return nanoGPT's (batch, seq, n_embd) tensor"
-    tolerance = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 3e-2
-    difference = (actual.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    if not difference <= tolerance * (scale + 1e-2):
+    difference = _probe_difference(expected, actual, full_precision_tolerance=1e-3)
+    if difference is not None:
         return (f"its forward differs from nanoGPT's causal attention on a probe input (max "
                 f"difference {difference:.2e}), so it is left alone")
     return None
+
+
+def _probe_difference(expected, actual, full_precision_tolerance) -> Optional[float]:
+    """None when ``actual`` matches ``expected`` (relative to its scale), else the max difference.
+
+    Half-precision modules get a tolerance of 3e-2, fp32/fp64 ones the one given."""
+    full = expected.dtype in (torch.float32, torch.float64)
+    tolerance = full_precision_tolerance if full else 3e-2
+    difference = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    return None if difference <= tolerance * (scale + 1e-2) else difference
 
 
 def _patch_nanogpt_attention(module: nn.Module) -> Optional[str]:
@@ -561,10 +570,8 @@ def _layer_norm_probe_mismatch(module: nn.Module, eps: float) -> Optional[str]:
         return f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
         return "its forward does not return a tensor of its input's shape"
-    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
-    difference = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    if not difference <= tolerance * (scale + 1e-2):
+    difference = _probe_difference(expected, actual, full_precision_tolerance=1e-4)
+    if difference is not None:
         return (f"its forward is not F.layer_norm over the last dim with eps={eps:g} on a probe "
                 f"input (max difference {difference:.2e}), so it is left alone")
     return None
