@@ -50,11 +50,6 @@ def _read_checkpoint(ckpt) -> dict:
     return checkpoint if isinstance(checkpoint, dict) else {}
 
 
-def tokenizer_info(ckpt) -> Optional[dict]:
-    """The tokenizer a gptfast training checkpoint recorded, if any."""
-    return _read_checkpoint(ckpt).get("tokenizer")
-
-
 def nanogpt_meta_path(checkpoint: dict) -> Optional[str]:
     """data/<config.dataset>/meta.pkl, relative to the working directory, where it exists: the
     file nanoGPT's sample.py decodes a char-level checkpoint with."""
