@@ -3,7 +3,9 @@
 Inputs are ``.txt`` files (one document each), ``.jsonl`` files (one document per line, in its
 "text" field) or directories, searched recursively for both (in sorted path order). Every
 document is encoded with tiktoken (``encode_ordinary``: a literal "<|endoftext|>" in the text
-is plain text) and followed by the end-of-text token, as GPT-2's training data is.
+is plain text) with the end-of-text token before it (``--eot prepend``, the default: llm.c's
+convention, so the shards hold the same token stream as llm.c's own data scripts write) or
+after it (``--eot append``, gptfast's earlier behaviour).
 
 Output, in DIR:
     train_000000.bin, train_000001.bin, ...   llm.c shards of at most --shard-tokens tokens
@@ -232,16 +234,21 @@ class ShardWriter:
 
 # ------------------------------------------------------------------------------ encode --
 
+EOT_PLACEMENTS = ("prepend", "append")
+
 _worker_state: dict = {}
 
 
-def _init_worker(encoder, eot: int, dtype: np.dtype) -> None:
-    _worker_state.update(encoder=encoder, eot=eot, dtype=dtype)
+def _init_worker(encoder, eot: int, dtype: np.dtype, eot_placement: str) -> None:
+    _worker_state.update(encoder=encoder, eot=eot, dtype=dtype, eot_placement=eot_placement)
 
 
 def _encode_document(text: str) -> np.ndarray:
     tokens = _worker_state["encoder"].encode_ordinary(text)
-    tokens.append(_worker_state["eot"])
+    if _worker_state["eot_placement"] == "prepend":
+        tokens.insert(0, _worker_state["eot"])
+    else:
+        tokens.append(_worker_state["eot"])
     return np.array(tokens, dtype=_worker_state["dtype"])
 
 
@@ -257,20 +264,21 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 
 
 def encode_documents(documents: Iterator[str], encoder, eot: int, dtype: np.dtype,
-                     workers: int) -> Iterator[np.ndarray]:
-    """Each document's tokens + eot, in input order; `workers` processes when > 1.
+                     workers: int, eot_placement: str = "prepend") -> Iterator[np.ndarray]:
+    """Each document's tokens with eot before or after them (`eot_placement`), in input
+    order; `workers` processes when > 1.
 
     Documents go to the pool in blocks, so memory holds a bounded number of texts however
     long the corpus is. The pool forks where the platform can (fast start, nothing re-imported).
     """
-    _init_worker(encoder, eot, dtype)
+    _init_worker(encoder, eot, dtype, eot_placement)
     if workers <= 1:
         yield from map(_encode_document, documents)
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     chunksize = 16
-    with context.Pool(workers, initializer=_init_worker, initargs=(encoder, eot, dtype)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(encoder, eot, dtype, eot_placement)) as pool:
         for block in _batched(documents, workers * chunksize * 8):
             yield from pool.imap(_encode_document, block, chunksize)
 
@@ -280,12 +288,15 @@ def encode_documents(documents: Iterator[str], encoder, eot: int, dtype: np.dtyp
 def prepare(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
             encoding: str = "gpt2", tokenizer_file: str | os.PathLike | None = None,
             encoder=None, val_fraction: float = 0.0005, shard_tokens: int = 100_000_000,
-            workers: int | None = None, progress: bool = True) -> dict:
+            workers: int | None = None, progress: bool = True, eot: str = "prepend") -> dict:
     """Tokenizes `inputs` into llm.c shards in `out_dir`; returns the meta.json contents.
 
     `encoder`: a ready tiktoken.Encoding (overrides `encoding`/`tokenizer_file`); it needs
-    the special token <|endoftext|>.
+    the special token <|endoftext|>. `eot`: "prepend" (llm.c) or "append" <|endoftext|> to
+    every document.
     """
+    if eot not in EOT_PLACEMENTS:
+        raise ValueError(f"eot must be one of {', '.join(EOT_PLACEMENTS)}, got {eot!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
@@ -300,7 +311,7 @@ def prepare(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
         encoder = load_encoding(encoding, tokenizer_file)
     if ENDOFTEXT not in encoder.special_tokens_set:
         raise ValueError(f"encoding {encoder.name!r} has no {ENDOFTEXT} special token")
-    eot = encoder.encode_single_token(ENDOFTEXT)
+    eot_placement, eot = eot, encoder.encode_single_token(ENDOFTEXT)
     dtype = token_dtype(encoder.n_vocab)
 
     out = Path(out_dir)
@@ -320,7 +331,8 @@ def prepare(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
     pending = None  # (index, tokens) of the latest document: routed when the next arrives
     encoded = None
     try:
-        encoded = encode_documents(iter_documents(files), encoder, eot, dtype, workers)
+        encoded = encode_documents(iter_documents(files), encoder, eot, dtype, workers,
+                                   eot_placement)
         for index, tokens in enumerate(encoded):
             if pending is not None:
                 route(pending[1], "val" if is_val_document(pending[0], val_fraction) else "train")
@@ -363,6 +375,7 @@ def prepare(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
         "tokenizer_file": None if tokenizer_file is None else os.path.abspath(tokenizer_file),
         "vocab_size": encoder.n_vocab,
         "eot_token": eot,
+        "eot": eot_placement,
         "train_tokens": writers["train"].tokens,
         "val_tokens": writers["val"].tokens,
         "train_documents": documents["train"],
@@ -394,6 +407,9 @@ def add_arguments(parser) -> None:
                         help="fraction of documents for validation (default 0.0005)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000,
                         help="tokens per shard (default 100000000)")
+    parser.add_argument("--eot", choices=EOT_PLACEMENTS, default="prepend",
+                        help="where <|endoftext|> goes: before every document (prepend, default: "
+                             "llm.c's token stream) or after it (append)")
     parser.add_argument("--workers", type=int, default=None,
                         help="encoding processes (default: CPU count)")
 
@@ -402,7 +418,7 @@ def run(args) -> int:
     try:
         meta = prepare(args.inputs, args.out, encoding=args.encoding,
                        tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction,
-                       shard_tokens=args.shard_tokens, workers=args.workers)
+                       shard_tokens=args.shard_tokens, workers=args.workers, eot=args.eot)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"gptfast prepare: error: {err}", file=sys.stderr)
         return 1

@@ -1,9 +1,15 @@
 """``gptfast sample``: generate text from a checkpoint (nanoGPT's sample.py).
 
 ``--ckpt`` is a training output directory (ckpt.pt), a checkpoint file, or a local Hugging Face
-GPT-2 directory (anything :meth:`gptfast.GPT.from_pretrained` loads). Text is encoded and decoded
-with tiktoken: the encoding recorded in the checkpoint (the data's meta.json, including its
-local rank file), else gpt2; ``--tokenizer-file`` reads a local rank file instead (offline).
+GPT-2 directory (anything :meth:`gptfast.GPT.from_pretrained` loads). The tokenizer, first match:
+
+1. ``--meta PATH``: a nanoGPT char-level ``meta.pkl`` (read as plain data only);
+2. ``--tokenizer-file PATH``: a local tiktoken rank file (offline);
+3. the tokenizer a gptfast training checkpoint recorded: its data's tiktoken encoding (with
+   its local rank file), or the characters of its data's nanoGPT ``meta.pkl``;
+4. for a nanoGPT checkpoint whose ``config`` names a ``dataset``: ``data/<dataset>/meta.pkl``
+   relative to the working directory, where it exists (nanoGPT's sample.py rule);
+5. tiktoken's gpt2.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .char_vocab import ENCODING_NAME as CHAR_ENCODING
+from .char_vocab import META_PKL, CharEncoding, MetaPickleError
 
 SEPARATOR = "---------------"
 
@@ -33,21 +42,53 @@ def checkpoint_file(ckpt) -> Optional[Path]:
     return None
 
 
-def tokenizer_info(ckpt) -> Optional[dict]:
-    """The tokenizer a gptfast training checkpoint recorded (its data's meta.json), if any."""
+def _read_checkpoint(ckpt) -> dict:
     file = checkpoint_file(ckpt)
     if file is None:
-        return None
+        return {}
     checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get("tokenizer") if isinstance(checkpoint, dict) else None
+    return checkpoint if isinstance(checkpoint, dict) else {}
 
 
-def load_tokenizer(ckpt, tokenizer_file=None):
-    """A tiktoken Encoding: --tokenizer-file, else the checkpoint's, else gpt2."""
+def nanogpt_meta_path(checkpoint: dict) -> Optional[str]:
+    """data/<config.dataset>/meta.pkl, relative to the working directory, where it exists: the
+    file nanoGPT's sample.py decodes a char-level checkpoint with."""
+    dataset = (checkpoint.get("config") or {}).get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        return None
+    path = os.path.join("data", dataset, META_PKL)
+    return path if os.path.isfile(path) else None
+
+
+def _char_encoding(meta_path) -> CharEncoding:
+    try:
+        return CharEncoding.from_meta_pkl(meta_path)
+    except OSError as err:
+        raise SampleError(f"cannot read {meta_path}: {err}") from None
+    except MetaPickleError as err:
+        raise SampleError(str(err)) from None
+
+
+def load_tokenizer(ckpt, tokenizer_file=None, meta=None):
+    """The encoding to sample with (see the module docstring for the order): a tiktoken
+    Encoding or a :class:`~gptfast.char_vocab.CharEncoding`."""
     from .prepare import load_encoding
 
-    info = tokenizer_info(ckpt) or {}
+    if meta is not None:
+        if tokenizer_file is not None:
+            raise SampleError("pass --meta or --tokenizer-file, not both")
+        return _char_encoding(meta)
+    checkpoint = _read_checkpoint(ckpt)
+    info = checkpoint.get("tokenizer") or {}
+    if tokenizer_file is None:
+        if info.get("encoding") == CHAR_ENCODING:
+            return CharEncoding.from_tokenizer_info(info)
+        meta_path = None if info else nanogpt_meta_path(checkpoint)
+        if meta_path is not None:
+            return _char_encoding(meta_path)
     encoding = info.get("encoding") or "gpt2"
+    if encoding == CHAR_ENCODING:
+        encoding = "gpt2"  # --tokenizer-file given for a char-level checkpoint: the user's call
     if tokenizer_file is None:
         recorded = info.get("tokenizer_file")
         if recorded and not os.path.exists(recorded):
@@ -86,14 +127,36 @@ def decode(encoding, ids: list[int]) -> str:
     return "".join(pieces)
 
 
+def empty_prompt_token(encoding) -> int:
+    """The token an empty prompt conditions on: end-of-text, or a char vocabulary's stand-in."""
+    token = getattr(encoding, "empty_prompt_token", None)
+    return encoding.eot_token if token is None else token
+
+
+def encode_prompt(encoding, start: str, model_vocab: int) -> list[int]:
+    """Ids of the prompt, each checked against the model's vocabulary (a mismatched tokenizer
+    is an error here rather than an index error inside the embedding)."""
+    try:
+        prompt = encoding.encode(start, allowed_special={"<|endoftext|>"})
+    except ValueError as err:
+        raise SampleError(f"--start: {err}") from None
+    beyond = [token for token in prompt if token >= model_vocab]
+    if beyond:
+        raise SampleError(f"the prompt encodes to token {beyond[0]}, beyond the model's "
+                          f"{model_vocab}-token vocabulary: the tokenizer ({encoding.name}, "
+                          f"{encoding.n_vocab} tokens) is not the model's; pass --meta or "
+                          "--tokenizer-file")
+    return prompt
+
+
 def generate_samples(model, encoding, start: str, num_samples: int, max_new_tokens: int,
                      temperature: float, top_k: Optional[int], device: torch.device,
                      dtype: torch.dtype) -> list[str]:
     """num_samples continuations of start, each decoded with the start text in front."""
-    prompt = encoding.encode(start, allowed_special={"<|endoftext|>"})
+    prompt = encode_prompt(encoding, start, model.config.vocab_size)
     lead = []
     if not prompt:  # generation needs one token to condition on
-        lead = prompt = [encoding.eot_token]
+        lead = prompt = [empty_prompt_token(encoding)]
     idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
     autocast = (contextlib.nullcontext() if dtype == torch.float32
                 else torch.autocast(device_type=device.type, dtype=dtype))
@@ -128,6 +191,10 @@ def add_arguments(parser) -> None:
                         help="sample among the k most likely tokens; 0 for all (default 200)")
     parser.add_argument("--tokenizer-file", metavar="PATH",
                         help="local .tiktoken rank file (default: the checkpoint's, else gpt2)")
+    parser.add_argument("--meta", metavar="PATH",
+                        help="nanoGPT char-level meta.pkl to decode with (default: the "
+                             "checkpoint's characters, else data/<dataset>/meta.pkl of a nanoGPT "
+                             "checkpoint's config, as nanoGPT's sample.py)")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -144,19 +211,19 @@ def run(args) -> int:
         if not os.path.exists(args.ckpt):
             raise SampleError(f"--ckpt {args.ckpt} does not exist")
         device, dtype = _device_and_dtype(args.device, args.dtype)
-        encoding = load_tokenizer(args.ckpt, args.tokenizer_file)
+        encoding = load_tokenizer(args.ckpt, args.tokenizer_file, args.meta)
         start = read_start(args.start)
         try:
             model = GPT.from_pretrained(args.ckpt)
         except (OSError, ValueError) as err:
             raise SampleError(f"--ckpt {args.ckpt}: {err}") from None
+        model.eval().to(device)
+        torch.manual_seed(args.seed)
+        samples = generate_samples(model, encoding, start, args.num_samples, args.max_new_tokens,
+                                   args.temperature, args.top_k or None, device, dtype)
     except SampleError as err:
         print(f"gptfast sample: error: {err}", file=sys.stderr)
         return 1
-    model.eval().to(device)
-    torch.manual_seed(args.seed)
-    samples = generate_samples(model, encoding, start, args.num_samples, args.max_new_tokens,
-                               args.temperature, args.top_k or None, device, dtype)
     for text in samples:
         print(text)
         print(SEPARATOR, flush=True)

@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -38,6 +40,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .char_vocab import META_PKL, CharEncoding, MetaPickleError, read_meta_pkl
 
 CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -65,12 +69,15 @@ class TrainConfig:
     TOML key (``batch_size`` or ``batch-size``). The defaults train GPT-2 124M as nanoGPT does."""
 
     data: Optional[str] = None
+    train_files: Optional[str] = None
+    val_files: Optional[str] = None
     out: Optional[str] = None
     init: str = "scratch"
     model: str = "gpt2"
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
+    bias: Optional[bool] = None
     block_size: int = 1024
     batch_size: int = 12
     grad_accum: int = 40
@@ -96,7 +103,16 @@ class TrainConfig:
 
 
 HELP = {
-    "data": "directory of train_*.bin / val_*.bin shards and meta.json (from gptfast prepare)",
+    "data": "data directory: token shards found by name (gptfast prepare's train_*.bin / "
+            "val_*.bin, nanoGPT's train.bin / val.bin, llm.c's NAME_train_*.bin / NAME_val_*.bin "
+            "and NAME_train.bin / NAME_val.bin) and the vocabulary: meta.json (gptfast prepare; "
+            "vocab padded to a multiple of 64) or nanoGPT's meta.pkl (vocab_size used exactly, "
+            "as nanoGPT does; its characters are saved in the checkpoint for gptfast sample); "
+            "neither: GPT-2's 50304",
+    "train_files": "glob of the train shards, instead of finding them in --data by name "
+                   "(quote it); the vocabulary is then read from --data, or else from the "
+                   "directory of the first match",
+    "val_files": "glob of the val shards, instead of finding them by name",
     "out": "output directory: ckpt.pt and metrics.jsonl",
     "init": "scratch, resume (from OUT/ckpt.pt), or a path: a local Hugging Face GPT-2 directory "
             "or a nanoGPT checkpoint",
@@ -104,6 +120,9 @@ HELP = {
     "n_layer": "override the preset's number of layers",
     "n_head": "override the preset's number of heads",
     "n_embd": "override the preset's width",
+    "bias": "biases in the Linear layers and LayerNorms (nanoGPT's bias). --init scratch: "
+            "default --no-bias, nanoGPT's train.py default; from a checkpoint or pretrained "
+            "weights the model decides and a conflicting flag is an error",
     "block_size": "context length T",
     "batch_size": "micro-batch size B per rank",
     "grad_accum": "micro-batches per optimizer step and rank (tokens per step: B*T*K*ranks)",
@@ -128,6 +147,8 @@ HELP = {
     "seed": "random seed (model init, data order, dropout)",
     "device": "auto, cuda, cuda:N or cpu (under torchrun: cuda:LOCAL_RANK)",
 }
+
+METAVARS = {"data": "DIR", "out": "DIR", "train_files": "GLOB", "val_files": "GLOB"}
 
 
 def _field_types() -> dict:
@@ -177,8 +198,9 @@ def _check_choice(name, value, choices):
 def validate(cfg: TrainConfig) -> TrainConfig:
     if not cfg.out:
         raise TrainError("--out DIR is required")
-    if not cfg.data:
-        raise TrainError("--data DIR is required (a resumed run takes it from the checkpoint)")
+    if not cfg.data and not cfg.train_files:
+        raise TrainError("--data DIR (or --train-files GLOB) is required (a resumed run takes "
+                         "it from the checkpoint)")
     for name in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters",
                  "log_interval"):
         if getattr(cfg, name) < 1:
@@ -220,9 +242,9 @@ def resolve_config(overrides: dict, config_file=None) -> tuple[TrainConfig, Opti
         saved = {k: v for k, v in checkpoint["config"].items() if k in base}
         base.update(saved)
     base.update(given)
-    for name in ("data", "out"):
+    for name in ("data", "out", "train_files", "val_files"):
         if base[name]:
-            base[name] = os.path.abspath(base[name])
+            base[name] = os.path.abspath(base[name])  # a resumed run may start elsewhere
     return validate(TrainConfig(**base)), checkpoint
 
 
@@ -311,22 +333,98 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype:
 # ------------------------------------------------------------------------------- data --
 
 def read_data_meta(data_dir) -> Optional[dict]:
+    """The data's vocabulary: meta.json (gptfast prepare), else nanoGPT's meta.pkl (as
+    ``{"vocab_size", "itos", "meta_pkl": path}``), else None."""
     path = Path(data_dir) / "meta.json"
-    if not path.exists():
-        return None
-    with open(path) as f:
-        return json.load(f)
+    if path.exists():
+        with open(path) as f:
+            return json.load(f)
+    pkl = Path(data_dir) / META_PKL
+    if pkl.exists():
+        try:
+            return {**read_meta_pkl(pkl), "meta_pkl": str(pkl)}
+        except MetaPickleError as err:
+            raise TrainError(str(err)) from None
+    return None
 
 
 def padded_vocab_size(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def model_vocab_size(meta: Optional[dict]) -> int:
+    """A scratch model's vocabulary: nanoGPT's meta.pkl vocab_size as it is (nanoGPT's rule),
+    meta.json's padded to a multiple of 64, GPT-2's 50304 without either."""
+    if meta is None:
+        return GPT2_PADDED_VOCAB
+    if "meta_pkl" in meta:
+        return meta["vocab_size"]
+    return padded_vocab_size(meta["vocab_size"])
+
+
+# llm.c's names: PREFIX_SPLIT_NNNNNN.bin (fineweb_train_000001.bin) or PREFIX_SPLIT.bin
+# (tiny_shakespeare_train.bin)
+_LLMC_SHARD = r"(?P<prefix>.+)_{split}(?P<number>_\d+)?\.bin"
+
+
 def shard_paths(data_dir, split: str) -> list[str]:
-    """SPLIT_*.bin shards (gptfast prepare, llm.c), else nanoGPT's single SPLIT.bin."""
-    paths = sorted(glob.glob(os.path.join(glob.escape(str(data_dir)), f"{split}_*.bin")))
-    single = os.path.join(data_dir, f"{split}.bin")
-    return paths or ([single] if os.path.exists(single) else [])
+    """The SPLIT shards of data_dir, found by name: gptfast prepare's SPLIT_*.bin, else
+    nanoGPT's SPLIT.bin, else llm.c's PREFIX_SPLIT_NNNNNN.bin (numbered shards before a single
+    PREFIX_SPLIT.bin). Files of two naming schemes or two llm.c prefixes are an error, not a
+    silent mix of datasets."""
+    data_dir = str(data_dir)
+    names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    families = {}  # naming scheme -> (numbered shards, single file)
+    pattern = re.compile(_LLMC_SHARD.format(split=re.escape(split)))
+    for name in names:
+        if fnmatch.fnmatchcase(name, f"{split}_*.bin") or name == f"{split}.bin":
+            prefix, numbered = "", name != f"{split}.bin"
+        elif (match := pattern.fullmatch(name)):
+            prefix, numbered = match["prefix"] + "_", match["number"] is not None
+        else:
+            continue
+        shards, single = families.setdefault(prefix, ([], []))
+        (shards if numbered else single).append(os.path.join(data_dir, name))
+    if len(families) > 1:
+        found = ", ".join(f"{prefix}{split}*.bin" for prefix in families)
+        flag = f"--{split}-files"
+        raise TrainError(f"{data_dir} holds {split} shards of {len(families)} datasets ({found}); "
+                         f"choose with {flag} GLOB")
+    for shards, single in families.values():
+        return shards or single
+    return []
+
+
+def glob_files(pattern: str, flag: str) -> list[str]:
+    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    if not paths:
+        raise TrainError(f"{flag} {pattern!r} matches no file")
+    return paths
+
+
+@dataclasses.dataclass
+class DataFiles:
+    train: list
+    val: list
+    directory: str  # where the vocabulary (meta.json / meta.pkl) is read
+
+
+def find_data(cfg: TrainConfig) -> DataFiles:
+    """Train and val shards: --train-files / --val-files globs, else found by name in --data."""
+    if cfg.train_files:
+        train = glob_files(cfg.train_files, "--train-files")
+    else:
+        train = shard_paths(cfg.data, "train")
+        if not train:
+            raise TrainError(f"{cfg.data} holds no train shards (train_*.bin, train.bin, or "
+                             "llm.c's NAME_train_*.bin); make them with `gptfast prepare`, or "
+                             "name them with --train-files GLOB")
+    directory = cfg.data or os.path.dirname(train[0])
+    if cfg.val_files:
+        val = glob_files(cfg.val_files, "--val-files")
+    else:
+        val = shard_paths(directory, "val")
+    return DataFiles(train, val, directory)
 
 
 def make_loader(paths, cfg: TrainConfig, sampler: str, dist: Distributed, device, prefetch=4):
@@ -360,7 +458,7 @@ def crop_block_size(model, block_size: int) -> None:
 
 def _check_architecture(cfg: TrainConfig, config, checkpoint) -> None:
     """Size flags must agree with a model that comes from a checkpoint or pretrained weights."""
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+    for name in ("n_layer", "n_head", "n_embd", "bias", "block_size"):
         wanted, actual = getattr(cfg, name), getattr(config, name)
         if wanted is not None and wanted != actual:
             source = "the checkpoint being resumed" if checkpoint is not None else f"--init {cfg.init}"
@@ -368,9 +466,11 @@ def _check_architecture(cfg: TrainConfig, config, checkpoint) -> None:
                              "architecture comes from there")
 
 
-def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict]):
-    """The GPT to train: from scratch (a preset, vocab from the data), the checkpoint being
-    resumed, or pretrained weights (GPT.from_pretrained)."""
+def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict],
+                scratch_vocab: Optional[int] = None):
+    """The GPT to train: from scratch (a preset with ``scratch_vocab`` tokens, default
+    data_vocab padded to a multiple of 64), the checkpoint being resumed, or pretrained weights
+    (GPT.from_pretrained)."""
     from .model import GPT, GPTConfig
 
     if checkpoint is not None:
@@ -380,8 +480,10 @@ def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict]):
     elif cfg.init == "scratch":
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
         try:
-            config = GPTConfig.preset(cfg.model, vocab_size=padded_vocab_size(data_vocab),
-                                      block_size=cfg.block_size, dropout=cfg.dropout, **sizes)
+            vocab = scratch_vocab or padded_vocab_size(data_vocab)
+            config = GPTConfig.preset(cfg.model, vocab_size=vocab, block_size=cfg.block_size,
+                                      dropout=cfg.dropout, bias=bool(cfg.bias),  # unset: False
+                                      **sizes)
         except ValueError as err:
             raise TrainError(str(err)) from None
         model = GPT(config)
@@ -593,13 +695,16 @@ class Trainer:
         self.out_dir = Path(cfg.out)
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
         self.dtype = autocast_dtype(cfg.dtype, device)
-        self.meta = read_data_meta(cfg.data)
+        self.data = find_data(cfg)
+        self.meta = read_data_meta(self.data.directory)
         if self.meta is None:
-            self._note(f"{cfg.data} has no meta.json: assuming GPT-2's vocabulary")
+            self._note(f"{self.data.directory} has no meta.json or meta.pkl: assuming GPT-2's "
+                       "vocabulary")
         data_vocab = self.meta["vocab_size"] if self.meta else GPT2_PADDED_VOCAB
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = build_model(cfg, data_vocab, checkpoint).to(device)
+        self.raw_model = build_model(cfg, data_vocab, checkpoint,
+                                     model_vocab_size(self.meta)).to(device)
         self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.lr,
                                                              (cfg.beta1, cfg.beta2), device.type)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -632,24 +737,20 @@ class Trainer:
     # -- setup --
 
     def _make_loaders(self):
-        cfg = self.cfg
-        train_paths = shard_paths(cfg.data, "train")
-        if not train_paths:
-            raise TrainError(f"{cfg.data} holds no train_*.bin (or train.bin) shards; make them "
-                             "with `gptfast prepare`")
+        cfg, files = self.cfg, self.data
         try:
-            train = make_loader(train_paths, cfg, cfg.sampler, self.dist, self.device)
+            train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device)
         except ValueError as err:
             raise TrainError(f"train shards: {err}") from None
-        val_paths = shard_paths(cfg.data, "val")
         val = None
-        if val_paths:
+        if files.val:
             try:
-                val = make_loader(val_paths, cfg, "sequential", self.dist, self.device, prefetch=2)
+                val = make_loader(files.val, cfg, "sequential", self.dist, self.device, prefetch=2)
             except ValueError as err:
                 self._note(f"evaluation off: the val shards are unusable ({err})")
         else:
-            self._note(f"evaluation off: {cfg.data} has no val shards")
+            self._note(f"evaluation off: no val shards in {files.directory} (--val-files GLOB "
+                       "names them)")
         return train, val
 
     def _restore(self, checkpoint: dict) -> None:
@@ -812,7 +913,7 @@ class Trainer:
             "iter_num": self.snapshot["iter_num"],
             "rng": rng,
             "world_size": self.dist.world_size,
-            "config": dataclasses.asdict(self.cfg),
+            "config": _saved_config(self.cfg, self.data, self.meta),
             "tokenizer": _tokenizer_info(self.meta),
             "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss,
@@ -877,7 +978,8 @@ class Trainer:
         cfg, config = self.cfg, self.raw_model.config
         return (f"gptfast train: {self.raw_model.num_params() / 1e6:.2f}M parameters "
                 f"(n_layer {config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}, "
-                f"vocab {config.vocab_size}, block {config.block_size}) on {self.device}, "
+                f"vocab {config.vocab_size}, block {config.block_size}, "
+                f"{'' if config.bias else 'no '}bias) on {self.device}, "
                 f"{str(self.dtype).removeprefix('torch.')}, backend {cfg.backend}"
                 f"{', compiled' if cfg.compile else ''}, {self.dist.world_size} rank(s); "
                 f"{self.tokens_per_iter:,} tokens per iteration; iterations "
@@ -890,10 +992,24 @@ class Trainer:
 
 
 def _tokenizer_info(meta: Optional[dict]) -> Optional[dict]:
-    """What gptfast sample needs to decode: the data's tiktoken encoding and rank file."""
+    """What gptfast sample needs to decode: the data's tiktoken encoding and rank file, or the
+    characters of a nanoGPT meta.pkl vocabulary."""
     if meta is None:
         return None
+    if "meta_pkl" in meta:
+        if meta["itos"] is None:
+            return None
+        return CharEncoding(meta["itos"], meta["vocab_size"]).tokenizer_info()
     return {k: meta.get(k) for k in ("encoding", "tokenizer_file", "vocab_size", "eot_token")}
+
+
+def _saved_config(cfg: TrainConfig, data: DataFiles, meta: Optional[dict]) -> dict:
+    """The settings, plus nanoGPT's ``dataset`` for a meta.pkl vocabulary: nanoGPT's sample.py
+    then decodes with data/<dataset>/meta.pkl, as it does for its own checkpoints."""
+    config = dataclasses.asdict(cfg)
+    if meta is not None and "meta_pkl" in meta:
+        config["dataset"] = os.path.basename(os.path.normpath(data.directory))
+    return config
 
 
 def train(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainResult:
@@ -932,7 +1048,8 @@ def add_arguments(parser) -> None:
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, type=types[field.name], default=argparse.SUPPRESS,
-                                metavar=field.name.upper(), help=help_text)
+                                metavar=METAVARS.get(field.name, field.name.upper()),
+                                help=help_text)
 
 
 def run(args) -> int:

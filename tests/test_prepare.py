@@ -73,24 +73,32 @@ def split_tokens(out, split):
     return np.concatenate([open_shard(p) for p in paths]) if paths else np.empty(0, np.uint16)
 
 
-def check_round_trip(out, encoding, documents, val_fraction):
+def document_tokens(encoding, text, eot="prepend"):
+    """llm.c's fineweb.py: [eot] + encode_ordinary(text); --eot append puts it after."""
+    body = encoding.encode_ordinary(text)
+    return [encoding.eot_token] + body if eot == "prepend" else body + [encoding.eot_token]
+
+
+def check_round_trip(out, encoding, documents, val_fraction, eot="prepend"):
     splits = expected_split(len(documents), val_fraction)
     for split in ("train", "val"):
         docs = [d for d, s in zip(documents, splits) if s == split]
         tokens = split_tokens(out, split)
-        want = [t for d in docs for t in encoding.encode_ordinary(d) + [encoding.eot_token]]
+        want = [t for d in docs for t in document_tokens(encoding, d, eot)]
         np.testing.assert_array_equal(tokens, want)
-        assert encoding.decode(tokens.tolist()) == "".join(d + EOT for d in docs)
+        text = "".join(EOT + d if eot == "prepend" else d + EOT for d in docs)
+        assert encoding.decode(tokens.tolist()) == text
     return splits
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_prepare_round_trips_txt_jsonl_and_directories(corpus, tmp_path, workers):
+@pytest.mark.parametrize("workers,eot", [(1, "prepend"), (2, "prepend"), (2, "append")])
+def test_prepare_round_trips_txt_jsonl_and_directories(corpus, tmp_path, workers, eot):
     encoding = make_encoding()
     out = tmp_path / "out"
     meta = prep.prepare(corpus, out, encoder=encoding, val_fraction=0.2, shard_tokens=97,
-                        workers=workers, progress=False)
-    splits = check_round_trip(out, encoding, DOCUMENTS, 0.2)
+                        workers=workers, progress=False, eot=eot)
+    splits = check_round_trip(out, encoding, DOCUMENTS, 0.2, eot)
+    assert meta["eot"] == eot
     assert meta == json.loads((out / "meta.json").read_text())
     train = split_tokens(out, "train")
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(split_tokens(out, "val"))
@@ -133,8 +141,8 @@ def test_vocabularies_beyond_uint16_write_uint32_shards(tmp_path):
                         val_fraction=0.0, workers=1, progress=False)
     assert (meta["dtype"], meta["magic"], meta["eot_token"]) == ("uint32", 20240801, 70_000)
     tokens = open_shard(tmp_path / "out" / "train_000000.bin")
-    assert tokens.dtype == np.uint32 and tokens[-1] == 70_000
-    assert encoding.decode(tokens.tolist()) == "hello there" + EOT
+    assert tokens.dtype == np.uint32 and tokens[0] == 70_000
+    assert encoding.decode(tokens.tolist()) == EOT + "hello there"
 
 
 @pytest.mark.parametrize("n_docs,fraction,want", [
@@ -181,6 +189,23 @@ def test_cli_prepare_with_a_local_tokenizer_file(corpus, tmp_path, capsys):
     encoding = prep.load_encoding("gpt2", rank_file)
     assert encoding.encode("the hello") == make_encoding().encode("the hello")
     check_round_trip(out, encoding, DOCUMENTS, 0.1)
+    assert meta["eot"] == "prepend"  # llm.c's convention by default
+
+
+def test_cli_eot_append_and_bad_choice(corpus, tmp_path, capsys):
+    rank_file = tmp_path / "test.tiktoken"
+    write_rank_file(rank_file, rank_table())
+    out = tmp_path / "out"
+    argv = ["prepare", *corpus, "--out", str(out), "--tokenizer-file", str(rank_file),
+            "--val-fraction", "0.1", "--workers", "1"]
+    assert cli.main(argv + ["--eot", "append"]) == 0
+    assert json.loads((out / "meta.json").read_text())["eot"] == "append"
+    check_round_trip(out, prep.load_encoding("gpt2", rank_file), DOCUMENTS, 0.1, "append")
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--eot", "both"])
+    assert "invalid choice: 'both'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="eot must be one of prepend, append"):
+        prep.prepare(corpus, out, encoder=make_encoding(), eot="both", progress=False)
 
 
 def test_gpt2_pattern_is_tiktokens():

@@ -3,9 +3,11 @@
 Every run is a tiny GPT (2 layers, 64 wide, T=32) on a generated corpus, on the CPU.
 """
 
+import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -120,6 +122,8 @@ def test_loss_falls_and_every_output_is_written(data, tmp_path, capsys):
     state = checkpoint(out)  # loads with weights_only: no pickled objects
     assert state["iter_num"] == 100 and state["loader"]["position"] == 100
     assert state["model_args"]["vocab_size"] == 128  # 100 padded to a multiple of 64
+    assert state["model_args"]["bias"] is False  # nanoGPT's train.py default
+    assert not any(key.endswith(".bias") for key in state["model"])
     assert not any(key.startswith(("_orig_mod.", "module.")) for key in state["model"])
     model = GPT.from_pretrained(out)  # nanoGPT-compatible: "model" + "model_args"
     torch.testing.assert_close(model.state_dict()["lm_head.weight"], state["model"]["lm_head.weight"])
@@ -280,7 +284,7 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path, data, capsys):
     assert cli.main(["train", "--out", str(tmp_path / "x"), "--init", "resume"]) == 1
     assert "no checkpoint to resume" in capsys.readouterr().err
     assert cli.main(flags(tmp_path / "empty", tmp_path / "y", max_iters=1)) == 1
-    assert "holds no train_*.bin" in capsys.readouterr().err
+    assert "holds no train shards" in capsys.readouterr().err
     assert cli.main(flags(data, tmp_path / "z", max_iters=1, model="gpt5")) == 1
     assert "unknown preset 'gpt5'" in capsys.readouterr().err
 
@@ -304,3 +308,185 @@ def test_unwrap_model_strips_the_compile_wrapper():
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
     assert trainer.unwrap_model(torch.compile(model)) is model
     assert trainer.unwrap_model(model) is model
+
+
+# ------------------------------------------------------------------------------ bias --
+
+def scratch_config(data, **settings):
+    cfg, _ = trainer.resolve_config({**TINY, "data": str(data), "out": "o", **settings})
+    return cfg
+
+
+@pytest.mark.parametrize("bias", [None, False, True])
+def test_bias_flag_for_a_scratch_model(data, bias):
+    model = trainer.build_model(scratch_config(data, bias=bias), VOCAB, None)
+    has_bias = bias is True  # unset: nanoGPT's train.py default, no biases
+    assert model.config.bias is has_bias
+    biases = [name for name, _ in model.named_parameters() if name.endswith(".bias")]
+    assert bool(biases) is has_bias and (model.transformer.ln_f.bias is not None) is has_bias
+
+
+def test_bias_flag_on_the_command_line(tmp_path, data):
+    parser = cli.build_parser()
+    assert parser.parse_args(flags(data, "o") + ["--bias"]).bias is True
+    assert parser.parse_args(flags(data, "o") + ["--no-bias"]).bias is False
+    assert not hasattr(parser.parse_args(flags(data, "o")), "bias")  # unset: the model decides
+    out = tmp_path / "biased"
+    assert cli.main(flags(data, out, max_iters=1) + ["--bias"]) == 0
+    state = checkpoint(out)
+    assert state["model_args"]["bias"] is True and "transformer.ln_f.bias" in state["model"]
+
+
+def test_bias_comes_from_a_checkpoint_and_a_conflicting_flag_is_an_error(data):
+    unbiased = trainer.build_model(scratch_config(data), VOCAB, None)
+    saved = {"model_args": dataclasses.asdict(unbiased.config), "model": unbiased.state_dict()}
+    assert trainer.build_model(scratch_config(data), VOCAB, saved).config.bias is False
+    with pytest.raises(trainer.TrainError, match="bias True differs from the model of the "
+                                                 "checkpoint being resumed \\(False\\)"):
+        trainer.build_model(scratch_config(data, bias=True), VOCAB, saved)
+
+
+def test_bias_of_pretrained_weights_and_a_conflicting_flag(tmp_path, data):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=VOCAB,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    sizes = dict(n_layer=None, n_head=None, n_embd=None, init=str(tmp_path / "hf"))
+    assert trainer.build_model(scratch_config(data, **sizes), VOCAB, None).config.bias is True
+    with pytest.raises(trainer.TrainError, match="bias False differs from the model of --init"):
+        trainer.build_model(scratch_config(data, bias=False, **sizes), VOCAB, None)
+
+
+# ------------------------------------------------------------- nanoGPT's char data --
+
+CHAR_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+CHARS = sorted(set(CHAR_TEXT))
+
+
+def write_shakespeare_char(directory, meta=None):
+    """nanoGPT's data/shakespeare_char: raw uint16 train.bin / val.bin and meta.pkl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = np.array([CHARS.index(c) for c in CHAR_TEXT * 40], dtype=np.uint16)
+    ids[:2000].tofile(directory / "train.bin")
+    ids[2000:].tofile(directory / "val.bin")
+    if meta is None:
+        meta = {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)),
+                "stoi": {c: i for i, c in enumerate(CHARS)}}
+    with open(directory / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    return directory
+
+
+def test_nanogpt_char_data_trains_with_its_exact_vocab_and_saves_its_characters(tmp_path):
+    char_data = write_shakespeare_char(tmp_path / "data" / "shakespeare_char")
+    out = tmp_path / "run"
+    assert train(char_data, out, max_iters=2, eval_iters=1) == 0
+    state = checkpoint(out)
+    assert state["model_args"]["vocab_size"] == len(CHARS)  # nanoGPT's rule: not padded to 64
+    assert state["model"]["lm_head.weight"].shape[0] == len(CHARS)
+    assert state["tokenizer"] == {"encoding": "char", "vocab_size": len(CHARS), "itos": CHARS}
+    assert state["config"]["dataset"] == "shakespeare_char"  # what nanoGPT's sample.py reads
+    assert [it for it, _ in val_losses(out)] == [0, 2]  # val.bin found
+
+
+def test_meta_json_wins_over_meta_pkl(tmp_path, data):
+    both = write_shakespeare_char(tmp_path / "both")
+    (both / "meta.json").write_text((data / "meta.json").read_text())
+    assert trainer.read_data_meta(both)["vocab_size"] == VOCAB
+    assert trainer.model_vocab_size(trainer.read_data_meta(both)) == 128
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+def test_a_meta_pkl_with_globals_is_an_error_naming_the_file(tmp_path, capsys):
+    char_data = write_shakespeare_char(tmp_path / "evil", meta={"vocab_size": 65, "x": RunsCode()})
+    assert train(char_data, tmp_path / "run", max_iters=1) == 1
+    captured = capsys.readouterr()
+    assert f"{char_data / 'meta.pkl'} was not loaded: it references" in captured.err
+    assert "should never run" not in captured.out + captured.err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+# ------------------------------------------------------------------ llm.c shard names --
+
+def touch(directory, *names):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_bytes(b"")
+    return directory
+
+
+@pytest.mark.parametrize("names,train_names,val_names", [
+    (["fineweb_train_000002.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"],
+     ["fineweb_train_000001.bin", "fineweb_train_000002.bin"], ["fineweb_val_000000.bin"]),
+    (["edu_fineweb_train_000001.bin", "edu_fineweb_val_000000.bin"],
+     ["edu_fineweb_train_000001.bin"], ["edu_fineweb_val_000000.bin"]),
+    (["tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin", "meta.json"],
+     ["tiny_shakespeare_train.bin"], ["tiny_shakespeare_val.bin"]),
+    (["tinyshakespeare_train.bin", "tinyshakespeare_val.bin"],
+     ["tinyshakespeare_train.bin"], ["tinyshakespeare_val.bin"]),
+    (["train_000000.bin", "train_000001.bin", "val_000000.bin"],
+     ["train_000000.bin", "train_000001.bin"], ["val_000000.bin"]),
+    (["train.bin", "val.bin", "meta.pkl"], ["train.bin"], ["val.bin"]),
+    (["fineweb_train_000001.bin", "notes_training.bin", "retrain.bin"],
+     ["fineweb_train_000001.bin"], []),
+])
+def test_shards_are_found_by_gptfast_nanogpt_and_llmc_names(tmp_path, names, train_names, val_names):
+    directory = touch(tmp_path / "d", *names)
+    for split, want in (("train", train_names), ("val", val_names)):
+        assert trainer.shard_paths(directory, split) == [str(directory / n) for n in want]
+
+
+def test_two_datasets_in_one_directory_are_an_error_not_a_mix(tmp_path):
+    directory = touch(tmp_path / "d", "tiny_shakespeare_train.bin", "TinyStories_train.bin")
+    with pytest.raises(trainer.TrainError, match="train shards of 2 datasets .* --train-files GLOB"):
+        trainer.shard_paths(directory, "train")
+    touch(directory, "train_000000.bin")
+    with pytest.raises(trainer.TrainError, match="3 datasets"):
+        trainer.shard_paths(directory, "train")
+
+
+def write_llmc_dir(directory, train_name="fineweb_train_{:06d}.bin", val_name="fineweb_val_000000.bin"):
+    """The corpus of `data`, in llm.c's fineweb names, without meta.json (GPT-2 vocab assumed)."""
+    rng = np.random.default_rng(0)
+    stream = np.tile(rng.integers(0, VOCAB - 1, PERIOD), 200).astype(np.uint16)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_shard(directory / train_name.format(1), stream[:5000])
+    write_shard(directory / train_name.format(2), stream[5000:10000])
+    write_shard(directory / val_name, stream[10000:11000])
+    return directory
+
+
+def test_training_on_llmc_named_shards_finds_train_and_val(tmp_path):
+    llmc = write_llmc_dir(tmp_path / "fineweb10B")
+    out = tmp_path / "run"
+    assert train(llmc, out, max_iters=1, eval_iters=1, n_layer=1, n_embd=32) == 0
+    assert [it for it, _ in val_losses(out)] == [0, 1]
+    state = checkpoint(out)
+    assert state["model_args"]["vocab_size"] == 50304  # no meta: GPT-2's, padded as nanoGPT
+
+
+def test_train_and_val_globs_select_shards_explicitly(tmp_path, capsys):
+    shards = write_llmc_dir(tmp_path / "shards", train_name="part{:02d}.tokens.bin",
+                            val_name="heldout.tokens.bin")
+    (shards / "meta.json").write_text(json.dumps({"vocab_size": VOCAB}))
+    out = tmp_path / "run"
+    settings = {**TINY, "n_layer": 1, "n_embd": 32, "out": out, "max_iters": 1, "eval_iters": 1}
+    argv = ["train"] + [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    globs = ["--train-files", str(shards / "part*.tokens.bin"),
+             "--val-files", str(shards / "heldout*.bin")]
+    assert cli.main(argv + globs) == 0  # no --data: the vocabulary comes from the shards' directory
+    state = checkpoint(out)
+    assert state["model_args"]["vocab_size"] == 128
+    assert [it for it, _ in val_losses(out)] == [0, 1]
+    assert state["config"]["train_files"] == str(shards / "part*.tokens.bin")
+    capsys.readouterr()
+    assert cli.main(argv + ["--train-files", str(shards / "nothing*.bin")]) == 1
+    assert f"--train-files '{shards / 'nothing*.bin'}' matches no file" in capsys.readouterr().err
+    assert cli.main(argv + globs[:2] + ["--val-files", str(shards / "none*.bin")]) == 1
+    assert "--val-files" in capsys.readouterr().err
+    assert cli.main(argv) == 1
+    assert "--data DIR (or --train-files GLOB) is required" in capsys.readouterr().err
