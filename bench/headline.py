@@ -130,7 +130,7 @@ def command_text(plan: Plan) -> str:
 
 # ------------------------------------------------------------------------- the parent --
 
-def _box(plan: Plan, stage: str, remaining: float, left: tuple) -> float:
+def _box(stage: str, remaining: float, left: tuple) -> float:
     return remaining * SHARES[stage] / sum(SHARES[s] for s in left)
 
 
@@ -185,14 +185,16 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def child_command(plan: Plan, stage: str, deadline: float) -> list:
+    command = [sys.executable, "-m", "gptfast.bench.headline", "--child", stage,
+               "--out", str(plan.out_dir), "--deadline", f"{deadline:.3f}"]
+    return command + (["--dry-run"] if plan.dry_run else [])
+
+
 def _run_stage(plan: Plan, stage: str, box: float, log) -> dict:
     """Run one stage in a child process inside ``box`` seconds; its stage row."""
     started = time.perf_counter()
-    deadline = time.time() + box
-    command = [sys.executable, "-m", "gptfast.bench.headline", "--child", stage,
-               "--out", str(plan.out_dir), "--deadline", f"{deadline:.3f}"]
-    if plan.dry_run:
-        command.append("--dry-run")
+    command = child_command(plan, stage, time.time() + box)
     log.write(f"\n=== stage {stage}: box {box:.0f} s ===\n")
     log.flush()
     print(f"=== stage {stage}: box {box:.0f} s ===", flush=True)
@@ -263,6 +265,28 @@ def _finish(plan: Plan, rows: list, stage_rows: list, elapsed: float, interrupte
     return rows
 
 
+def _earlier_stage_rows(plan: Plan) -> list:
+    """Stage rows of an earlier run into the same directory, for the stages not run now
+    (their data rows are still in DIR/stages/): a --stages re-run keeps the whole picture."""
+    path = plan.out_dir / "headline.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.exists() else []
+    except (OSError, json.JSONDecodeError):
+        return []
+    kept = []
+    for r in earlier:
+        if r.get("name") == "stage" and r.get("stage") not in plan.stages:
+            present = (plan.out_dir / "stages" / f"{r['stage']}.jsonl").exists()
+            if present:
+                kept.append({**r, "message": "from an earlier run into this directory"
+                             + (f"; {r['message']}" if r.get("message") else "")})
+    return kept
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a timeout): stop the stage, keep the rows, write reports
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(args)
@@ -274,21 +298,42 @@ def run(args: argparse.Namespace) -> int:
         return 2
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     (plan.out_dir / "stages").mkdir(exist_ok=True)
+    earlier = _earlier_stage_rows(plan)
     for stale in (plan.out_dir / "stages").glob("*.jsonl"):
-        if stale.stem in plan.stages:
+        if stale.stem in plan.stages or stale.stem not in {r["stage"] for r in earlier}:
             stale.unlink()
+    plan.command = command_text(plan)
     print(f"gptfast headline: stages {','.join(plan.stages)}, budget {plan.budget_s:.0f} s, "
           f"{'DRY RUN on the CPU' if plan.dry_run else 'CUDA'}, autotune keeps "
           f"{plan.autotune_keep or 'all'} configs, TRITON_CACHE_DIR {plan.triton_cache}, "
           f"out {plan.out_dir}", flush=True)
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        rows, interrupted = _run_stages(plan, earlier)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    failed = [r for r in rows if r["status"] in ("fail", "error")]
+    print(f"\n{len(rows)} rows; {len(failed)} failed or errored; wrote {plan.out_dir}/"
+          "headline.json, headline.md, headline.log")
+    print("\n".join(_verdict_summary(rows)))
+    return 130 if interrupted else 0
+
+
+def _run_stages(plan: Plan, earlier: list) -> tuple:
+    """Every stage in its box; the reports are rewritten after each, so a run killed from
+    outside still leaves them for the stages it finished."""
     start = time.perf_counter()
-    plan.command = command_text(plan)
-    stage_rows, interrupted = [], False
+    stage_rows, interrupted = list(earlier), False
+
+    def report():
+        data = [r for stage in STAGES for r in _stage_rows(plan.out_dir, stage)]
+        return _finish(plan, data, stage_rows, time.perf_counter() - start, interrupted)
+
     with open(plan.out_dir / "headline.log", "a") as log:
         log.write(f"# {plan.command} at {plan.started.isoformat(timespec='seconds')}\n")
         for index, stage in enumerate(plan.stages):
             remaining = plan.budget_s - (time.perf_counter() - start)
-            box = _box(plan, stage, remaining, plan.stages[index:])
+            box = _box(stage, remaining, plan.stages[index:])
             if interrupted or box < MIN_BOX_S:
                 why = "Ctrl-C" if interrupted else f"{max(remaining, 0):.0f} s of budget left"
                 stage_rows.append(row(stage, "stage", "headline", "wall_s", 0.0, "s",
@@ -300,16 +345,11 @@ def run(args: argparse.Namespace) -> int:
             except _Interrupted as stop:
                 stage_rows.append(stop.stage_row)
                 interrupted = True
-                print(f"interrupted: keeping the rows finished so far", flush=True)
+                print("interrupted: keeping the rows finished so far", flush=True)
             print(f"=== stage {stage}: {stage_rows[-1]['status']} in "
                   f"{stage_rows[-1]['value']:.1f} s ===", flush=True)
-    rows = [r for stage in plan.stages for r in _stage_rows(plan.out_dir, stage)]
-    rows = _finish(plan, rows, stage_rows, time.perf_counter() - start, interrupted)
-    failed = [r for r in rows if r["status"] in ("fail", "error")]
-    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; {len(failed)} failed or "
-          f"errored; wrote {plan.out_dir}/headline.json, headline.md, headline.log")
-    print("\n".join(_verdict_summary(rows)))
-    return 130 if interrupted else 0
+            report()
+    return report(), interrupted
 
 
 def _verdict_summary(rows) -> list:
@@ -340,6 +380,21 @@ def _cuda_broken(meter) -> str | None:
         return None
     except Exception as err:
         return f"the CUDA context is broken ({type(err).__name__}: {str(err)[:160]})"
+
+
+def _exit_with_parent() -> None:
+    """A stage runs in its own session (so that Ctrl-C reaches the parent first, which stops it
+    in order); if the parent dies without stopping it, it must not go on using the GPU."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                print("headline: the parent process is gone; stopping this stage", flush=True)
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
@@ -395,7 +450,8 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
             traceback.print_exc()
             rows = [row(stage, unit.label, "headline", "unit", None, "", status="error",
                         message=f"{type(err).__name__}: {str(err).strip()[:300]}")]
-            broken = _cuda_broken(meter)
+        if any(r["status"] == "error" for r in rows):
+            broken = _cuda_broken(meter)  # an illegal access poisons every later CUDA call
         writer.write(rows)
         bad = sum(r["status"] not in ("ok", "unavailable") for r in rows)
         print(f"[{stage}] {unit.label}: {len(rows)} rows, {bad} not ok, "
@@ -418,6 +474,7 @@ def main(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
+        _exit_with_parent()
         try:
             return run_child(args.child, args.out, args.deadline, args.dry_run)
         except KeyboardInterrupt:

@@ -112,21 +112,28 @@ class Unit:
 
 # -------------------------------------------------------------------------------- env --
 
+NVIDIA_SMI_FIELDS = (("driver_version", ""), ("clocks.sm", "MHz"), ("clocks.max.sm", "MHz"),
+                     ("clocks.mem", "MHz"), ("clocks.max.mem", "MHz"), ("power.limit", "W"),
+                     ("temperature.gpu", "C"))
+
+
 def _nvidia_smi() -> dict:
-    """Clocks, driver, power limit from nvidia-smi (empty when it is not there or fails)."""
-    fields = ("driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
-              "power.limit", "temperature.gpu")
+    """Driver, clocks, power limit, temperature from nvidia-smi, one query per field so that a
+    field this driver does not know costs only that field (empty when there is no nvidia-smi)."""
     if shutil.which("nvidia-smi") is None:
         return {}
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}",
-                              "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if out.returncode != 0 or not out.stdout.strip():
-        return {}
-    return dict(zip(fields, (v.strip() for v in out.stdout.strip().splitlines()[0].split(","))))
+    found = {}
+    for field, _ in NVIDIA_SMI_FIELDS:
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={field}",
+                                  "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        value = out.stdout.strip().splitlines()[0].strip() if out.stdout.strip() else ""
+        if out.returncode == 0 and value and "not supported" not in value.lower():
+            found[field] = value
+    return found
 
 
 def _facts(ctx: Context) -> list:
@@ -149,12 +156,10 @@ def _facts(ctx: Context) -> list:
     else:
         rows += [fact("cpu_cores", os.cpu_count())]
     smi = _nvidia_smi()
-    for key, unit in (("driver_version", ""), ("clocks.sm", "MHz"), ("clocks.max.sm", "MHz"),
-                      ("clocks.mem", "MHz"), ("clocks.max.mem", "MHz"), ("power.limit", "W"),
-                      ("temperature.gpu", "C")):
+    for key, unit in NVIDIA_SMI_FIELDS:
         value = smi.get(key)
         rows.append(fact(key, value, unit, message=None if value else
-                         "nvidia-smi not found or not answering"))
+                         "not read: no nvidia-smi, or it does not answer this field"))
     rows += [fact("torch", versions["torch"]), fact("triton", versions["triton"]),
              fact("cuda", versions["cuda"]), fact("python", versions["python"]),
              fact("platform", platform.platform()), fact("gptfast", versions["gptfast"]),
