@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The headline-only options of ``gptfast bench`` (``--suite headline``)."""
     group = parser.add_argument_group("--suite headline")
     group.add_argument("--budget-s", type=positive_seconds, default=None, metavar="S",
-                       help=f"wall-clock budget of the headline run (default {DEFAULT_BUDGET_S:.0f})")
+                       help="wall-clock budget of the headline run "
+                            f"(default {DEFAULT_BUDGET_S:.0f})")
     group.add_argument("--stages", type=stage_list, default=None, metavar="NAME,...",
                        help=f"headline stages to run, of {','.join(STAGES)} (default all)")
     group.add_argument("--dry-run", action="store_true",
@@ -438,7 +439,8 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
         need = unit.estimate_s if sizes.unit_estimates else 0.0
         if broken or left <= need:
             status = "error" if broken else "skipped-budget"
-            message = broken or f"not started: {max(left, 0):.0f} s left of the box, needs ~{need:.0f} s"
+            message = broken or (f"not started: {max(left, 0):.0f} s left of the box, "
+                                 f"needs ~{need:.0f} s")
             writer.write([row(stage, unit.label, "headline", "unit", None, "", status=status,
                               message=message)])
             print(f"[{stage}] {unit.label}: {status} ({message})", flush=True)

@@ -185,7 +185,8 @@ def correct_units(ctx: Context) -> list:
     first, *others = ctx.sizes.correct_dtypes
     units = []
     for dtype_name in ctx.sizes.correct_dtypes:
-        cases = ctx.sizes.correct_attention if dtype_name == first else ctx.sizes.correct_attention[:1]
+        cases = ctx.sizes.correct_attention
+        cases = cases if dtype_name == first else cases[:1]
         units += [Unit(f"attention {dtype_name} {case[0]}",
                        lambda d=dtype_name, c=case: attention_case(ctx, d, *c), 20)
                   for case in cases]

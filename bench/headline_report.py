@@ -160,7 +160,7 @@ def _goal(goal, target, measured, higher_is_better, basis, detail=""):
         if met:
             verdict = "met"
         else:
-            miss = (target - measured) / target if higher_is_better else (measured - target) / target
+            miss = (target - measured if higher_is_better else measured - target) / target
             verdict = f"missed by {miss:.1%}"
     return {"goal": goal, "target": target, "measured": measured, "verdict": verdict,
             "basis": basis, "detail": detail}
@@ -305,7 +305,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += [f"- device: {meta['device_name']}",
               f"- budget {meta['budget_s']:.0f} s, elapsed {meta['elapsed_s']:.0f} s; stages "
               f"{', '.join(meta['stages'])}"
-              + ("; INTERRUPTED (Ctrl-C): only the rows finished before it" if meta.get("interrupted") else ""),
+              + ("; INTERRUPTED (Ctrl-C): only the rows finished before it"
+                 if meta.get("interrupted") else ""),
               f"- command: `{meta['command']}`", ""]
     lines += _verdict_lines(verdict(rows, meta["device_name"]), meta.get("dry_run"))
     stage_rows = [r for r in rows if r["name"] == "stage"]
