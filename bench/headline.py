@@ -166,8 +166,11 @@ class _Tee:
             log.write(line)
             log.flush()
 
-    def tail(self, count=6) -> str:
+    def join(self) -> None:
         self._thread.join(timeout=5)
+
+    def tail(self, count=6) -> str:
+        self.join()
         return " / ".join(line.strip() for line in self.lines[-count:] if line.strip())
 
 
@@ -217,7 +220,7 @@ def _run_stage(plan: Plan, stage: str, box: float, log) -> dict:
     if status == "ok" and proc.returncode != 0:
         status = "error"
         message = f"exit code {proc.returncode}: {tee.tail()}"
-    tee.tail(0)
+    tee.join()
     return row(stage, "stage", "headline", "wall_s", time.perf_counter() - started, "s",
                status=status, box_s=box, message=message)
 
