@@ -265,7 +265,13 @@ def _finish(plan: Plan, rows: list, stage_rows: list, elapsed: float, interrupte
     if problems:  # never lose a run to a report bug: say so in the log and keep the rows
         print("headline: schema problems:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
     (plan.out_dir / "headline.json").write_text(json.dumps(rows, indent=1, default=str))
-    (plan.out_dir / "headline.md").write_text(markdown(rows, meta))
+    try:
+        text = markdown(rows, meta)
+    except Exception:  # the rows are safe in headline.json; the run goes on
+        text = ("# gptfast headline: the markdown report failed\n\nEvery row is in "
+                f"headline.json.\n\n```\n{traceback.format_exc()}```\n")
+        print(text, file=sys.stderr)
+    (plan.out_dir / "headline.md").write_text(text)
     return rows
 
 
@@ -360,7 +366,10 @@ def _verdict_summary(rows) -> list:
     from .headline_report import verdict
 
     device = next((r["value"] for r in rows if r["metric"] == "device_name"), "")
-    return [f"  {g['verdict']:>16}  {g['goal']}" for g in verdict(rows, device)]
+    try:
+        return [f"  {g['verdict']:>16}  {g['goal']}" for g in verdict(rows, device)]
+    except Exception as err:
+        return [f"  verdict failed ({type(err).__name__}: {err}); see headline.json"]
 
 
 # -------------------------------------------------------------------------- the child --

@@ -146,6 +146,17 @@ def test_a_rerun_of_some_stages_keeps_the_other_stages_of_the_directory(tmp_path
     assert "earlier run" not in (stages["correct"].get("message") or "")
 
 
+def test_a_report_bug_does_not_lose_the_rows(tmp_path, monkeypatch):
+    _fake_children(monkeypatch, {"env": WRITE_ROW})
+
+    def broken(rows, meta):
+        raise KeyError("device_name")
+    monkeypatch.setattr(headline_report, "markdown", broken)
+    assert headline.run(_plan(tmp_path, ["env"], budget=60)) == 0
+    assert [r["name"] for r in _rows(tmp_path)] == ["probe", "stage"]
+    assert "the markdown report failed" in (tmp_path / "headline.md").read_text()
+
+
 def test_a_failing_unit_is_a_row_and_the_stage_goes_on(tmp_path, monkeypatch):
     def units(ctx):
         def fails():
