@@ -304,3 +304,31 @@ def test_restrict_keeps_the_first_configs_and_the_clock_counts_candidate_runs(mo
         autotune.keep_from_env()
     monkeypatch.setenv(autotune.KEEP_ENV, "4")
     assert autotune.keep_from_env() == 4
+
+
+# --------------------------------------------------------------------------- meter --
+
+def test_meter_measure_keeps_the_first_call_apart_and_turns_failures_into_results():
+    import torch
+
+    from gptfast.bench.common import Meter
+
+    meter = Meter("cpu", warmup=10, repeats=50)
+    calls, resets = [], []
+    measured = meter.measure(lambda: calls.append(1), lambda: resets.append(1), memory=True)
+    assert measured.status == "ok" and measured.extra_mb is None  # no allocator stats on a CPU
+    assert measured.first_call_s >= 0
+    assert measured.timing.p20_ms <= measured.ms <= measured.timing.p80_ms
+    assert len(calls) == 1 + 1 + 1 + 5  # first call, memory pass, 1 warm-up, 5 samples
+    assert len(resets) >= len(calls)
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    assert meter.measure(out_of_memory).status == "oom"
+    failed = meter.measure(broken)
+    assert (failed.status, failed.timing) == ("error", None)
+    assert failed.error == "RuntimeError: CUDA error: an illegal memory access was encountered"
