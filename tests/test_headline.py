@@ -46,7 +46,9 @@ def test_dry_run_runs_every_stage_and_writes_the_schema(tmp_path, capsys):
         assert r["status"] == "ok" and r["p20"] <= r["value"] <= r["p80"]
         assert r["best_peer"] == "SDPA flash"  # the only SDPA backend a CPU has
         assert r["ratio_to_best_peer"] > 0 and r["ratio_to_ceiling"] > 0
-        assert r["first_call_s"] > 0 and r["autotune_s"] == 0  # no autotuning in the interpreter
+        assert r["first_call_s"] > 0
+        if r["direction"] == "fwd+bwd":
+            assert r["autotune_s"] == 0  # the interpreter does not autotune
     for op in ("layer_norm", "cross_entropy", "linear_cross_entropy"):
         ours = [r for r in rows if r.get("op") == op and r["impl"] == "gptfast"]
         assert ours and all(r["status"] == "ok" for r in ours), op
