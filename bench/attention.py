@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.common import markdown_table, time_ms
+from gptfast.bench.common import Meter, markdown_table, short_reason, time_ms
 
 HEADS_FOR_HEAD_DIM = {64: 12, 128: 16}
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -72,13 +72,8 @@ PROVIDERS = {
 }
 
 
-def _short_reason(err):
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text[:160]}"
-
-
-def measure(attention, q, k, v, grad_out):
-    """(fwd ms, fwd+bwd ms) of one provider; gradients by autograd.grad (no accumulation)."""
+def closures(attention, q, k, v, grad_out):
+    """(forward, forward+backward) of one provider; gradients by autograd.grad (no accumulation)."""
     inputs = (q, k, v)
 
     def forward():
@@ -89,33 +84,41 @@ def measure(attention, q, k, v, grad_out):
         out = attention(q, k, v)
         torch.autograd.grad(out, inputs, grad_out)
 
-    forward_backward()  # compile / autotune outside the timed region
-    return time_ms(forward), time_ms(forward_backward)
+    return forward, forward_backward
 
 
-def bench_shape(head_dim, seq, tokens, dtype, providers):
-    """One row per (head dim, T): TFLOP/s "fwd / fwd+bwd" per provider, and the failures."""
-    heads, batch = heads_for(head_dim), max(1, tokens // seq)
+def make_inputs(head_dim, seq, tokens, dtype, device="cuda", heads=None):
+    """q, k, v (B, H, T, D) with B = tokens // T (at least 1) and H = ``heads`` (default
+    :func:`heads_for`), the gradient of the output, and the forward FLOPs."""
+    heads, batch = heads or heads_for(head_dim), max(1, tokens // seq)
     shape = (batch, heads, seq, head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device="cuda", dtype=dtype)
-    flops = forward_flops(batch, heads, seq, head_dim)
-    row = {"hd": head_dim, "H": heads, "B": batch, "T": seq}
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=device, dtype=dtype)
+    return q, k, v, grad_out, forward_flops(batch, heads, seq, head_dim)
+
+
+def bench_shape(head_dim, seq, tokens, dtype, providers, device="cuda", meter=None, heads=None):
+    """One row per (head dim, T): TFLOP/s "fwd / fwd+bwd" per provider, and the failures.
+    ``row["measured"][name]`` holds the (fwd, fwd+bwd) :class:`~.common.Measured` of each."""
+    meter = meter or Meter(device)
+    q, k, v, grad_out, flops = make_inputs(head_dim, seq, tokens, dtype, device, heads)
+    row = {"hd": head_dim, "H": q.shape[1], "B": q.shape[0], "T": seq, "measured": {}}
     notes, results = [], {}
     for name in providers:
-        try:
-            fwd_ms, fwd_bwd_ms = measure(PROVIDERS[name](), q, k, v, grad_out)
-        except torch.cuda.OutOfMemoryError:
-            row[name] = "OOM"
-            torch.cuda.empty_cache()
+        forward, forward_backward = closures(PROVIDERS[name](), q, k, v, grad_out)
+        # forward+backward first: its first call compiles / autotunes both directions
+        fwd_bwd = meter.measure(forward_backward)
+        fwd = meter.measure(forward) if fwd_bwd.status == "ok" else fwd_bwd
+        row["measured"][name] = (fwd, fwd_bwd)
+        failed = next((m for m in (fwd_bwd, fwd) if m.status != "ok"), None)
+        if failed is not None:  # a backend that cannot run this case is a result, not a crash
+            row[name] = "OOM" if failed.status == "oom" else "n/a"
+            if failed.status != "oom":
+                notes.append(f"{name} hd{head_dim} T{seq}: {failed.error}")
             continue
-        except Exception as err:  # a backend that cannot run this case is a result, not a crash
-            row[name] = "n/a"
-            notes.append(f"{name} hd{head_dim} T{seq}: {_short_reason(err)}")
-            continue
-        fwd, fwd_bwd = flops / fwd_ms / 1e9, 3.5 * flops / fwd_bwd_ms / 1e9
-        results[name] = (fwd, fwd_bwd)
-        row[name] = f"{fwd:.0f} / {fwd_bwd:.0f}"
+        fwd_tflops, fwd_bwd_tflops = flops / fwd.ms / 1e9, 3.5 * flops / fwd_bwd.ms / 1e9
+        results[name] = (fwd_tflops, fwd_bwd_tflops)
+        row[name] = f"{fwd_tflops:.0f} / {fwd_bwd_tflops:.0f}"
     ours = results.get("gptfast")
     for baseline, column in (("SDPA cuDNN", "vs cuDNN"), ("SDPA flash", "vs FA2")):
         if ours and baseline in results:
@@ -150,7 +153,7 @@ def cpu_sanity():
                          "max abs error": f"{error:.1e}"})
     except Exception as err:
         rows.append({"provider": "gptfast (Triton interpreter)", "shape": "1x2x64x32 fp32",
-                     "ms": "n/a", "max abs error": _short_reason(err)})
+                     "ms": "n/a", "max abs error": short_reason(err)})
     fn = lambda: reference.causal_attention(q, k, v)  # noqa: E731
     rows.append({"provider": "reference (SDPA on CPU)", "shape": "1x2x64x32 fp32",
                  "ms": time_ms(fn, device="cpu"), "max abs error": "0"})

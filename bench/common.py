@@ -1,45 +1,195 @@
-"""Timing and reporting shared by the benchmarks.
+"""Timing, memory and reporting shared by the benchmarks.
 
-GPU timings are medians of CUDA-event timed runs after warm-up (``triton.testing.do_bench``,
-which also flushes L2 between runs); CPU timings are medians of ``time.perf_counter`` runs.
+:class:`Meter` is the one place that differs between a GPU and a CPU run: on CUDA it times with
+``triton.testing.do_bench`` (CUDA events, L2 flushed between runs; warm-up and repeat given in
+milliseconds) and reads the caching allocator's peak; on a CPU it times ``time.perf_counter``
+runs and has no memory figure (None). Everything around it, the inputs, the closures timed,
+the first call (compilation, autotuning) kept out of the timed region, OOM as a result, is the
+same code on both, so a CPU run executes every other line a GPU run will.
+
 Only numbers from one run of one script are meant to be compared with each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
 import time
+from typing import Callable, Optional
 
 import torch
 
+# torch.compile's backend for the compiled baselines: inductor, as users run it. A CPU dry run
+# sets "aot_eager" (dynamo and AOTAutograd trace the same graphs; inductor's CPU code
+# generation is 30+ s per graph on a small CPU and is not what a GPU runs anyway).
+COMPILE_BACKEND_ENV = "GPTFAST_BENCH_COMPILE_BACKEND"
+
+
+def compile_backend() -> str:
+    return os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+
+
+def compiled(fn, **options):
+    """``torch.compile(fn)`` with the benchmarks' backend (see :data:`COMPILE_BACKEND_ENV`)."""
+    return torch.compile(fn, backend=compile_backend(), **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Median and spread (20th-80th percentile) of the timed runs, in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def _percentile(ordered: list, q: float) -> float:
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclasses.dataclass
+class Measured:
+    """What :meth:`Meter.measure` saw: status "ok", "oom" or "error" (with the reason)."""
+
+    timing: Optional[Timing] = None
+    extra_mb: Optional[float] = None
+    first_call_s: Optional[float] = None
+    status: str = "ok"
+    error: Optional[str] = None
+
+    @property
+    def ms(self) -> Optional[float]:
+        return None if self.timing is None else self.timing.median_ms
+
+
+def short_reason(err: BaseException) -> str:
+    """"TypeName: first line of the message" (at most 200 characters of it)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    # compiled code and some CUDA paths raise a plain RuntimeError/other wrapper saying so
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class Meter:
+    """Timing and peak memory on one device (see the module docstring)."""
+
+    def __init__(self, device: str | torch.device = "cuda", warmup: int = 10, repeats: int = 50):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.warmup, self.repeats = warmup, repeats  # the defaults of time() and measure()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def empty_cache(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gb(self) -> Optional[float]:
+        """Peak allocated since :meth:`reset_peak`, in GB (None on a CPU)."""
+        return torch.cuda.max_memory_allocated(self.device) / 1e9 if self.cuda else None
+
+    def peak_extra_mb(self, fn: Callable[[], object]) -> Optional[float]:
+        """Peak memory allocated by ``fn()`` beyond what was allocated before it, in MB."""
+        if not self.cuda:
+            fn()
+            return None
+        self.reset_peak()
+        before = torch.cuda.memory_allocated(self.device)
+        fn()
+        self.synchronize()
+        return (torch.cuda.max_memory_allocated(self.device) - before) / 1e6
+
+    def time(self, fn: Callable[[], object], warmup: Optional[int] = None,
+             repeats: Optional[int] = None) -> Timing:
+        """Median and spread of ``fn()``. On CUDA ``warmup``/``repeats`` are milliseconds
+        (do_bench's meaning); on a CPU, warmup // 10 calls and max(1, repeats // 10) samples."""
+        warmup = self.warmup if warmup is None else warmup
+        repeats = self.repeats if repeats is None else repeats
+        if self.cuda:
+            from triton.testing import do_bench
+
+            median, p20, p80 = do_bench(fn, warmup=warmup, rep=repeats, quantiles=[0.5, 0.2, 0.8])
+            return Timing(float(median), float(p20), float(p80))
+        for _ in range(warmup // 10):
+            fn()
+        samples = []
+        for _ in range(max(1, repeats // 10)):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        samples.sort()
+        return Timing(statistics.median(samples), _percentile(samples, 0.2),
+                      _percentile(samples, 0.8))
+
+    def samples_ms(self, fn: Callable[[], object], repeats: int) -> list:
+        """One time per call of ``fn()``, ``repeats`` calls back to back (CUDA events on a
+        GPU, so the calls queue as in a training loop; perf_counter on a CPU)."""
+        if self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(repeats)]
+            for begin, end in events:
+                begin.record()
+                fn()
+                end.record()
+            self.synchronize()
+            return [begin.elapsed_time(end) for begin, end in events]
+        samples = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+        return samples
+
+    def measure(self, fn: Callable[[], object], reset: Callable[[], object] = lambda: None, *,
+                memory: bool = False, warmup: Optional[int] = None,
+                repeats: Optional[int] = None) -> Measured:
+        """The first call (compilation, autotuning) timed on its own, then the peak extra
+        memory when asked, then the timed runs (``reset()`` after each: drop gradients...).
+        Out of memory and any other failure are results, never raised."""
+        try:
+            start = time.perf_counter()
+            fn()
+            self.synchronize()
+            first = time.perf_counter() - start
+            reset()
+            extra = self.peak_extra_mb(fn) if memory else None
+            reset()
+            timing = self.time(lambda: (fn(), reset()), warmup, repeats)
+            return Measured(timing, extra, first)
+        except Exception as err:  # KeyboardInterrupt is not an Exception: it ends the run
+            return Measured(status="oom" if is_out_of_memory(err) else "error",
+                            error=short_reason(err))
+        finally:
+            reset()
+            self.empty_cache()
+
 
 def time_ms(fn, warmup: int = 10, repeats: int = 50, device: str | torch.device = "cuda") -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup, rep=repeats, return_mode="median"))
-    for _ in range(max(1, warmup // 10)):
-        fn()
-    samples = []
-    for _ in range(max(3, repeats // 10)):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    """Median wall time of ``fn()`` in milliseconds (on a CPU at least 1 warm-up call and 3
+    samples)."""
+    if torch.device(device).type != "cuda":
+        warmup, repeats = max(10, warmup), max(30, repeats)
+    return Meter(device).time(fn, warmup, repeats).median_ms
 
 
 def peak_extra_mb(fn, device: str | torch.device = "cuda") -> float | None:
     """Peak CUDA memory allocated by ``fn()`` beyond what was allocated before it, in MB."""
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 1e6
+    return Meter(device).peak_extra_mb(fn)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

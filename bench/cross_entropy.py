@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.common import markdown_table, peak_extra_mb, time_ms
+from gptfast.bench.common import Meter, compiled, markdown_table, time_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IGNORE_EVERY = 50  # every 50th target is ignore_index, as padding would be
@@ -62,7 +62,7 @@ def cross_entropy_providers():
         return F.cross_entropy(logits, target)
 
     providers = {"gptfast": ours, "eager fp32 upcast": eager_upcast, "eager native": eager_native,
-                 "torch.compile": torch.compile(eager_upcast, dynamic=False)}
+                 "torch.compile": compiled(eager_upcast, dynamic=False)}
     liger = _liger("LigerCrossEntropyLoss")
     if liger is not None:
         providers["Liger"] = liger()
@@ -80,7 +80,7 @@ def linear_providers():
     def eager(x, weight, target):
         return F.cross_entropy((x @ weight.t()).float(), target)
 
-    providers = {"gptfast": ours, "eager": eager, "torch.compile": torch.compile(eager, dynamic=False)}
+    providers = {"gptfast": ours, "eager": eager, "torch.compile": compiled(eager, dynamic=False)}
     liger = _liger("LigerFusedLinearCrossEntropyLoss")
     if liger is not None:
         module = liger()
@@ -90,31 +90,20 @@ def linear_providers():
 
 # --------------------------------------------------------------------------- measuring --
 
-def _short_reason(err):
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text[:160]}"
+def measure(step, reset, meter):
+    """('ms / MB' or OOM / n/a, the failure's reason, the Measured) of step(); reset() between
+    runs drops the gradients."""
+    measured = meter.measure(step, reset, memory=True)
+    if measured.status == "oom":
+        return "OOM", None, measured
+    if measured.status != "ok":  # a provider that cannot run this case is a result
+        return "n/a", measured.error, measured
+    extra = "-" if measured.extra_mb is None else f"{measured.extra_mb:.1f}"
+    return f"{measured.ms:.2f} / {extra}", None, measured
 
 
-def measure(step, reset):
-    """'ms / MB' of step() (reset() between runs drops the gradients), or OOM / n/a."""
-    try:
-        step()  # compile / JIT outside the timed region
-        reset()
-        extra = peak_extra_mb(step)
-        reset()
-        ms = time_ms(lambda: (step(), reset()))
-        return f"{ms:.2f} / {extra:.1f}", None
-    except torch.cuda.OutOfMemoryError:
-        return "OOM", None
-    except Exception as err:  # a provider that cannot run this case is a result
-        return "n/a", _short_reason(err)
-    finally:
-        reset()
-        torch.cuda.empty_cache()
-
-
-def _target(rows, vocab):
-    target = torch.randint(0, vocab, (rows,), device="cuda")
+def _target(rows, vocab, device):
+    target = torch.randint(0, vocab, (rows,), device=device)
     target[::IGNORE_EVERY] = -100
     return target
 
@@ -128,7 +117,7 @@ def _loss_gap(loss_fn, inputs, expected):
         return None
 
 
-def _cross_entropy_cell(loss_fn, base, target, expected):
+def _cross_entropy_cell(loss_fn, base, target, expected, meter):
     logits = base.clone().requires_grad_()
     gap = _loss_gap(loss_fn, (base.clone().requires_grad_(), target), expected)
 
@@ -138,10 +127,10 @@ def _cross_entropy_cell(loss_fn, base, target, expected):
     def reset():
         logits.grad = None
 
-    return (*measure(step, reset), gap)
+    return (*measure(step, reset, meter), gap)
 
 
-def _linear_cell(loss_fn, x0, w0, target, expected):
+def _linear_cell(loss_fn, x0, w0, target, expected, meter):
     x, weight = x0.clone().requires_grad_(), w0.clone().requires_grad_()
     gap = _loss_gap(loss_fn, (x, weight, target), expected)
 
@@ -151,33 +140,40 @@ def _linear_cell(loss_fn, x0, w0, target, expected):
     def reset():
         x.grad = weight.grad = None
 
-    return (*measure(step, reset), gap)
+    return (*measure(step, reset, meter), gap)
 
 
-def bench_cross_entropy(rows, vocab, dtype, providers):
-    base = (torch.randn(rows, vocab, device="cuda") * 2).to(dtype)
-    target = _target(rows, vocab)
+def _fill_row(row, notes, cell, name, size):
+    row[name], note, row["measured"][name], row[f"{name} |dloss|"] = cell
+    if note:
+        notes.append(f"{name} N={size}: {note}")
+
+
+def bench_cross_entropy(rows, vocab, dtype, providers, device="cuda", meter=None):
+    """One row: "ms / MB" and |dloss| per provider; ``row["measured"]`` their Measured."""
+    meter = meter or Meter(device)
+    base = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
+    target = _target(rows, vocab, device)
     with torch.no_grad():
         expected = F.cross_entropy(base.float(), target).item()
-    row, notes = {"N": rows, "V": vocab}, []
+    row, notes = {"N": rows, "V": vocab, "measured": {}}, []
     for name, loss_fn in providers.items():
-        row[name], note, row[f"{name} |dloss|"] = _cross_entropy_cell(loss_fn, base, target, expected)
-        if note:
-            notes.append(f"{name} N={rows}: {note}")
+        _fill_row(row, notes, _cross_entropy_cell(loss_fn, base, target, expected, meter),
+                  name, rows)
     return row, notes
 
 
-def bench_linear(rows, hidden, vocab, dtype, providers):
-    x0 = torch.randn(rows, hidden, device="cuda").to(dtype)
-    w0 = (torch.randn(vocab, hidden, device="cuda") / hidden ** 0.5).to(dtype)
-    target = _target(rows, vocab)
+def bench_linear(rows, hidden, vocab, dtype, providers, device="cuda", meter=None):
+    """As :func:`bench_cross_entropy`, for cross_entropy(x @ W.T, target)."""
+    meter = meter or Meter(device)
+    x0 = torch.randn(rows, hidden, device=device).to(dtype)
+    w0 = (torch.randn(vocab, hidden, device=device) / hidden ** 0.5).to(dtype)
+    target = _target(rows, vocab, device)
     with torch.no_grad():
         expected = F.cross_entropy((x0 @ w0.t()).float(), target).item()
-    row, notes = {"N": rows, "C": hidden, "V": vocab}, []
+    row, notes = {"N": rows, "C": hidden, "V": vocab, "measured": {}}, []
     for name, loss_fn in providers.items():
-        row[name], note, row[f"{name} |dloss|"] = _linear_cell(loss_fn, x0, w0, target, expected)
-        if note:
-            notes.append(f"{name} N={rows}: {note}")
+        _fill_row(row, notes, _linear_cell(loss_fn, x0, w0, target, expected, meter), name, rows)
     return row, notes
 
 

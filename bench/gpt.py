@@ -38,6 +38,7 @@ import torch
 import gptfast
 from gptfast.model import GPT, GPTConfig, device_peak_flops
 
+from .common import Meter, compiled, is_out_of_memory, short_reason
 from .nanogpt import NanoGPT
 
 
@@ -63,7 +64,7 @@ IMPL_ALIASES = {"eager": "nanogpt-eager", "compile": "nanogpt-compile",
                 "reference": "gptfast-reference"}
 BASELINE = "nanogpt-eager"
 MODES = ("train", "infer")
-MODELS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODELS = ("micro", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MAX_CONTEXT_LENGTH = 65536  # the longest T the sweep accepts
 VOCAB_SIZE = 50304          # GPT-2's 50257 padded to a multiple of 64, as nanoGPT trains it
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,9 +96,12 @@ class GPTCell:
 # ----------------------------------------------------------------------------- models --
 
 def model_config(model: str, context_length: int) -> GPTConfig:
-    """The config of ``model`` ("tiny": 2 layers, 4 heads, 128 wide; or a GPT-2 size) with
-    nanoGPT's padded vocabulary and a block_size that fits ``context_length``."""
-    if model == "tiny":
+    """The config of ``model`` ("tiny": 2 layers, 4 heads, 128 wide; "micro": 2 layers, 2 heads,
+    32 wide and a 512-token vocabulary, for smoke runs; or a GPT-2 size) with nanoGPT's padded
+    vocabulary and a block_size that fits ``context_length``."""
+    if model == "micro":
+        base = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=512)
+    elif model == "tiny":
         base = GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=VOCAB_SIZE)
     else:
         base = GPTConfig.preset(model, vocab_size=VOCAB_SIZE)
@@ -140,7 +144,7 @@ def make_step(cell: GPTCell, settings: GPTSettings) -> Callable[[], None]:
     torch.manual_seed(0)
     with device:
         model = GPT(config) if impl.family == "gptfast" else NanoGPT(config)
-    runner = torch.compile(model) if impl.compiled else model
+    runner = compiled(model) if impl.compiled else model
     tokens = torch.randint(config.vocab_size, (cell.batch_size, cell.context_length + 1),
                            device=device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -184,34 +188,16 @@ class StepTimes:
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int,
                repeats: int) -> StepTimes:
     """Run ``warmup`` untimed steps (timed as a whole), then ``repeats`` timed ones."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    meter = Meter(device)
     start = time.perf_counter()
     step()
-    sync()
+    meter.synchronize()
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         step()
-    sync()
+    meter.synchronize()
     warm = time.perf_counter() - start
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for begin, end in events:
-            begin.record()
-            step()
-            end.record()
-        sync()
-        samples = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        samples = []
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            step()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return StepTimes(first, warm, samples)
+    return StepTimes(first, warm, meter.samples_ms(step, repeats))
 
 
 def percentile(samples: list, q: float) -> float:
@@ -251,8 +237,7 @@ def measure(cell: GPTCell, settings: GPTSettings) -> dict:
         "step_ms_max": max(times.samples_ms),
         "tflops": flops / 1e12,
         "mfu": None if peak is None else flops / peak,
-        "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 1e9
-                        if device.type == "cuda" else None),
+        "peak_mem_gb": Meter(device).peak_gb(),
         "first_step_s": times.first_step_s,
         "warmup_s": times.warmup_s,
         "warmup_steps": settings.warmup,
@@ -260,24 +245,15 @@ def measure(cell: GPTCell, settings: GPTSettings) -> dict:
     }
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    # compiled code and some CUDA paths raise a plain RuntimeError/other wrapper saying so
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _short_message(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _fresh_start(device: torch.device, compiled: bool) -> None:
+def _fresh_start(device: torch.device, is_compiled: bool) -> None:
     """Drop what earlier cells left (compiled graphs, cached blocks) and restart peak memory."""
-    if compiled:
+    if is_compiled:
         torch._dynamo.reset()
-    if device.type == "cuda":  # on a CPU nothing is measured that a late free would change
+    meter = Meter(device)
+    if meter.cuda:  # on a CPU nothing is measured that a late free would change
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    meter.empty_cache()
+    meter.reset_peak()
 
 
 def run_cell(cell: GPTCell, settings: GPTSettings) -> dict:
@@ -285,12 +261,12 @@ def run_cell(cell: GPTCell, settings: GPTSettings) -> dict:
     row = {"suite": "gpt", "mode": cell.mode, "impl": cell.impl, "model": settings.model,
            "batch_size": cell.batch_size, "context_length": cell.context_length,
            "tokens_per_step": cell.batch_size * cell.context_length}
-    compiled = IMPLS[cell.impl].compiled
-    _fresh_start(settings.device, compiled)
+    is_compiled = IMPLS[cell.impl].compiled
+    _fresh_start(settings.device, is_compiled)
     try:
         row.update(measure(cell, settings), status="ok")
     except Exception as err:  # KeyboardInterrupt is not an Exception: it ends the sweep
-        row.update(status="oom" if is_out_of_memory(err) else "error", error=_short_message(err))
+        row.update(status="oom" if is_out_of_memory(err) else "error", error=short_reason(err))
     # here, after the handler, the traceback and the model its frames held are released
-    _fresh_start(settings.device, compiled)
+    _fresh_start(settings.device, is_compiled)
     return row

@@ -20,12 +20,13 @@ Triton interpreter as a sanity check and exits 0 (interpreter timings mean nothi
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 import torch
 
-from .common import markdown_table, parse_pairs, time_ms
+from .common import Measured, Meter, compiled, markdown_table, parse_pairs
 
 DEFAULT_SIZES = "16384x768,65536x768,16384x4096,8192x8192"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,7 +57,7 @@ def implementations(param_dtype_is_x: bool):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, EPS)
 
     impls = {"gptfast": (ours, not param_dtype_is_x), "eager": (eager, False),
-             "compile": (torch.compile(eager, dynamic=False), False)}
+             "compile": (compiled(eager, dynamic=False), False)}
     liger = _liger()
     if liger is not None:
         impls["liger"] = (liger, False)
@@ -67,29 +68,33 @@ def _gbps(nbytes: int, ms: float | None) -> float | None:
     return None if ms is None else nbytes / (ms * 1e-3) / 1e9
 
 
-def _measure(fn, device="cuda"):
-    """Median ms of fn, or None when it runs out of memory or fails (reported, not raised)."""
-    try:
-        fn()  # compiles/JITs outside the timed region
-        return time_ms(fn, device=device)
-    except torch.cuda.OutOfMemoryError:
-        print("  out of memory", file=sys.stderr)
-    except Exception as err:  # a baseline that cannot run this case is a '-' in the table
-        print(f"  failed: {type(err).__name__}: {err}", file=sys.stderr)
-    finally:
-        torch.cuda.empty_cache()
-    return None
+def _measure(fn, meter, label) -> Measured:
+    """The Measured of fn; a failure or OOM is reported on stderr and kept, not raised."""
+    measured = meter.measure(fn)
+    if measured.status != "ok":  # a baseline that cannot run this case is a '-' in the table
+        print(f"  {label}: {measured.status}: {measured.error}", file=sys.stderr)
+    return measured
 
 
-def bench_size(n: int, c: int, dtype: torch.dtype, impls, device: str = "cuda") -> dict:
+def bench_size(n: int, c: int, dtype: torch.dtype, impls, device: str = "cuda",
+               meter: Meter | None = None) -> dict:
+    """One row of GB/s per implementation and pass, and the copy; ``row["measured"]`` holds
+    each cell's Measured and ``row["bytes"]`` the bytes it counts."""
+    meter = meter or Meter(device)
     act = torch.empty(0, dtype=dtype).element_size()
     x = torch.randn(n, c, device=device, dtype=dtype)
     dy = torch.randn_like(x)
-    row = {"N x C": f"{n} x {c}", "dtype": str(dtype).replace("torch.", "")}
+    row = {"N x C": f"{n} x {c}", "dtype": str(dtype).replace("torch.", ""), "measured": {},
+           "bytes": {}}
+
+    def record(column, nbytes, fn):
+        measured = row["measured"][column] = _measure(fn, meter, f"{n}x{c} {column}")
+        row["bytes"][column] = nbytes
+        row[column] = _gbps(nbytes, measured.ms)
 
     dst = torch.empty_like(x)
-    row["copy"] = _gbps(2 * x.numel() * act, _measure(lambda: dst.copy_(x), device))
-    del dst
+    record("copy", 2 * x.numel() * act, functools.partial(dst.copy_, x))
+    del dst  # freed before the implementations run
 
     for name, (fn, fp32_params) in impls.items():
         p_dtype = torch.float32 if fp32_params else dtype
@@ -101,14 +106,16 @@ def bench_size(n: int, c: int, dtype: torch.dtype, impls, device: str = "cuda") 
         bwd_bytes = 3 * x.numel() * act + 2 * c * p_size
         print(f"{n}x{c} {name}", file=sys.stderr)
 
-        with torch.no_grad():
-            row[f"{name} fwd"] = _gbps(fwd_bytes, _measure(lambda: fn(x, w, b), device))
+        def forward():
+            with torch.no_grad():
+                fn(x, w, b)
 
         def step():
             y = fn(xg, w, b)
             torch.autograd.grad(y, (xg, w, b), dy)  # no .grad accumulation in the timing
 
-        row[f"{name} fwd+bwd"] = _gbps(fwd_bytes + bwd_bytes, _measure(step, device))
+        record(f"{name} fwd", fwd_bytes, forward)
+        record(f"{name} fwd+bwd", fwd_bytes + bwd_bytes, step)
     return row
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from . import gpt, kernel_suite, loader_suite, report
+from . import gpt, headline, kernel_suite, loader_suite, report
 
 SUITES = ("gpt", "kernels", "loader")
 
@@ -105,9 +105,11 @@ def _count(minimum: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     impls = "; ".join(f"{name}: {impl.description}" for name, impl in gpt.IMPLS.items())
-    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all",
+    parser.add_argument("--suite", choices=(*SUITES, "all", "headline"), default="all",
                         help="what to run (default all): the GPT step sweep, the kernel "
-                             "benchmarks (CUDA only), the token loader")
+                             "benchmarks (CUDA only), the token loader; or headline: the "
+                             "whole GPU verdict against ANCHORS.md in one time-boxed run "
+                             "(its own options below; the sweep options do not apply)")
     parser.add_argument("--model", choices=gpt.MODELS, default=None,
                         help="GPT size for the gpt suite (default gpt2 on CUDA, tiny on CPU: "
                              "2 layers, 128 wide)")
@@ -136,6 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed steps per cell")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output directory (default bench-results/<timestamp>/)")
+    headline.add_arguments(parser)
     parser.set_defaults(bench_parser=parser)
 
 
@@ -241,7 +244,7 @@ def collect_units(plan: Plan) -> tuple[list, list]:
 # ---------------------------------------------------------------------------------- run --
 
 @contextlib.contextmanager
-def _nanogpt_matmul_precision(device: torch.device):
+def nanogpt_matmul_precision(device: torch.device):
     """TF32 for fp32 matmuls and convolutions on CUDA, as nanoGPT's train.py sets it."""
     if device.type != "cuda":
         yield
@@ -259,7 +262,7 @@ def _sweep(units, writer, device) -> bool:
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal only; the per-row lines go to stdout either way
-    with _nanogpt_matmul_precision(device), tqdm(total=len(units), unit="cell", disable=None,
+    with nanogpt_matmul_precision(device), tqdm(total=len(units), unit="cell", disable=None,
                                                  dynamic_ncols=True) as bar:
         try:
             for label, run in units:
@@ -273,17 +276,27 @@ def _sweep(units, writer, device) -> bool:
     return False
 
 
+def _usage_error(args: argparse.Namespace, err: Exception) -> int:
+    parser = getattr(args, "bench_parser", None)
+    if parser is not None:
+        parser.error(str(err))  # exits 2, as argparse does for a bad argument
+    print(f"gptfast bench: error: {err}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     from . import plots  # matplotlib: loaded only when a run writes figures
 
+    if args.suite == "headline":
+        return headline.run(args)
+    given = [f"--{name.replace('_', '-')}" for name in headline.HEADLINE_ONLY
+             if getattr(args, name, None) not in (None, False)]
+    if given:
+        return _usage_error(args, UsageError(f"{', '.join(given)}: only with --suite headline"))
     try:
         plan = make_plan(args)
     except UsageError as err:
-        parser = getattr(args, "bench_parser", None)
-        if parser is not None:
-            parser.error(str(err))  # exits 2, as argparse does for a bad argument
-        print(f"gptfast bench: error: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(args, err)
     units, notes = collect_units(plan)
     context = report.run_context(plan.device, plan.dtype, plan.started)
     model = gpt.describe_model(plan.gpt.model) if "gpt" in plan.suites else None

@@ -142,7 +142,8 @@ COMMANDS = {
     "prepare": ("tokenize .txt/.jsonl documents with tiktoken into llm.c token shards",
                 "gptfast.prepare"),
     "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
-              "context length; writes results.jsonl, results.md and PNG plots",
+              "context length; writes results.jsonl, results.md and PNG plots. "
+              "--suite headline: the whole GPU verdict against ANCHORS.md in one time-boxed run",
               "gptfast.bench.sweep"),
     "train": ("train a GPT on token shards (nanoGPT's recipe; DDP under torchrun), with "
               "checkpoints that resume exactly", "gptfast.train"),
