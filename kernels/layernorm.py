@@ -36,8 +36,8 @@ by timing, which would make results differ between processes.
 
 Each op is a ``torch.library.custom_op`` ("gptfast::layer_norm_fwd" ...) with a fake
 implementation and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
-A backward with ``create_graph=True`` (double backward) recomputes the op with
-``gptfast.reference`` and differentiates that, so second derivatives are exact.
+A backward with ``create_graph=True`` (double backward) evaluates the backward formulas
+above with differentiable torch ops instead of the kernel, so second derivatives are exact.
 """
 
 import contextlib
@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from gptfast import reference
-from gptfast.double_backward import creating_graph, reference_grads
+from gptfast.double_backward import creating_graph
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -552,18 +552,34 @@ def _grads(ctx, dy, ds, param_index, through_op):
 
 
 def _differentiable_grads(ctx, dy, ds, param_index):
-    """(dx, dr, dw, db) as :func:`_grads`, from the reference formula with a graph (double
-    backward). For add_layer_norm the saved input is s = x + r, so dx = dr = ds + d/ds."""
+    """(dx, dr, dw, db) as :func:`_grads`, but as torch ops with a graph (double backward).
+
+    The module docstring's backward formulas, written with differentiable torch ops on what
+    forward saved. Not autograd.grad of the reference op: for add_layer_norm the saved input
+    is the output s, whose graph runs back through this very node (which also has edges to
+    the weight), so differentiating with respect to the weight would re-enter this backward.
+    For add_layer_norm dx = dr = ds + d/ds.
+    """
     s, weight, bias, _, _ = ctx.saved_tensors
     x_dtype, r_dtype = ctx.dtypes
-    needed = (True, ctx.needs_input_grad[param_index], ctx.needs_input_grad[param_index + 1])
-    d_input, dw, db = reference_grads(
-        lambda s, weight, bias: reference.layer_norm(s, weight, bias, ctx.eps),
-        (s, weight, bias), needed, (dy,))
-    if d_input is None:  # only s was used downstream
-        d_input = torch.zeros_like(s)
+    need_dw = weight is not None and ctx.needs_input_grad[param_index]
+    need_db = bias is not None and ctx.needs_input_grad[param_index + 1]
+    acc = reference.compute_dtype(s.dtype)
+    C = s.shape[-1]
+    s32 = s.to(acc)
+    centred = s32 - s32.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + ctx.eps)
+    xhat = centred * rstd
+    if dy is None:  # only s was used downstream
+        d_input, dw, db = torch.zeros_like(s32), None, None
+    else:
+        dy32 = dy.to(acc)
+        g = dy32 if weight is None else dy32 * weight.to(acc)
+        d_input = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (dy32 * xhat).reshape(-1, C).sum(0).to(weight.dtype) if need_dw else None
+        db = dy32.reshape(-1, C).sum(0).to(bias.dtype) if need_db else None
     if ds is not None:
-        d_input = d_input + ds
+        d_input = d_input + ds.to(acc)
     dr = None if r_dtype is None else d_input.to(r_dtype)
     return d_input.to(x_dtype), dr, dw, db
 
