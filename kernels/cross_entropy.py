@@ -38,6 +38,10 @@ other check (Liger's behaviour; for benchmarks).
 A row whose target is out of range and not ``ignore_index`` raises ValueError after the
 kernel has run: the logits may already hold gradients then.
 
+Kept logits are saved for backward, which recomputes the softmax from them, so editing them
+in place between forward and backward raises there (version counter); torch's own
+cross_entropy saves its log-softmax instead and would not notice.
+
 Double backward (``create_graph=True``): with kept logits backward recomputes the loss with
 ``gptfast.reference`` and differentiates it with a graph; with overwritten logits the
 gradient is returned wired to an error (see ``gptfast.double_backward``).
