@@ -123,6 +123,8 @@ void TokenLoaderCore::start(uint64_t position) {
     stopping_ = false;
     worker_error_ = nullptr;
   }
+  for (const Shard& shard : shards_) shard.check_not_truncated();
+  checked_epoch_.store(sampler_.epoch_of(position));
   owner_pid_ = static_cast<int>(::getpid());
   for (size_t i = 0; i < config_.num_threads; ++i) threads_.emplace_back(&TokenLoaderCore::worker_loop, this);
 }
@@ -223,6 +225,7 @@ void TokenLoaderCore::fill(uint64_t batch, void* data, std::vector<WindowRef>& w
   if (batch == fail_at_batch_.load()) {
     throw std::runtime_error("injected failure while filling batch " + std::to_string(batch));
   }
+  check_shards_once_per_epoch(batch);
   const uint64_t B = config_.sampler.batch_size, T = config_.sampler.block_size;
   sampler_.batch_windows(batch, windows.data());
   uint64_t bytes_read = 0;
@@ -252,6 +255,15 @@ void TokenLoaderCore::fill(uint64_t batch, void* data, std::vector<WindowRef>& w
     }
   }
   count_bytes_read(bytes_read);
+}
+
+void TokenLoaderCore::check_shards_once_per_epoch(uint64_t batch) {
+  const uint64_t epoch = sampler_.epoch_of(batch);
+  uint64_t checked = checked_epoch_.load();
+  // One worker claims each new epoch's check; the others go on reading meanwhile.
+  if (checked != UINT64_MAX && epoch <= checked) return;
+  if (!checked_epoch_.compare_exchange_strong(checked, epoch)) return;
+  for (const Shard& shard : shards_) shard.check_not_truncated();
 }
 
 void TokenLoaderCore::count_bytes_read(uint64_t bytes) {

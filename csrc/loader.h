@@ -95,6 +95,9 @@ class TokenLoaderCore {
 
   void worker_loop();
   void fill(uint64_t batch, void* data, std::vector<WindowRef>& windows);
+  // Shard::check_not_truncated on every shard, once per epoch (the first batch of an epoch
+  // that a worker fills) and at start(); throws like it.
+  void check_shards_once_per_epoch(uint64_t batch);
   void count_bytes_read(uint64_t bytes);
 
   LoaderConfig config_;
@@ -115,6 +118,7 @@ class TokenLoaderCore {
   int owner_pid_ = 0;  // the process that started threads_
 
   std::atomic<uint64_t> bytes_since_release_{0};
+  std::atomic<uint64_t> checked_epoch_{UINT64_MAX};
   std::atomic<uint64_t> fail_at_batch_{UINT64_MAX};
 };
 

@@ -91,12 +91,18 @@ Layout parse_layout(const std::string& path, const int32_t* header, size_t heade
 }  // namespace
 
 Shard::Shard(std::string path) : path_(std::move(path)) {
-  int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+  // It changes nothing for the regular files that pass the check below.
+  int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) throw_os_error(errno, path_, "open");
   try {
     struct stat info;
     if (::fstat(fd, &info) != 0) throw_os_error(errno, path_, "stat");
-    if (!S_ISREG(info.st_mode)) throw_bad_shard(path_, "not a regular file");
+    if (!S_ISREG(info.st_mode)) {
+      throw_bad_shard(path_, "not a regular file (a FIFO, socket or device can't be memory-mapped)");
+    }
+    device_ = static_cast<uint64_t>(info.st_dev);
+    inode_ = static_cast<uint64_t>(info.st_ino);
     const uint64_t file_bytes = static_cast<uint64_t>(info.st_size);
 
     int32_t header[kHeaderInts] = {};
@@ -124,6 +130,8 @@ Shard::Shard(std::string path) : path_(std::move(path)) {
 
 Shard::Shard(Shard&& other) noexcept
     : path_(std::move(other.path_)),
+      device_(other.device_),
+      inode_(other.inode_),
       mapping_(other.mapping_),
       mapping_bytes_(other.mapping_bytes_),
       tokens_(other.tokens_),
@@ -144,5 +152,21 @@ void Shard::advise(int advice) const {
 }
 
 void Shard::release_pages() const { advise(MADV_DONTNEED); }
+
+void Shard::check_not_truncated() const {
+  struct stat info;
+  if (mapping_ == nullptr || ::stat(path_.c_str(), &info) != 0) return;  // gone: mapping intact
+  if (static_cast<uint64_t>(info.st_dev) != device_ || static_cast<uint64_t>(info.st_ino) != inode_) {
+    return;
+  }
+  const uint64_t now = static_cast<uint64_t>(info.st_size);
+  if (now < mapping_bytes_) {
+    throw std::runtime_error(path_ + ": the shard shrank from " + std::to_string(mapping_bytes_) +
+                             " to " + std::to_string(now) +
+                             " bytes while the loader maps it; reading past its new end would kill "
+                             "the process (SIGBUS). Don't modify shards in place while a "
+                             "TokenLoader reads them: write a new file and rename it.");
+  }
+}
 
 }  // namespace gptfast

@@ -66,9 +66,17 @@ class Shard {
   // Drops this process's page-table entries for the mapping (MADV_DONTNEED). The data stays
   // in the page cache, so the next read is a minor fault; resident memory stops growing.
   void release_pages() const;
+  // Throws std::runtime_error naming the file when the mapped file (same device and inode
+  // at `path`) is now shorter than the mapping. Reading a mapped page past a file's end
+  // raises SIGBUS, which kills the process; this check (one stat) catches a truncation that
+  // happened before it ran, not one racing with the reads. A file replaced at `path` (a new
+  // inode) is fine: the mapping keeps the old one.
+  void check_not_truncated() const;
 
  private:
   std::string path_;
+  uint64_t device_ = 0;
+  uint64_t inode_ = 0;
   void* mapping_ = nullptr;
   size_t mapping_bytes_ = 0;
   const void* tokens_ = nullptr;

@@ -19,8 +19,8 @@ OPS = ("layer_norm", "add_layer_norm", "causal_attention", "cross_entropy", "lin
 NOTES = (
     "attention dropout > 0 in training (gptfast.nn.CausalSelfAttention) runs PyTorch SDPA, "
     "not the Triton kernel",
-    "cross_entropy on triton writes the gradient into op-made logits during the forward "
-    "(no second N x V buffer); pass keep_logits=True to read the logits afterwards",
+    "cross_entropy keeps the logits by default (backward allocates an N x V gradient); "
+    "keep_logits=False lets triton write the gradient into op-made logits instead",
 )
 
 

@@ -38,6 +38,7 @@ import atexit
 import errno
 import glob
 import os
+import stat
 import warnings
 import weakref
 from collections import deque
@@ -90,7 +91,11 @@ def resolve_paths(path_or_glob: PathLike | Sequence[PathLike]) -> list[str]:
 def shard_layout(path: PathLike) -> tuple[np.dtype, int, int]:
     """(token dtype, header bytes, token count) of a shard, by the rule in the module doc."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):  # open() of a FIFO would wait for a writer forever
+        raise ValueError(f"{path}: not a regular file (a FIFO, socket or device can't be "
+                         f"memory-mapped)")
+    size = info.st_size
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(LLMC_HEADER_BYTES) + bytes(LLMC_HEADER_BYTES), "<i4",
                                count=LLMC_HEADER_INTS)
@@ -264,6 +269,16 @@ class TokenLoader:
     ``epoch``/``position``: the epoch and index of the next batch. ``state_dict()`` /
     ``load_state_dict()`` resume with exactly the batches that would have come next; the state
     holds the shared batch position, so a state saved on any rank resumes every rank.
+
+    Shards must be regular files: a FIFO, socket or device raises ValueError at once (it is
+    never opened for a blocking read). The shards are memory-mapped, so they must not change
+    while a loader reads them: truncating a mapped shard makes the next read past its new end
+    raise SIGBUS, which kills the process, and no Python exception can catch that. The
+    workers re-check every shard's size at start and once per epoch and raise RuntimeError
+    (from the next ``next()``) if one shrank, which catches a truncation between epochs but
+    not one racing with the reads. Replacing a shard by writing a new file and renaming it
+    over the old one is safe (the mapping keeps the old file); the loader keeps reading the
+    old contents until it is recreated.
     """
 
     def __init__(self, path_or_glob, batch_size: int, block_size: int, *, sampler: str = "random",

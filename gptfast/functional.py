@@ -9,6 +9,7 @@ implementation from ``gptfast.reference``.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -50,6 +51,8 @@ def _same_device(reference_name, reference_tensor, **others):
 def _number(name, value, minimum=None, maximum=None, allow_equal_min=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):  # nan passes every comparison below
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if minimum is not None and (value < minimum or (value == minimum and not allow_equal_min)):
         bound = ">=" if allow_equal_min else ">"
         raise ValueError(f"{name} must be {bound} {minimum}, got {value}")
@@ -80,10 +83,18 @@ def _check_layer_norm(x, weight, bias, eps):
     _norm_params(x, weight, bias, eps)
 
 
+# Unsigned types beyond uint8 lack most CPU ops (comparisons included) in torch.
+_UNSIGNED_WIDE = {getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)}
+_INT64 = torch.iinfo(torch.int64)
+
+
 def _check_target(target, rows, logits_name):
     _tensor("target", target, floating=False)
     if target.dtype.is_complex or target.dtype == torch.bool or target.is_floating_point():
         raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if target.dtype in _UNSIGNED_WIDE:
+        raise TypeError(f"target dtype {target.dtype} is not supported (torch has no comparison "
+                        f"ops for it); pass target.long(), or int32/int64 class indices")
     if target.numel() != rows:
         raise ValueError(
             f"target must have one class index per row of {logits_name} ({rows} rows), "
@@ -92,8 +103,9 @@ def _check_target(target, rows, logits_name):
 
 
 def _check_target_range(target, vocab, ignore_index):
-    """Data-dependent range check; skipped while torch.compile traces (kernels check inside)."""
-    if target.numel() == 0 or torch.compiler.is_compiling():
+    """Data-dependent range check; skipped while torch.compile traces (kernels check inside)
+    and for meta tensors (no values to check; the reference ops run on them for shapes)."""
+    if target.numel() == 0 or target.is_meta or torch.compiler.is_compiling():
         return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
@@ -107,6 +119,8 @@ def _check_target_range(target, vocab, ignore_index):
 def _check_loss_options(ignore_index, reduction, label_smoothing, z_loss):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64.min <= ignore_index <= _INT64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _number("label_smoothing", label_smoothing, minimum=0.0, maximum=1.0)
@@ -127,6 +141,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x, == ``F.layer_norm(x, (C,), weight, bias, eps)``.
 
     Returns ``x.dtype``; weight/bias may be fp32 with half-precision x (as under autocast).
+    Rows holding inf or NaN give NaN on every backend. A finite row whose variance overflows
+    fp32 (|x| beyond about 1e19) normalises to 0 on the Triton backend (the output is the
+    bias); torch's CPU kernel, hence the reference backend on CPU, gives NaN for such rows.
     """
     _check_layer_norm(x, weight, bias, eps)
     return _run("layer_norm", x.device, (x, weight, bias, eps))
@@ -178,18 +195,24 @@ def causal_attention(q, k, v, scale=None):
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, *, keep_logits=False):
+                  label_smoothing=0.0, z_loss=0.0, *, keep_logits=True):
     """Cross-entropy of logits (..., V) against class indices target (...), like F.cross_entropy.
 
     ``reduction``: "mean" over non-ignored rows (0 if all are ignored), "sum", or "none"
     (per-row losses in target's shape, 0 at ignored rows). ``z_loss`` adds
     ``z_loss * logsumexp^2`` per row. The loss is fp32 (fp64 for fp64 logits).
 
-    Memory: on the Triton backend, when autograd needs the gradient of logits produced by an
-    op (``lm_head(h)``), the kernel writes that gradient into the logits buffer during the
-    forward, so no second N x V tensor exists; the logits then hold gradients, not logits.
-    Pass ``keep_logits=True`` if you read the logits after the loss (the backward then
-    allocates the gradient). Leaf tensors are never overwritten.
+    Memory: by default the logits are left as they are and backward allocates their N x V
+    gradient, on every backend. ``keep_logits=False`` promises that nothing reads the logits
+    after this call (no second loss on them, no ``logits ** 2`` afterwards, not returned to
+    a caller who reads them): the Triton backend then writes the gradient into the logits
+    buffer during the forward, so the loss costs O(N) extra memory, and the logits hold
+    gradients afterwards. Even then it writes only where no answer it can see would change:
+    logits made by an op (never a leaf or a view of one), with rows that do not overlap in
+    memory (not ``expand``ed); a second gptfast loss on logits it overwrote raises
+    RuntimeError, and so do a node that saved the logits before the loss and a second
+    backward (``retain_graph=True``), when they reach backward. A later read by other code
+    cannot be seen: that part of the promise is the caller's.
     """
     _tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] == 0:

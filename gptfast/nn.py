@@ -70,13 +70,13 @@ class CrossEntropyLoss(nn.Module):
     whose classes are dim 1 for inputs of more than 2 dims); target holds one index per row.
     ``z_loss`` adds ``z_loss * logsumexp(logits)^2`` per row.
 
-    As ``gptfast.cross_entropy``: on the Triton backend, logits produced by an op whose
-    gradient autograd needs are overwritten by that gradient (they are usually dead once the
-    loss exists), so do not read them afterwards, or pass ``keep_logits=True``.
+    As ``gptfast.cross_entropy``: ``keep_logits=False`` promises that nothing reads the
+    logits after the loss, and lets the Triton backend write their gradient into them (O(N)
+    extra memory instead of N x V); the default keeps them.
     """
 
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 keep_logits=False):
+                 keep_logits=True):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction

@@ -40,6 +40,10 @@ are read in place. O, dQ, dK and dV are allocated (B, T, H, D)-major and returne
 Head dims 1..256 (BLOCK_D = next power of two >= 16, padded columns masked), any T >= 0,
 fp16/bf16 (fp32 too, with tf32 dots when ``torch.backends.cuda.matmul.allow_tf32``).
 
+Double backward (``create_graph=True``) is not implemented: the gradients come back wired
+to an error, so differentiating them again raises RuntimeError instead of dropping the
+second-order terms (``gptfast.double_backward``).
+
 Under torch.compile both passes are torch custom ops (``gptfast::causal_attention_forward``
 / ``gptfast::causal_attention_backward``) with fake implementations and a registered
 autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single graph nodes.
@@ -57,6 +61,7 @@ import triton
 import triton.language as tl
 
 from gptfast.backend import interpreter_enabled
+from gptfast.double_backward import creating_graph, raise_if_differentiated
 
 # triton.jit decides at definition time whether kernels run in the interpreter.
 _INTERPRET = interpreter_enabled()
@@ -673,10 +678,18 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse2)
 
 
+def _no_double_backward(grads):
+    """The gradients, wired to an error if create_graph=True asks to differentiate them."""
+    if not creating_graph():
+        return grads
+    return raise_if_differentiated(grads, "causal_attention", "it has no second-order formula")
+
+
 def _backward(ctx, do, _dlse2):
     q, k, v, o, lse2 = ctx.saved_tensors
-    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
-    return dq, dk, dv, None
+    with torch.no_grad():
+        dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
+    return (*_no_double_backward((dq, dk, dv)), None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -699,8 +712,9 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
-        return dq, dk, dv, None
+        with torch.no_grad():
+            dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
+        return (*_no_double_backward((dq, dk, dv)), None)
 
 
 def causal_attention(q, k, v, scale=None):

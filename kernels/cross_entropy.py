@@ -15,21 +15,36 @@ the extra memory is O(N), the traffic one read and one write of the logits. Back
 multiplies that buffer by the upstream gradient in place, and skips rows whose factor is
 exactly 1, so ``loss.backward()`` on a bf16 mean or sum costs one tiny launch.
 
-When the logits are overwritten (``LOGITS_POLICY``, set with :func:`logits_policy`):
-- ``"auto"`` (default): only when autograd needs their gradient and they are a non-leaf
-  produced by an op (``lm_head(h)``, ``h @ W.T``), and, for a view, its base is too. A leaf
-  tensor (a parameter, or an input the caller made with ``requires_grad=True``) and views of
-  one are never written. The kernel bumps the version counter of the logits, so an autograd
-  node that saved them (e.g. ``logits = tanh(y)`` saves its output) raises in backward
-  instead of reading the gradient. What it cannot see is a plain Python reference: a caller
-  who reads the logits after computing the loss (say, to return them next to it) must use
-  ``logits_policy("keep")``.
-- ``"keep"``: never; the forward only computes the loss and backward recomputes the
-  softmax from the kept logits into a new gradient tensor.
-- ``"overwrite"``: whenever autograd needs their gradient, leaves included (Liger's
-  behaviour; for benchmarks and for callers who know the logits are dead).
+When the logits are overwritten. Only the caller knows whether anything reads the logits
+after the loss (a second loss, ``logits ** 2`` computed afterwards, logits returned to a
+caller); no check at forward time can see a later read. So the default keeps them: the
+forward computes only the loss and backward writes the gradient into a new N x V tensor.
+The O(N) path is explicit: ``keep_logits=False`` is the caller's promise that the loss is
+the logits' last reader. Even then (``LOGITS_POLICY`` "auto", the default) the kernel writes
+into them only when it cannot change any answer that the kernel itself can see:
+- the logits are a non-leaf made by an op (``lm_head(h)``), and so is their base; a leaf
+  (a parameter, a tensor made with ``requires_grad=True``) and its views are never written;
+- their rows do not overlap in memory (``expand``ed or ``as_strided`` logits get a separate
+  gradient buffer; writing into shared rows would corrupt the very rows still being read);
+- they were not overwritten already: a second gptfast cross_entropy on the same logits (and
+  same version) raises RuntimeError instead of reading gradients as logits;
+- an autograd node that saved them before the loss (``logits ** 2`` computed first) raises
+  in backward ("modified by an inplace operation"): the write bumps their version counter.
+Backward then scales that buffer in place, so a second backward through the same graph
+(``retain_graph=True``) raises RuntimeError; with the default every backward works.
+:func:`logits_policy` overrides the rule: ``"keep"`` never writes, ``"overwrite"`` writes
+whenever autograd needs the gradient and the rows do not overlap, leaves included, with no
+other check (Liger's behaviour; for benchmarks).
 A row whose target is out of range and not ``ignore_index`` raises ValueError after the
 kernel has run: the logits may already hold gradients then.
+
+Kept logits are saved for backward, which recomputes the softmax from them, so editing them
+in place between forward and backward raises there (version counter); torch's own
+cross_entropy saves its log-softmax instead and would not notice.
+
+Double backward (``create_graph=True``): with kept logits backward recomputes the loss with
+``gptfast.reference`` and differentiates it with a graph; with overwritten logits the
+gradient is returned wired to an error (see ``gptfast.double_backward``).
 
 linear_cross_entropy: logits = x @ W.T (+ b) in chunks of rows, never N x V at once. For each
 chunk: torch matmul (tensor cores) into one reused chunk buffer, the cross-entropy kernel in
@@ -40,6 +55,11 @@ gradients by the scalar upstream gradient. For "none" the upstream gradient diff
 and grad_W sums rows, so it cannot be rescaled afterwards: the forward computes only the
 losses and backward recomputes the logits with each row's upstream gradient folded into
 dlogits (4 GEMMs); fp16 does the same (see ``_folds_mean``). Chunk size: :func:`chunk_rows`.
+Like ``F.linear`` it saves x, W and b for backward (references, not copies), so an in-place
+edit of any of them between forward and backward raises there, as on the reference backend.
+The first backward scales the gradients made in the forward in place; a second backward
+through the same graph (``retain_graph=True``) recomputes them (4 GEMMs), and a
+``create_graph=True`` backward recomputes the loss with ``gptfast.reference`` (N x V logits).
 
 Every kernel call goes through a ``torch.library.custom_op`` ("gptfast::...") with a fake
 implementation, called from a ``torch.autograd.Function`` that dynamo traces, so
@@ -60,7 +80,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gptfast import reference
 from gptfast.backend import interpreter_enabled
+from gptfast.double_backward import creating_graph, raise_if_differentiated, reference_grads
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POLICIES = ("auto", "keep", "overwrite")
@@ -492,19 +514,25 @@ def _backward_scale(grad_loss: torch.Tensor, kept: torch.Tensor, reduction: str,
 
 
 def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad * scale (0-d, or one value per row of grad), in grad's dtype.
+    """grad * scale (0-d, or one value per row of a 2-D grad), in grad's dtype.
 
-    Eager: in place, and rows whose scale is exactly 1 are not touched. Compiled: a
-    pointwise op, because functionalization clones a saved tensor that an op mutates,
-    whereas inductor writes a pointwise result into the saved (donated) buffer itself.
+    Eager: in place, without bumping grad's version counter (grad is a saved tensor that a
+    second backward may still unpack), and rows whose scale is exactly 1 are not touched.
+    Compiled: a pointwise op, because functionalization clones a saved tensor that an op
+    mutates, whereas inductor writes a pointwise result into the saved (donated) buffer itself.
     """
     if torch.compiler.is_compiling():
         factor = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (grad.dim() - 1)))
         return (grad.to(torch.float32) * factor).to(grad.dtype)
-    if grad.dim() == 2:
-        _launch_scale_rows(grad, scale)
-        return grad
-    return grad.mul_(scale.to(grad.dtype))
+    if grad.numel():
+        _launch_scale_rows(grad if grad.dim() == 2 else grad.view(1, -1), scale)
+    return grad
+
+
+SECOND_BACKWARD_AFTER_OVERWRITE = (
+    "gptfast.cross_entropy(..., keep_logits=False) keeps its gradient in the logits buffer and "
+    "the first backward scaled it in place, so it cannot run backward a second time "
+    "(retain_graph=True); pass keep_logits=True (the default) for that")
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -513,6 +541,7 @@ class _CrossEntropy(torch.autograd.Function):
                 overwrite, check_targets):
         kept = _count_kept(target, ignore_index)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, overwrite)
+        ctx.grad_used = False
         if overwrite:
             loss = torch.ops.gptfast.cross_entropy_loss_and_grad_(
                 logits, target, _forward_scale(kept, reduction, logits.dtype), ignore_index,
@@ -528,14 +557,32 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         ignore_index, reduction, label_smoothing, z_loss, overwrite = ctx.options
         if overwrite:
+            if not torch.compiler.is_compiling() and ctx.grad_used:
+                raise RuntimeError(SECOND_BACKWARD_AFTER_OVERWRITE)
             grad, kept = ctx.saved_tensors
+            grad = grad.detach()  # the buffer, without the logits' autograd history
             folded = _folds_mean(grad.dtype, reduction)
-            grad = _scaled(grad, _backward_scale(grad_loss, kept, reduction, folded))
+            if creating_graph():
+                with torch.no_grad():
+                    grad = _scaled(grad, _backward_scale(grad_loss, kept, reduction, folded))
+                (grad,) = raise_if_differentiated(
+                    (grad,), "cross_entropy",
+                    "with keep_logits=False the logits were overwritten by their gradient")
+            else:
+                grad = _scaled(grad, _backward_scale(grad_loss, kept, reduction, folded))
+            if not torch.compiler.is_compiling():
+                ctx.grad_used = True
         else:
             logits, kept, target = ctx.saved_tensors
-            grad = torch.ops.gptfast.cross_entropy_grad(
-                logits, target, _backward_scale(grad_loss, kept, reduction, folded=False),
-                ignore_index, label_smoothing, z_loss)
+            if creating_graph():
+                (grad,) = reference_grads(
+                    lambda rows: reference.cross_entropy(rows, target, ignore_index, reduction,
+                                                         label_smoothing, z_loss),
+                    (logits,), (True,), (grad_loss,))
+            else:
+                grad = torch.ops.gptfast.cross_entropy_grad(
+                    logits, target, _backward_scale(grad_loss, kept, reduction, folded=False),
+                    ignore_index, label_smoothing, z_loss)
         return grad, None, None, None, None, None, None, None
 
 
@@ -545,7 +592,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     For "none" (a different upstream factor per row, which grad_W sums over) and for fp16
     (see _folds_mean), they cannot be rescaled after the fact, so the forward computes only
     the losses and backward recomputes the logits with the upstream factor folded into
-    dlogits (4 GEMMs).
+    dlogits (4 GEMMs). x, weight and bias are saved either way: unpacking them in backward
+    raises if they were edited in place since the forward (as F.linear's backward does), and
+    a second backward (retain_graph=True), whose gradients the first one already scaled in
+    place, recomputes from them.
     """
 
     @staticmethod
@@ -555,29 +605,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kept = _count_kept(target, ignore_index)
         recompute = reduction == "none" or x.dtype == torch.float16
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, need_grads, recompute)
+        ctx.grads_used = False
         if recompute:
             loss, *_ = torch.ops.gptfast.linear_cross_entropy(
                 x, weight, bias, target, None, ignore_index, label_smoothing, z_loss,
                 *need_grads, check_targets)
-            ctx.save_for_backward(x, weight, bias, target, kept)
+            grads = (None, None, None)
         else:
-            loss, grad_x, grad_weight, grad_bias = torch.ops.gptfast.linear_cross_entropy(
+            loss, *grads = torch.ops.gptfast.linear_cross_entropy(
                 x, weight, bias, target, _forward_scale(kept, reduction, x.dtype),
                 ignore_index, label_smoothing, z_loss, *need_grads, check_targets)
-            ctx.save_for_backward(grad_x, grad_weight, grad_bias)
+        ctx.save_for_backward(x, weight, bias, target, kept, *grads)
         return _reduce(loss, kept, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
         ignore_index, reduction, label_smoothing, z_loss, need_grads, recompute = ctx.options
-        if recompute:
-            x, weight, bias, target, kept = ctx.saved_tensors
+        x, weight, bias, target, kept, *saved_grads = ctx.saved_tensors
+        if creating_graph():
+            grads = reference_grads(
+                lambda x, weight, bias: reference.linear_cross_entropy(
+                    x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss),
+                (x, weight, bias), need_grads, (grad_loss,))
+        elif recompute or (not torch.compiler.is_compiling() and ctx.grads_used):
             _, *grads = torch.ops.gptfast.linear_cross_entropy(
                 x, weight, bias, target, _backward_scale(grad_loss, kept, reduction, folded=False),
                 ignore_index, label_smoothing, z_loss, *need_grads, False)
         else:
             scale = grad_loss.to(torch.float32)
-            grads = [_scaled(grad, scale) for grad in ctx.saved_tensors]
+            grads = [_scaled(grad, scale) for grad in saved_grads]
+            if not torch.compiler.is_compiling():
+                ctx.grads_used = True
         grad_x, grad_weight, grad_bias = (
             grad if needed else None for grad, needed in zip(grads, need_grads))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
@@ -585,31 +643,62 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- entry points --
 
-def _may_overwrite(logits: torch.Tensor) -> bool:
-    """Whether the forward may write the gradient into ``logits`` (see the module docstring)."""
-    if LOGITS_POLICY == "keep":
+_HOLDS_GRADIENT = "_gptfast_holds_ce_gradient"  # attribute: the version at which it was written
+
+OVERWRITTEN_LOGITS = (
+    "these logits were already overwritten by their gradient by an earlier "
+    "gptfast.cross_entropy(..., keep_logits=False): they no longer hold logits. Pass "
+    "keep_logits=True (the default) to the earlier call to compute more than one loss from them")
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _holds_gradient(logits: torch.Tensor) -> bool:
+    """Whether an earlier call wrote a gradient into these logits (same version, eager only)."""
+    root = _root(logits)
+    return getattr(root, _HOLDS_GRADIENT, None) == root._version
+
+
+def _rows_are_disjoint(rows: torch.Tensor) -> bool:
+    """No two elements of the (N, V) unit-column-stride rows share memory (stride arithmetic,
+    so torch.compile can trace it): false for expand()ed or overlapping as_strided rows."""
+    return rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1]
+
+
+def _may_overwrite(rows: torch.Tensor, keep_logits: bool) -> bool:
+    """Whether the forward may write the gradient into ``rows`` (see the module docstring)."""
+    if LOGITS_POLICY == "keep" or not _rows_are_disjoint(rows):
         return False
     if LOGITS_POLICY == "overwrite":
         return True
-    base = logits if logits._base is None else logits._base
-    return not base.is_leaf
+    return not keep_logits and not _root(rows).is_leaf
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  z_loss=0.0, keep_logits=False):
+                  z_loss=0.0, keep_logits=True):
     """Triton cross-entropy with the semantics of ``gptfast.reference.cross_entropy``.
 
-    ``keep_logits=True`` never writes into ``logits``, whatever :data:`LOGITS_POLICY` says.
+    ``keep_logits=False`` lets the forward write the gradient into ``logits`` (O(N) extra
+    memory instead of an N x V gradient): the caller promises that nothing reads the logits
+    after this call. See the module docstring for when it then does.
     """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and LOGITS_POLICY != "overwrite" and _holds_gradient(logits):
+        raise RuntimeError(OVERWRITTEN_LOGITS)
     vocab = logits.shape[-1]
     rows = _unit_stride_rows(logits.reshape(-1, vocab))
     flat_target = target.reshape(-1).contiguous()
-    check_targets = torch.compiler.is_compiling()  # eager callers were checked by functional
+    check_targets = compiling  # eager callers were checked by functional
     options = (int(ignore_index), float(label_smoothing), float(z_loss))
     if torch.is_grad_enabled() and logits.requires_grad:
+        overwrite = _may_overwrite(rows, keep_logits)
         loss = _CrossEntropy.apply(rows, flat_target, options[0], reduction, options[1],
-                                   options[2], not keep_logits and _may_overwrite(rows),
-                                   check_targets)
+                                   options[2], overwrite, check_targets)
+        if overwrite and not compiling:
+            root = _root(rows)
+            setattr(root, _HOLDS_GRADIENT, root._version)
     else:
         loss = _reduce(torch.ops.gptfast.cross_entropy_loss(rows, flat_target, *options, check_targets),
                        _count_kept(flat_target, options[0]), reduction)

@@ -36,6 +36,8 @@ by timing, which would make results differ between processes.
 
 Each op is a ``torch.library.custom_op`` ("gptfast::layer_norm_fwd" ...) with a fake
 implementation and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
+A backward with ``create_graph=True`` (double backward) evaluates the backward formulas
+above with differentiable torch ops instead of the kernel, so second derivatives are exact.
 """
 
 import contextlib
@@ -45,7 +47,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+
+from gptfast import reference
+from gptfast.double_backward import creating_graph
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -530,6 +534,8 @@ def _grads(ctx, dy, ds, param_index, through_op):
     x and r get one gradient, written once per distinct dtype. ``through_op`` calls the
     backward custom op (what torch.compile traces) instead of the launcher directly.
     """
+    if creating_graph():
+        return _differentiable_grads(ctx, dy, ds, param_index)
     x, weight, bias, mean, rstd = ctx.saved_tensors
     x_dtype, r_dtype = ctx.dtypes
     need_dw = weight is not None and ctx.needs_input_grad[param_index]
@@ -545,12 +551,46 @@ def _grads(ctx, dy, ds, param_index, through_op):
     return dx, dr, dw if need_dw else None, db if need_db else None
 
 
+def _differentiable_grads(ctx, dy, ds, param_index):
+    """(dx, dr, dw, db) as :func:`_grads`, but as torch ops with a graph (double backward).
+
+    The module docstring's backward formulas, written with differentiable torch ops on what
+    forward saved. Not autograd.grad of the reference op: for add_layer_norm the saved input
+    is the output s, whose graph runs back through this very node (which also has edges to
+    the weight), so differentiating with respect to the weight would re-enter this backward.
+    For add_layer_norm dx = dr = ds + d/ds.
+    """
+    s, weight, bias, _, _ = ctx.saved_tensors
+    x_dtype, r_dtype = ctx.dtypes
+    need_dw = weight is not None and ctx.needs_input_grad[param_index]
+    need_db = bias is not None and ctx.needs_input_grad[param_index + 1]
+    acc = reference.compute_dtype(s.dtype)
+    C = s.shape[-1]
+    s32 = s.to(acc)
+    centred = s32 - s32.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + ctx.eps)
+    xhat = centred * rstd
+    if dy is None:  # only s was used downstream
+        d_input, dw, db = torch.zeros_like(s32), None, None
+    else:
+        dy32 = dy.to(acc)
+        g = dy32 if weight is None else dy32 * weight.to(acc)
+        d_input = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (dy32 * xhat).reshape(-1, C).sum(0).to(weight.dtype) if need_dw else None
+        db = dy32.reshape(-1, C).sum(0).to(bias.dtype) if need_db else None
+    if ds is not None:
+        d_input = d_input + ds.to(acc)
+    dr = None if r_dtype is None else d_input.to(r_dtype)
+    return d_input.to(x_dtype), dr, dw, db
+
+
 def _ln_setup(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.dtypes = (x.dtype, None)
+    ctx.eps = eps
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
@@ -562,11 +602,12 @@ _layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, bias, _ = inputs
+    x, residual, weight, bias, eps = inputs
     _, s, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(s, weight, bias, mean, rstd)
     ctx.dtypes = (x.dtype, residual.dtype)
+    ctx.eps = eps
 
 
 def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
@@ -586,10 +627,10 @@ class _LayerNorm(torch.autograd.Function):
         y, _, mean, rstd = _forward(x, None, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.dtypes = (x.dtype, None)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         dx, _, dw, db = _grads(ctx, dy, None, 1, through_op=False)
         return dx, dw, db, None
@@ -601,10 +642,10 @@ class _AddLayerNorm(torch.autograd.Function):
         y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
         ctx.save_for_backward(s, weight, bias, mean, rstd)
         ctx.dtypes = (x.dtype, residual.dtype)
+        ctx.eps = eps
         return y, s
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, ds):
         return (*_grads(ctx, dy, ds, 2, through_op=False), None)
 

@@ -186,6 +186,18 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
         gptfast.causal_attention(q, k, v)
 
 
+def test_double_backward_raises_instead_of_dropping_second_order_terms(triton_backend):
+    q, k, v = make_qkv(1, 2, 1, 5, 4)
+    out = gptfast.causal_attention(q, k, v)
+    loss = (out * torch.randn_like(out)).sum()  # constant upstream gradient into attention
+    grads = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+    _, want = reference_fp64(q, k, v, torch.autograd.grad(loss, out, retain_graph=True)[0])
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        sum(g.square().sum() for g in grads).backward()
+
+
 def test_unsupported_cases_have_reasons():
     unsupported = attention.causal_attention_unsupported
     big = torch.empty(1, 1, 4, 512)

@@ -38,11 +38,12 @@ def reference_loss_and_grad(values, target, grad, **options):
     return loss, dlogits
 
 
-def triton_loss_and_grad(values, target, grad, **options):
-    """Loss and gradient through the public op; the logits are a non-leaf (the in-place path)."""
+def triton_loss_and_grad(values, target, grad, keep_logits=False, **options):
+    """Loss and gradient through the public op; the logits are a non-leaf, so by default
+    (keep_logits=False) this is the in-place path."""
     logits = values.clone().requires_grad_() * 1
     with gptfast.use_backend("triton"):
-        loss = gptfast.cross_entropy(logits, target, **options)
+        loss = gptfast.cross_entropy(logits, target, keep_logits=keep_logits, **options)
     (dlogits,) = torch.autograd.grad(loss, logits, grad)
     return loss, dlogits, logits
 
@@ -57,13 +58,15 @@ def assert_close(got, want, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-2)])
-def test_cross_entropy_matches_reference(dtype, reduction, label_smoothing, z_loss):
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_cross_entropy_matches_reference(dtype, reduction, label_smoothing, z_loss, keep_logits):
     values = (3 * torch.randn(N, V)).to(dtype)
     target = make_target(N, V)
     options = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
     grad = upstream(reduction, N)
     want_loss, want_grad = reference_loss_and_grad(values, target, grad, **options)
-    loss, dlogits, logits = triton_loss_and_grad(values, target, grad.float(), **options)
+    loss, dlogits, logits = triton_loss_and_grad(values, target, grad.float(),
+                                                 keep_logits=keep_logits, **options)
     assert loss.dtype == torch.float32 and loss.shape == want_loss.shape
     assert_close(loss, want_loss, dtype, scale=10 if reduction == "sum" else 1)
     assert dlogits.dtype == dtype
@@ -102,33 +105,39 @@ class CountNewBigTensors(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("policy,big_tensors", [("auto", 0), ("keep", 1)])
-def test_in_place_path_allocates_no_rows_by_vocab_tensor(policy, big_tensors):
+@pytest.mark.parametrize("policy,keep_logits,big_tensors", [
+    ("auto", False, 0), ("auto", True, 1), ("keep", False, 1)])
+def test_in_place_path_allocates_no_rows_by_vocab_tensor(policy, keep_logits, big_tensors):
     logits = torch.randn(N, V).requires_grad_() * 1
     target = make_target(N, V)
     with gptfast.use_backend("triton"), ce.logits_policy(policy), CountNewBigTensors(N * V) as mode:
-        loss = gptfast.cross_entropy(logits, target, reduction="none")
+        loss = gptfast.cross_entropy(logits, target, reduction="none", keep_logits=keep_logits)
         torch.autograd.grad(loss, logits, torch.rand(N))
     assert len(mode.ops) == big_tensors, mode.ops  # "keep" must allocate its gradient
 
 
-@pytest.mark.parametrize("make_logits,policy", [
-    pytest.param(lambda leaf: leaf, "auto", id="leaf"),
-    pytest.param(lambda leaf: leaf.view(N, V), "auto", id="view-of-leaf"),
-    pytest.param(lambda leaf: leaf * 1, "keep", id="keep-policy"),
+@pytest.mark.parametrize("make_logits,policy,keep_logits", [
+    pytest.param(lambda leaf: leaf * 1, "auto", True, id="default"),
+    pytest.param(lambda leaf: leaf, "auto", False, id="leaf"),
+    pytest.param(lambda leaf: leaf.view(N, V), "auto", False, id="view-of-leaf"),
+    pytest.param(lambda leaf: leaf * 1, "keep", False, id="keep-policy"),
+    pytest.param(lambda leaf: (leaf[:1] * 1).expand(N, V), "auto", False, id="expanded-rows"),
+    pytest.param(lambda leaf: (leaf * 1).as_strided((N, V), (V // 2, 1)), "overwrite", False,
+                 id="overlapping-rows"),
 ])
-def test_logits_the_caller_may_still_need_are_not_overwritten(make_logits, policy):
+def test_logits_the_caller_may_still_need_are_not_overwritten(make_logits, policy, keep_logits):
     leaf = torch.randn(N, V, requires_grad=True)
-    before = leaf.detach().clone()
+    before = make_logits(leaf.detach().clone())
     target = make_target(N, V)
     logits = make_logits(leaf)
     with gptfast.use_backend("triton"), ce.logits_policy(policy):
-        loss = gptfast.cross_entropy(logits, target, reduction="none")
+        loss = gptfast.cross_entropy(logits, target, reduction="none", keep_logits=keep_logits)
     grad = torch.rand(N)
     loss.backward(grad)
     assert torch.equal(logits.detach(), before)
-    _, want = reference_loss_and_grad(before, target, grad, reduction="none")
-    assert_close(leaf.grad, want, torch.float32)
+    want_leaf = leaf.detach().double().requires_grad_()
+    want = reference.cross_entropy(make_logits(want_leaf), target, reduction="none")
+    assert_close(leaf.grad, torch.autograd.grad(want, want_leaf, grad.double())[0], torch.float32)
 
 
 def test_overwrite_policy_writes_into_a_leaf():
@@ -153,7 +162,7 @@ def test_autograd_node_that_saved_the_logits_raises_instead_of_reading_gradients
     y = torch.randn(N, V, requires_grad=True)
     logits = torch.tanh(y)  # tanh saves its output for backward
     with gptfast.use_backend("triton"):
-        loss = gptfast.cross_entropy(logits, make_target(N, V))
+        loss = gptfast.cross_entropy(logits, make_target(N, V), keep_logits=False)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -255,6 +264,50 @@ def test_unsupported_dtypes_are_named():
     assert "float64" in ce.cross_entropy_unsupported(logits, torch.tensor([0, 1]))
     assert ce.cross_entropy_unsupported(logits.float(), torch.tensor([0, 1])) is None
     assert "float64" in ce.linear_cross_entropy_unsupported(logits, logits, torch.tensor([0, 1]))
+
+
+def test_second_loss_on_logits_it_overwrote_raises():
+    logits = torch.randn(N, V).requires_grad_() * 1
+    target = make_target(N, V)
+    with gptfast.use_backend("triton"):
+        gptfast.cross_entropy(logits, target, keep_logits=False)
+        for view in (logits, logits.view(1, N, V)):
+            with pytest.raises(RuntimeError, match="already overwritten by their gradient"):
+                gptfast.cross_entropy(view, target)
+        with torch.no_grad():
+            logits.copy_(torch.randn(N, V))  # new values, new version: logits again
+        loss = gptfast.cross_entropy(logits, target)
+    want = reference.cross_entropy(logits.detach().double(), target)
+    assert_close(loss, want, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_through_overwritten_logits_raises(reduction):
+    h, weight = torch.randn(N, 8, requires_grad=True), torch.randn(V, 8)
+    target = make_target(N, V)
+    with gptfast.use_backend("triton"):
+        loss = gptfast.cross_entropy(h @ weight.T, target, reduction=reduction, keep_logits=False)
+    grad = upstream(reduction, N)
+    loss.backward(grad, retain_graph=True)
+    want = h.grad.clone()
+    with pytest.raises(RuntimeError, match="cannot run backward a second time"):
+        loss.backward(grad)
+    h64 = h.detach().double().requires_grad_()
+    reference.cross_entropy(h64 @ weight.double().T, target, reduction=reduction).backward(grad.double())
+    assert_close(want, h64.grad, torch.float32)
+
+
+def test_double_backward_of_overwritten_logits_raises_when_differentiated():
+    h, weight = torch.randn(N, 8, requires_grad=True), torch.randn(V, 8)
+    target = make_target(N, V)
+    with gptfast.use_backend("triton"):
+        loss = gptfast.cross_entropy(h @ weight.T, target, keep_logits=False)
+    (grad_h,) = torch.autograd.grad(loss, h, create_graph=True)
+    h64 = h.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.cross_entropy(h64 @ weight.double().T, target), h64)
+    assert_close(grad_h, want, torch.float32)  # the values are right; a graph of them is not
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad_h.square().sum().backward()
 
 
 # --------------------------------------------------------------- linear_cross_entropy --
@@ -372,6 +425,61 @@ def test_linear_without_grad_only_computes_the_loss():
                                           label_smoothing=0.3)
     assert not loss.requires_grad
     assert_close(loss, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
+                                             (torch.float16, "sum")])
+@pytest.mark.parametrize("edited", ["x", "weight", "bias"])
+def test_linear_in_place_edit_before_backward_raises(dtype, reduction, edited):
+    """As on the reference backend (F.linear saves x, W): never the stale or the new values."""
+    tensors = dict(x=torch.randn(9, 6).to(dtype).requires_grad_(),
+                   weight=torch.randn(11, 6).to(dtype).requires_grad_(),
+                   bias=torch.randn(11).to(dtype).requires_grad_())
+    with gptfast.use_backend("triton"):
+        loss = gptfast.linear_cross_entropy(tensors["x"], tensors["weight"], make_target(9, 11),
+                                            tensors["bias"], reduction=reduction)
+    with torch.no_grad():
+        tensors[edited].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(torch.ones_like(loss))
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
+                                             (torch.float16, "mean")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_retain_graph_second_backward_matches_reference(monkeypatch, dtype, reduction,
+                                                               with_bias):
+    monkeypatch.setattr(ce, "CHUNK_ROWS", 4)
+    x, weight = torch.randn(9, 6).to(dtype), torch.randn(11, 6).to(dtype)
+    bias = torch.randn(11).to(dtype) if with_bias else None
+    target = make_target(9, 11)
+    grads = [upstream(reduction, 9), upstream(reduction, 9) * 3]
+    results = {}
+    for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.double())):
+        leaves = [None if t is None else cast(t.clone()).requires_grad_() for t in (x, weight, bias)]
+        with gptfast.use_backend(backend):
+            loss = gptfast.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2],
+                                                reduction=reduction)
+        for grad in grads:  # accumulates both backwards into .grad
+            loss.backward(cast(grad.float()), retain_graph=True)
+        results[backend] = [t.grad for t in leaves if t is not None]
+    for got, want in zip(results["triton"], results["reference"]):
+        assert_close(got, want, dtype, scale=5)
+
+
+def test_linear_double_backward_matches_reference():
+    x, weight = torch.randn(9, 6, requires_grad=True), torch.randn(11, 6, requires_grad=True)
+    target = make_target(9, 11)
+    results = []
+    for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.double())):
+        xb, wb = cast(x.detach()).requires_grad_(), cast(weight.detach()).requires_grad_()
+        with gptfast.use_backend(backend):
+            loss = gptfast.linear_cross_entropy(xb, wb, target, z_loss=1e-2, label_smoothing=0.1)
+        grad_x, grad_w = torch.autograd.grad(loss, (xb, wb), create_graph=True)
+        (grad_x.square().sum() + grad_w.abs().sum()).backward()
+        results.append((xb.grad, wb.grad))
+    for got, want in zip(*results):
+        assert_close(got, want, torch.float32)
 
 
 def test_chunk_rows_rule(monkeypatch):
@@ -561,14 +669,18 @@ def test_keep_logits_through_the_public_api(triton_backend):
     target = torch.randint(0, 37, (9,))
     target[3] = -100
     grads = []
-    for keep in (True, False):
+    for keep in (None, True, False):
         x.grad = None
         logits = x @ weight.T
         before = logits.detach().clone()
-        loss = gptfast.cross_entropy(logits, target, keep_logits=keep)
-        assert torch.equal(logits.detach(), before) == keep
+        if keep is None:  # the default keeps them
+            loss = gptfast.cross_entropy(logits, target)
+        else:
+            loss = gptfast.cross_entropy(logits, target, keep_logits=keep)
+        assert torch.equal(logits.detach(), before) == (keep is not False)
         loss.backward()
         grads.append(x.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], grads[2])
     with pytest.raises(TypeError, match="keep_logits must be a bool"):
         gptfast.cross_entropy(logits, target, keep_logits="yes")

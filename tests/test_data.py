@@ -432,3 +432,65 @@ def test_cuda_loader_matches_reference(mixed_shards, sampler):
 
 def test_token_loader_is_exported_lazily():
     assert gptfast.TokenLoader is TokenLoader
+
+
+# ----------------------------------------------------------- files that change or block --
+
+def _error_without_blocking(fn, fifo):
+    """The exception fn() raises; fails if fn blocked opening the FIFO. A shell opens the FIFO
+    read-write after 20 s (which never blocks, and gives a blocked reader its writer), so a
+    regression fails the test instead of hanging it; a thread could not help, since a call
+    blocked in C++ may hold the GIL."""
+    rescue = subprocess.Popen(["sh", "-c", 'sleep 20; exec 3<>"$0"', fifo])
+    try:
+        try:
+            fn()
+            error = None
+        except Exception as caught:  # noqa: BLE001
+            error = caught
+        blocked = rescue.poll() is not None
+    finally:
+        rescue.kill()
+        rescue.wait()
+    assert not blocked, "opening a FIFO blocked until a writer came"
+    return error
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("opener", ["TokenLoader", "inspect_shard", "shard_layout"])
+def test_fifo_fails_fast_with_value_error(tmp_path, opener):
+    fifo = str(tmp_path / "train_000.bin")
+    os.mkfifo(fifo)
+    fn = {"TokenLoader": lambda: TokenLoader(fifo, B, T), "inspect_shard": lambda: _C.inspect_shard(fifo),
+          "shard_layout": lambda: shard_layout(fifo)}[opener]
+    error = _error_without_blocking(fn, fifo)
+    assert isinstance(error, ValueError) and "not a regular file" in str(error), repr(error)
+    assert fifo in str(error)
+
+
+def test_shard_truncated_between_epochs_raises_instead_of_crashing(tmp_path):
+    """Shrinks the shard by one token (the last page stays mapped, so no SIGBUS either way):
+    the size check at the next epoch reports it."""
+    tokens = np.arange(8 * T + 1, dtype="<u2")  # 8 windows: 2 batches an epoch
+    path = write(tmp_path / "train.bin", tokens.tobytes())
+    with TokenLoader(path, B, T, sampler="sequential", prefetch=1, num_workers=1) as loader:
+        next(loader)  # the worker then fills batch 1 and waits for its slot
+        os.truncate(path, tokens.nbytes - 2)
+        next(loader)  # still epoch 0, filled before the truncation was checked
+        with pytest.raises(RuntimeError, match=f"{path}: the shard shrank from 258 to 256 bytes"):
+            next(loader)  # batch 2 starts epoch 1: its worker checks first
+    with pytest.raises(RuntimeError, match="shrank"):  # and on a restart
+        with TokenLoader(path, B, T, sampler="sequential") as loader:
+            os.truncate(path, tokens.nbytes - 4)
+            loader.load_state_dict(loader.state_dict())
+
+
+def test_shard_replaced_by_rename_keeps_the_mapped_contents(tmp_path):
+    tokens = np.arange(8 * T + 1, dtype="<u2")
+    path = write(tmp_path / "train.bin", tokens.tobytes())
+    with TokenLoader(path, B, T, sampler="sequential", prefetch=1, num_workers=1) as loader:
+        first = next(loader)[0].clone()
+        write(tmp_path / "new.bin", tokens[:T + 1].tobytes())
+        os.replace(tmp_path / "new.bin", path)
+        batches = [next(loader)[0] for _ in range(3)]  # through epoch 1, no error
+    torch.testing.assert_close(batches[1], first)  # batch 2 repeats batch 0

@@ -124,3 +124,71 @@ def test_linear_cross_entropy_bad_arguments(backend):
 def test_ignore_index_outside_vocab_is_not_an_error():
     loss = gptfast.cross_entropy(rand(3, 5), torch.tensor([1, 4, 99]), ignore_index=99)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_options_are_rejected(backend, value):
+    logits, target = rand(4, 6), torch.tensor([0, 1, 5, -100])
+    x, weight = rand(4, 8), rand(6, 8)
+    raises(backend, ValueError, "label_smoothing must be a finite number", gptfast.cross_entropy,
+           logits, target, label_smoothing=value)
+    raises(backend, ValueError, "z_loss must be a finite number", gptfast.cross_entropy,
+           logits, target, z_loss=value)
+    raises(backend, ValueError, "z_loss must be a finite number", gptfast.linear_cross_entropy,
+           x, weight, target, z_loss=value)
+    raises(backend, ValueError, "eps must be a finite number", gptfast.layer_norm, x, None, None, value)
+    raises(backend, ValueError, "eps must be a finite number", gptfast.add_layer_norm, x, x, None, None, value)
+    q = rand(1, 2, 3, 4)
+    raises(backend, ValueError, "scale must be a finite number", gptfast.causal_attention, q, q, q, value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_beyond_int64_names_the_argument(backend):
+    logits, target = rand(4, 6), torch.tensor([0, 1, 5, 2])
+    for value in (2**70, -(2**63) - 1):
+        raises(backend, ValueError, "ignore_index must fit in int64", gptfast.cross_entropy,
+               logits, target, ignore_index=value)
+        raises(backend, ValueError, "ignore_index must fit in int64", gptfast.linear_cross_entropy,
+               rand(4, 8), rand(6, 8), target, ignore_index=value)
+    want = F.cross_entropy(logits, target)
+    torch.testing.assert_close(gptfast.cross_entropy(logits, target, ignore_index=2**63 - 1), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
+def test_wide_unsigned_targets_name_the_argument(backend, dtype):
+    dtype = getattr(torch, dtype, None)
+    if dtype is None:
+        pytest.skip("this torch has no such dtype")
+    target = torch.tensor([0, 1, 5, 2]).to(dtype)
+    raises(backend, TypeError, f"target dtype {dtype} is not supported", gptfast.cross_entropy,
+           rand(4, 6), target)
+    raises(backend, TypeError, f"target dtype {dtype} is not supported",
+           gptfast.linear_cross_entropy, rand(4, 8), rand(6, 8), target)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_integer_targets_work_on_both_backends(dtype):
+    logits, target = rand(4, 6), torch.tensor([0, 1, 5, 2])
+    want = F.cross_entropy(logits, target)
+    for backend in ("reference", "triton"):
+        with gptfast.use_backend(backend):
+            got = gptfast.cross_entropy(logits, target.to(dtype))
+        torch.testing.assert_close(got, want)
+
+
+def test_meta_tensors_give_shapes_on_reference_and_a_clear_error_on_triton():
+    logits, target = torch.empty(4, 6, device="meta"), torch.empty(4, dtype=torch.long, device="meta")
+    x, weight = torch.empty(4, 8, device="meta"), torch.empty(6, 8, device="meta")
+    for backend in ("auto", "reference"):
+        with gptfast.use_backend(backend):
+            loss = gptfast.cross_entropy(logits, target, reduction="none")
+            assert loss.is_meta and loss.shape == (4,)
+            assert gptfast.linear_cross_entropy(x, weight, target).is_meta
+    raises("triton", gptfast.BackendUnavailable, "tensors are on meta", gptfast.cross_entropy,
+           logits, target)
+    raises("triton", gptfast.BackendUnavailable, "tensors are on meta",
+           gptfast.linear_cross_entropy, x, weight, target)
+    raises("auto", ValueError, "target is on cpu but logits is on meta", gptfast.cross_entropy,
+           logits, torch.zeros(4, dtype=torch.long))

@@ -208,6 +208,49 @@ def test_backward_is_deterministic(triton_backend):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_double_backward_matches_reference(triton_backend, op):
+    """A gradient penalty through the norm, with a constant upstream gradient into it (which
+    @once_differentiable would have let through without a graph)."""
+    torch.manual_seed(1)
+    x, r, w, b, c = (torch.randn(5, 12), torch.randn(5, 12), torch.randn(12), torch.randn(12),
+                     torch.randn(5, 12))
+    results = []
+    for backend, dtype in (("triton", F32), ("reference", torch.float64)):
+        xs, rs, ws, bs = (t.to(dtype).clone().requires_grad_() for t in (x, r, w, b))
+        with gptfast.use_backend(backend):
+            if op == "layer_norm":
+                y, extra = gptfast.layer_norm(xs, ws, bs), xs
+            else:
+                y, extra = gptfast.add_layer_norm(xs, rs, ws, bs)
+        loss = (y * c.to(dtype)).sum() + extra.square().sum()
+        grads = torch.autograd.grad(loss, (xs, ws), create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        penalty.backward()
+        results.append((penalty, xs.grad, ws.grad, bs.grad, rs.grad))
+    for got, want in zip(*results):
+        if got is None or want is None:  # a zero gradient may come back as None
+            assert not any(t is not None and t.any() for t in (got, want))
+        else:
+            _close(got, want, F32, scale=10)
+
+
+def test_extreme_magnitudes(triton_backend):
+    """Rows with inf/NaN give NaN, as torch; a finite row whose variance overflows fp32 gives
+    the bias on triton (xhat = 0), the documented difference from torch's CPU kernel (NaN)."""
+    w, b = torch.randn(8), torch.randn(8)
+    x = torch.randn(4, 8)
+    x[0, 3] = float("inf")
+    x[1, 5] = float("nan")
+    x[2] = torch.randn(8) * 1e30
+    y = gptfast.layer_norm(x, w, b)
+    want = torch.nn.functional.layer_norm(x, (8,), w, b)
+    assert torch.isnan(y[:2]).all() and torch.isnan(want[:2]).all()
+    torch.testing.assert_close(y[2], b)
+    assert torch.isnan(want[2]).all()  # if torch changes here, README and functional must too
+    _close(y[3], want[3], F32)
+
+
 def test_unsupported_reasons():
     x = torch.randn(4, 8)
     assert ln.layer_norm_unsupported(x, torch.randn(8), None) is None
