@@ -2,7 +2,7 @@
 
     python -m gptfast.bench.sm90 [--json PATH] [--subset headline|full] [--no-cache]
 
-No GPU and no ``TRITON_INTERPRET``: Triton compiles for ``GPUTarget("cuda", 90, 128)`` with the
+No GPU and no ``TRITON_INTERPRET``: Triton compiles for ``GPUTarget("cuda", 90, 32)`` (sm_90, warp size 32) with the
 ptxas that ships in its wheel. The kernels are reached through gptfast's own launch wrappers,
 called on ``meta`` tensors of the benchmark shapes, so the block-size heuristics, the autotuner's
 configs and prune function, and Triton's argument specialisation are the ones a real launch
@@ -336,7 +336,9 @@ def attention_cases(subset: str):
     import torch
     from gptfast.kernels import attention as attn
 
-    shapes = [(8, 16, 1024, 64), (8, 12, 1024, 128), (1, 16, 8192, 64), (1, 16, 8192, 128)]
+    # GPT-2 small's 12 heads of 64 and a 16 x 128 model; T only picks the T_BUCKET key, so
+    # both lengths share their compiled kernels (H's divisibility would not: it is kept).
+    shapes = [(8, 12, 1024, 64), (1, 12, 8192, 64), (8, 16, 1024, 128), (1, 16, 8192, 128)]
     if subset == "full":
         shapes += [(4, 8, 1024, 256), (2, 16, 1000, 64)]  # the largest head dim; a ragged T
     dtype = torch.bfloat16
@@ -348,7 +350,8 @@ def attention_cases(subset: str):
         lse2 = _meta(b, h, t, dtype=torch.float32)
         do = _meta(b, t, h, d, dtype=dtype).transpose(1, 2)
         scale = d ** -0.5
-        yield "attention fwd", shape, dtype, lambda q=q, k=k, v=v, s=scale: attn.attention_forward(q, k, v, s)
+        yield ("attention fwd", shape, dtype,
+               lambda q=q, k=k, v=v, s=scale: attn.attention_forward(q, k, v, s))
         for atomic in (False, True):
             yield (f"attention bwd {'atomic_dq' if atomic else 'deterministic'}", shape, dtype,
                    lambda q=q, k=k, v=v, o=o, lse2=lse2, do=do, s=scale, a=atomic:
@@ -472,30 +475,77 @@ def versions() -> dict:
     except (OSError, IndexError, subprocess.CalledProcessError):
         ptxas_version = "unknown"
     return {"triton": triton.__version__, "torch": torch.__version__, "ptxas": ptxas_version,
-            "python": sys.version.split()[0], "target": "sm_90 (GPUTarget('cuda', 90, 128))"}
+            "python": sys.version.split()[0], "target": f"sm_90 (GPUTarget{TARGET})"}
+
+
+def _cases(kernels, subset):
+    """Every (kernel set, case, shape, dtype, thunk), in report order."""
+    return [(name, *case) for name in kernels for case in KERNEL_SETS[name](subset)]
+
+
+def _group(kernel_set: str, shape: str, dtype) -> str:
+    """Cases that compile the same specialisations (attention at one head dim, any T) go to
+    one worker, so no two workers compile the same kernel."""
+    if kernel_set == "attention":
+        return shape.split()[-1]
+    return f"{kernel_set} {shape} {dtype}" if kernel_set == "layernorm" else kernel_set
 
 
 def run_report(kernels=tuple(KERNEL_SETS), subset: str = "headline", cache: bool = True,
-               progress=None) -> list[Record]:
+               progress=None, jobs: int = 1, _share=None) -> list[Record]:
     """Compile every case of the chosen kernel sets for sm_90; returns one Record per compiled
-    (case, shape, kernel, config)."""
+    (case, shape, kernel, config), in case order. ``jobs`` > 1 compiles groups of cases in
+    that many worker processes."""
     from gptfast.backend import interpreter_enabled
     if interpreter_enabled():
         raise RuntimeError("the sm_90 report compiles real kernels: run it without TRITON_INTERPRET")
+    kernels = tuple(kernels)
+    if jobs > 1:
+        return _run_parallel(kernels, subset, cache, progress, jobs)
     from gptfast.kernels import attention, cross_entropy, layernorm
 
     cache_dir = _default_cache_dir() if cache else None
     with Recorder([attention, layernorm, cross_entropy], cache_dir,
                   _attention_smem_estimators()) as recorder:
-        for name in kernels:
-            for case, shape, dtype, thunk in KERNEL_SETS[name](subset):
-                done = len(recorder.records)
-                with recorder.case(case, shape, _dtype_name(dtype)):
-                    thunk()
-                if progress is not None:
-                    for record in recorder.records[done:]:
-                        progress(record)
+        for index, (kernel_set, case, shape, dtype, thunk) in enumerate(_cases(kernels, subset)):
+            if _share is not None and _share[0] != index:
+                continue
+            done = len(recorder.records)
+            with recorder.case(case, shape, _dtype_name(dtype)):
+                thunk()
+            if progress is not None:
+                for record in recorder.records[done:]:
+                    progress(record)
     return recorder.records
+
+
+def _worker(kernels, subset, cache, indices):
+    records = []
+    for index in indices:
+        found = run_report(kernels, subset, cache, _print_progress, _share=(index,))
+        records.append((index, [dataclasses.asdict(r) for r in found]))
+    return records
+
+
+def _run_parallel(kernels, subset, cache, progress, jobs):
+    import multiprocessing
+
+    groups: dict[str, list[int]] = {}
+    for index, (kernel_set, _, shape, dtype, _) in enumerate(_cases(kernels, subset)):
+        groups.setdefault(_group(kernel_set, shape, dtype), []).append(index)
+    shares = [[] for _ in range(jobs)]
+    for members in sorted(groups.values(), key=len, reverse=True):  # greedy: fewest cases
+        min(shares, key=len).extend(members)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(len([s for s in shares if s])) as pool:
+        results = pool.starmap(_worker, [(kernels, subset, cache, s) for s in shares if s])
+    by_index = dict(item for result in results for item in result)
+    return [Record(**r) for index in sorted(by_index) for r in by_index[index]]
+
+
+def _print_progress(r: Record):
+    print(f"  {r.case:34} {r.shape:20} {r.dtype:9} {r.kernel:24} {r.config:40} "
+          f"{_cell(r, 'compile_s')}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------- output --
@@ -531,6 +581,69 @@ def table(records, markdown: bool = False) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*row) for row in rows])
 
 
+def summary_table(records) -> str:
+    """Markdown, one row per (case, shape, dtype, kernel): how many configs were compiled and
+    the range of registers, spills, shared memory and resident warps over them."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.case, r.shape, r.dtype, r.kernel), []).append(r)
+
+    def span(values, fmt=str):
+        lo, hi = min(values), max(values)
+        return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+    kib = lambda v: f"{v / 1024:.0f}K"  # noqa: E731
+    lines = ["| case | shape | dtype | kernel | configs | regs | spill B | smem | mma | tma | warps/SM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (case, shape, dtype, kernel), rs in groups.items():
+        kinds = sorted({r.mma for r in rs})
+        tma = sorted({"yes" if r.tma else "no" for r in rs})
+        lines.append(f"| {case} | {shape} | {dtype} | {kernel} | {len(rs)} | "
+                     f"{span([r.regs for r in rs])} | {span([r.spill_bytes for r in rs])} | "
+                     f"{span([r.smem_bytes for r in rs], kib)} | {'/'.join(kinds)} | "
+                     f"{'/'.join(tma)} | {span([r.warps_per_sm for r in rs])} |")
+    return "\n".join(lines)
+
+
+def compare_table(runs: dict) -> str:
+    """Markdown, one row per (case, shape, dtype, kernel) and a column pair per run (e.g. per
+    Triton version): configs, registers, spill bytes, shared memory, MMA kind, warps/SM,
+    each a range over the kept configs. ``runs`` maps a label to a list of record dicts."""
+    labels = list(runs)
+    groups: dict[tuple, dict[str, list]] = {}
+    for label, rows in runs.items():
+        for r in rows:
+            key = (r["case"], r["shape"], r["dtype"], r["kernel"])
+            groups.setdefault(key, {}).setdefault(label, []).append(r)
+
+    def span(rows, field, fmt=str):
+        if not rows:
+            return "-"
+        values = [r[field] for r in rows]
+        lo, hi = min(values), max(values)
+        return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+    kib = lambda v: f"{v / 1024:.0f}K"  # noqa: E731
+    fields = [("configs", None), ("regs", "regs"), ("spill B", "spill_bytes"),
+              ("smem", "smem_bytes"), ("mma", "mma"), ("warps/SM", "warps_per_sm")]
+    header = ["case", "shape", "dtype", "kernel"] + [f"{name} {label}" for name, _ in fields
+                                                     for label in labels]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, by_label in groups.items():
+        cells = list(key)
+        for name, field in fields:
+            for label in labels:
+                rows = by_label.get(label, [])
+                if field is None:
+                    cells.append(str(len(rows)))
+                elif field == "mma":
+                    cells.append("/".join(sorted({r["mma"] for r in rows})) or "-")
+                else:
+                    cells.append(span(rows, field, kib if field == "smem_bytes" else str))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def problems(records) -> list[str]:
     """What the CI gate rejects: spills, shared memory over the block limit or above the
     pruner's estimate, and dots that are not wgmma."""
@@ -548,6 +661,57 @@ def problems(records) -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------- roofline floors --
+
+H100_SXM_BYTES_PER_S = 3.35e12
+H200_BYTES_PER_S = 4.8e12
+BF16_DENSE_FLOP_PER_S = 989e12  # H100 SXM and H200
+
+
+def roofline_floors() -> list[dict]:
+    """Bytes and FLOPs of each headline op (the minimum any kernel must move and compute)
+    and the time floor max(bytes / bandwidth, FLOPs / 989 TFLOP/s) on H100 SXM and H200.
+
+    Attention (causal, so half the T x T scores): forward 2 matmuls = 2 B H T^2 D FLOPs and
+    reads Q, K, V, writes O (+ fp32 lse); backward 5 matmuls = 5 B H T^2 D FLOPs and reads
+    Q, K, V, O, dO, lse, writes dQ, dK, dV. LayerNorm: read x (and r), write y (and s);
+    backward read x (or s), dy (and ds), write dx. Cross-entropy with the gradient written
+    into the logits: one read and one write of N x V.
+    """
+    rows = []
+
+    def add(op, shape, dtype, nbytes, flops=0.0):
+        floor_h100 = max(nbytes / H100_SXM_BYTES_PER_S, flops / BF16_DENSE_FLOP_PER_S)
+        floor_h200 = max(nbytes / H200_BYTES_PER_S, flops / BF16_DENSE_FLOP_PER_S)
+        rows.append(dict(op=op, shape=shape, dtype=dtype, mbytes=nbytes / 1e6, gflop=flops / 1e9,
+                         h100_us=floor_h100 * 1e6, h200_us=floor_h200 * 1e6,
+                         bound="compute" if flops / BF16_DENSE_FLOP_PER_S > nbytes / H100_SXM_BYTES_PER_S
+                         else "memory"))
+
+    for b, h, t, d in ((8, 12, 1024, 64), (1, 12, 8192, 64), (8, 16, 1024, 128), (1, 16, 8192, 128)):
+        shape, tile = f"B{b} H{h} T{t} D{d}", b * h * t * d * 2
+        add("attention fwd", shape, "bf16", 4 * tile + b * h * t * 4, 2.0 * b * h * t * t * d)
+        add("attention bwd", shape, "bf16", 8 * tile + 2 * b * h * t * 4, 5.0 * b * h * t * t * d)
+    for n, c, size, name in ((65536, 768, 4, "fp32"), (65536, 768, 2, "bf16"), (16384, 4096, 2, "bf16"),
+                             (8192, 8192, 2, "bf16"), (4096, 16384, 2, "bf16")):
+        add("layer_norm fwd", f"{n}x{c}", name, 2 * n * c * size)
+        add("layer_norm bwd", f"{n}x{c}", name, 3 * n * c * size)
+        add("add_layer_norm fwd", f"{n}x{c}", name, 4 * n * c * size)
+        add("add_layer_norm bwd", f"{n}x{c}", name, 4 * n * c * size)
+    for size, name in ((2, "bf16"), (4, "fp32")):
+        add("cross_entropy loss+grad", "N16384 V50257", name, 2 * 16384 * 50257 * size)
+    return rows
+
+
+def roofline_table() -> str:
+    lines = ["| op | shape | dtype | MB moved | GFLOP | bound | floor H100 SXM us | floor H200 us |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in roofline_floors():
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mbytes']:.0f} | "
+                     f"{r['gflop']:.0f} | {r['bound']} | {r['h100_us']:.0f} | {r['h200_us']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m gptfast.bench.sm90", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the records as a JSON list here")
@@ -557,10 +721,29 @@ def main(argv=None):
     parser.add_argument("--kernels", default=",".join(KERNEL_SETS),
                         help=f"comma-separated subset of {','.join(KERNEL_SETS)}")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="worker processes compiling in parallel (default: CPUs, at most 4)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--summary", action="store_true",
+                        help="print one markdown row per kernel and shape (ranges over configs)")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
+                        help="print a markdown table comparing reports written with --json "
+                             "(one column per file, labelled by its triton version) and exit")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print the roofline floors of the headline shapes (markdown) and exit")
     parser.add_argument("--triton-version-note", action="store_true",
                         help="print only the versions line (triton, ptxas, target) and exit")
     args = parser.parse_args(argv)
+    if args.roofline:
+        print(roofline_table())
+        return 0
+    if args.compare:
+        runs = {}
+        for path in args.compare:
+            rows = json.loads(path.read_text())
+            runs[f"{rows[0]['triton'] if rows else path.stem}"] = rows
+        print(compare_table(runs))
+        return 0
 
     info = versions()
     note = (f"sm_90 static report: triton {info['triton']}, ptxas {info['ptxas']}, "
@@ -574,12 +757,10 @@ def main(argv=None):
         parser.error(f"unknown kernel sets {sorted(unknown)}")
 
     start = time.perf_counter()
-    records = run_report(kernels, args.subset, cache=not args.no_cache,
-                         progress=lambda r: print(f"  {r.case:34} {r.shape:20} {r.dtype:9} {r.kernel:24} "
-                                                  f"{r.config:40} {_cell(r, 'compile_s')}",
-                                                  file=sys.stderr, flush=True))
+    records = run_report(kernels, args.subset, cache=not args.no_cache, progress=_print_progress,
+                         jobs=args.jobs)
     elapsed = time.perf_counter() - start
-    print(table(records, markdown=args.markdown))
+    print(summary_table(records) if args.summary else table(records, markdown=args.markdown))
     compiled = sum(not r.cached for r in records)
     print(f"\n{len(records)} kernels ({compiled} compiled, {len(records) - compiled} cached) "
           f"in {elapsed:.0f} s")

@@ -497,9 +497,10 @@ def _smem_estimate(kind, block_m, block_n, num_stages, block_d, itemsize, atomic
         return (block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize
     if kind == "dq":  # Q and dO resident, K and V pipelined
         return (2 * block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize
-    # dK/dV: K and V resident, Q and dO pipelined, and the fp32 lse2/delta rows with them
+    # dK/dV: K and V resident, Q and dO pipelined, and the fp32 lse2/delta rows with them,
+    # plus up to 1 KB of layout-conversion scratch
     tiles = 2 * block_n * block_d + num_stages * 2 * block_m * block_d
-    stats = (num_stages - 1) * 2 * block_m * 4
+    stats = (num_stages - 1) * 2 * block_m * 4 + 1024
     if atomic_dq:  # dS^T and K staged as operands of the dQ product
         tiles += block_n * block_m + block_n * block_d
     return tiles * itemsize + stats
