@@ -261,7 +261,11 @@ class Recorder:
                 _ANALYSED[id(kernel)] = (kernel, record)  # the kernel is kept: ids stay unique
                 self._store(pending["key"], record)
             case, shape, dtype = self.context
-            self.records.append(dataclasses.replace(record, case=case, shape=shape, dtype=dtype))
+            # the pruner's estimate is Python, outside the kernel's source hash: never cached
+            estimator = self.smem_estimators.get(record.kernel)
+            estimate = None if estimator is None else estimator(record.constexprs, record.num_stages)
+            self.records.append(dataclasses.replace(record, case=case, shape=shape, dtype=dtype,
+                                                    smem_estimate=estimate))
             return None
         return run
 
@@ -286,13 +290,12 @@ class Recorder:
         dots, wgmma, mma = count_dots(kernel.asm["ttir"], kernel.asm["ttgir"], kernel.asm["ptx"])
         constexprs, warps, stages = pending["constexprs"], pending["num_warps"], pending["num_stages"]
         smem = int(kernel.metadata.shared)
-        estimator = self.smem_estimators.get(pending["name"])
         return Record(
             case="", shape="", dtype="", kernel=pending["name"],
             config=_config_label(constexprs, warps, stages), constexprs=constexprs,
             num_warps=warps, num_stages=stages, regs=regs, spill_bytes=stores, spill_loads=loads,
             stack_bytes=stack, smem_bytes=smem,
-            smem_estimate=None if estimator is None else estimator(constexprs, stages),
+            smem_estimate=None,
             dots=dots, wgmma_dots=wgmma, mma=mma, tma="cp.async.bulk.tensor" in kernel.asm["ptx"],
             warps_per_sm=resident_warps(regs, smem, warps), compile_s=round(seconds, 2))
 
