@@ -487,8 +487,9 @@ _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _SMEM_BUDGET = 227 * 1024
 # fp32 accumulator and score elements a thread may hold (see _fp32_per_thread) before
 # ptxas spills: measured on sm_90 (triton 3.6 and 3.8). The forward and dQ kernels keep
-# more bf16 operands and masks live beside their accumulators than dK/dV does.
-_FP32_PER_THREAD = {"fwd": 128, "dq": 128, "dkdv": 192}
+# more bf16 operands and masks live beside their accumulators than dK/dV does; at head dim
+# 256 dK/dV's own K and V operands (64 x 256 each) leave room for less.
+_FP32_PER_THREAD = {"fwd": 128, "dq": 128, "dkdv": 192, "dkdv_d256": 136}
 
 
 def _smem_estimate(kind, block_m, block_n, num_stages, block_d, itemsize, atomic_dq=False):
@@ -542,7 +543,8 @@ def _pruner(kind):
         def fits(c):
             regs, smem = footprint(c)
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            return (smem <= _SMEM_BUDGET and regs <= _FP32_PER_THREAD[kind]
+            limit = _FP32_PER_THREAD["dkdv_d256" if kind == "dkdv" and block_d >= 256 else kind]
+            return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 
         kept = [c for c in configs if fits(c)]
