@@ -50,7 +50,9 @@ autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single grap
 Eager calls run the same launchers under a plain autograd.Function.
 
 In the CPU interpreter (TRITON_INTERPRET=1) the kernels run with small fixed tiles; on GPU
-the tiles, warps and pipeline stages are autotuned per (head-dim bucket, T bucket, dtype).
+the tiles, warps and pipeline stages are autotuned per (head dim, T bucket, dtype, dQ path,
+dot precision); ``T_BUCKET`` is a plain int argument read only by the autotune key, so every
+bucket shares one compiled kernel.
 """
 
 import contextlib
@@ -172,7 +174,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      stride_vb, stride_vh, stride_vt, stride_vd,
                      stride_ob, stride_oh, stride_ot, stride_od,
                      H, T, GROUP, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T_BUCKET: tl.constexpr,
+                     T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      EVEN_T: tl.constexpr):
     """O and lse2 for BLOCK_M query rows of one (batch, query head).
@@ -282,10 +284,18 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
-            dq_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-                          dq, mask=dq_mask, sem="relaxed")
+            # wgmma needs M >= 64: the longer of BLOCK_M and BLOCK_D is the product's M, so
+            # short query steps take dQ^T = K^T dS^T and add it through transposed pointers.
+            if BLOCK_M < BLOCK_D:
+                dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * sm_scale
+                dq_mask = (offs_m[None, :] < T) & (offs_d[:, None] < HEAD_DIM)
+                tl.atomic_add(DQ_head + offs_m[None, :] * stride_dqt + offs_d[:, None] * stride_dqd,
+                              dq_t, mask=dq_mask, sem="relaxed")
+            else:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
+                dq_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+                tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                              dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
@@ -299,7 +309,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                           stride_dvb, stride_dvh, stride_dvt, stride_dvd,
                           stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                           H, HKV, T, GROUP, qk_scale, sm_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T_BUCKET: tl.constexpr,
+                          T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr):
     """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
@@ -402,7 +412,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                         stride_dob, stride_doh, stride_dot, stride_dod,
                         stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                         H, T, GROUP, qk_scale, sm_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T_BUCKET: tl.constexpr,
+                        T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr):
     """dQ for BLOCK_M query rows of one (batch, query head): keys [0, start_m) unmasked,
@@ -447,13 +457,17 @@ def _configs(shapes):
             for m, n, w, s in shapes]
 
 
-# Hopper-sized tiles, checked by compiling for sm_90 (registers, spills, shared memory).
+# Hopper-sized tiles, checked by compiling every kept config for sm_90 at the benchmark
+# shapes (``python -m gptfast.bench.sm90``, gated in CI by tests/test_sm90.py): no spills,
+# within shared memory, every tl.dot a wgmma. A wgmma has M = 64 per warpgroup (4 warps).
 # Forward: 128 query rows per program (one wgmma M=64 per warpgroup with 8 warps, or two
-# with 4), 64/128 keys per step, 3-4 stage K/V pipelines. BLOCK_M % BLOCK_N == 0.
+# with 4), 64/128 keys per step, 2-4 stage K/V pipelines; 64 rows with 8 warps for
+# D = 256. BLOCK_M % BLOCK_N == 0.
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2),
     (128, 128, 8, 3), (128, 128, 8, 4),
     (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 2),
+    (64, 64, 8, 2), (64, 64, 8, 3),
 ])
 # dK/dV: 128 (or 64) keys per program keep dK and dV in fp32 registers, so 8 warps (4 warps
 # spill at head dim >= 64); the query side steps in 16-64 rows so the pipelined Q/dO tiles
@@ -461,47 +475,88 @@ _FWD_CONFIGS = _configs([
 _DKDV_CONFIGS = _configs([
     (32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 3),
     (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3), (16, 64, 8, 2),
+    (64, 64, 8, 2), (64, 64, 8, 3),
 ])
-# dQ: 128 (or 64) query rows per program, 32/64 keys per step. BLOCK_M % BLOCK_N == 0.
+# dQ: 128 (or 64) query rows per program, 32/64 keys per step; 64 rows with 8 warps for
+# D = 256. BLOCK_M % BLOCK_N == 0.
 _DQ_CONFIGS = _configs([
     (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4),
     (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 2),
+    (64, 64, 8, 2), (64, 32, 8, 3),
 ])
 # Interpreter: small fixed tiles (fast on CPU) that still take every code path: the
 # diagonal band spans two steps, so masked and unmasked steps meet inside a band.
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
-# H100: at most 227 KB of shared memory per block. The estimate matches what triton
-# allocates for these kernels; configs it still misjudges fail to launch and the autotuner
-# skips them.
+# H100: at most 227 KB of shared memory per block.
 _SMEM_BUDGET = 227 * 1024
+# fp32 accumulator and score elements a thread may hold (see _fp32_per_thread) before
+# ptxas spills: measured on sm_90 (triton 3.6 and 3.8). The forward and dQ kernels keep
+# more bf16 operands and masks live beside their accumulators than dK/dV does; at head dim
+# 256 dK/dV's own K and V operands (64 x 256 each) leave room for less.
+_FP32_PER_THREAD = {"fwd": 128, "dq": 128, "dkdv": 192, "dkdv_d256": 136}
 
 
-def _smem_estimate(kind, config, block_d, itemsize):
-    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+def _smem_estimate(kind, block_m, block_n, num_stages, block_d, itemsize, atomic_dq=False):
+    """Shared memory (bytes) triton allocates for a config, as compiled for sm_90."""
     if kind == "fwd":   # Q resident, K and V pipelined
-        tiles = m * block_d + stages * 2 * n * block_d
-    elif kind == "dkdv":  # K and V resident, Q and dO pipelined
-        tiles = 2 * n * block_d + stages * 2 * m * block_d
-    else:  # dq: Q and dO resident, K and V pipelined
-        tiles = 2 * m * block_d + stages * 2 * n * block_d
-    return tiles * itemsize
+        return (block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize
+    if kind == "dq":  # Q and dO resident, K and V pipelined
+        return (2 * block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize
+    # dK/dV: K and V resident, Q and dO pipelined, and the fp32 lse2/delta rows with them,
+    # plus up to 1 KB of layout-conversion scratch
+    tiles = 2 * block_n * block_d + num_stages * 2 * block_m * block_d
+    stats = (num_stages - 1) * 2 * block_m * 4 + 1024
+    if atomic_dq:  # dS^T and K staged as operands of the dQ product
+        tiles += block_n * block_m + block_n * block_d
+    return tiles * itemsize + stats
+
+
+def _fp32_per_thread(kind, block_m, block_n, num_warps, block_d, atomic_dq=False):
+    """fp32 elements of the accumulators and score tiles live in each thread's registers."""
+    if kind == "fwd":  # O accumulator, S / P
+        elements = block_m * block_d + block_m * block_n
+    elif kind == "dq":  # dQ accumulator, S / P and dP / dS
+        elements = block_m * block_d + 2 * block_m * block_n
+    else:  # dK and dV accumulators, S^T / P^T and dP^T / dS^T, the atomic dQ product
+        elements = 2 * block_n * block_d + 2 * block_n * block_m
+        if atomic_dq:
+            elements += block_m * block_d
+    return elements // (32 * num_warps)
 
 
 def _pruner(kind):
-    """early_config_prune: drop configs whose pipelined tiles cannot fit in shared memory
-    for this head dim and dtype, and oversized tiles for short sequences."""
+    """early_config_prune: keep the configs that fit this head dim and dtype on sm_90.
+
+    Drops configs whose tiles exceed shared memory or whose fp32 accumulators exceed the
+    registers (they would spill), oversized tiles for short sequences, and, on the atomic
+    dQ path, configs whose dQ product would have M < 64 (mma.sync instead of wgmma). If
+    nothing is left, the config with the smallest footprint.
+    """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         block_d, t_bucket = args["BLOCK_D"], args["T_BUCKET"]
+        atomic_dq = bool(args.get("ATOMIC_DQ", False))
         itemsize = args["Q"].element_size()
         tile = 64 if t_bucket <= 64 else None
-        kept = [c for c in configs
-                if _smem_estimate(kind, c, block_d, itemsize) <= _SMEM_BUDGET
-                and (tile is None or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= tile)]
-        if not kept:
-            kept = [min(configs, key=lambda c: _smem_estimate(kind, c, block_d, itemsize))]
-        return kept
+
+        def footprint(c):
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            return (_fp32_per_thread(kind, m, n, c.num_warps, block_d, atomic_dq),
+                    _smem_estimate(kind, m, n, c.num_stages, block_d, itemsize, atomic_dq))
+
+        def fits(c):
+            regs, smem = footprint(c)
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            limit = _FP32_PER_THREAD["dkdv_d256" if kind == "dkdv" and block_d >= 256 else kind]
+            return (smem <= _SMEM_BUDGET and regs <= limit
+                    and (tile is None or max(m, n) <= tile))
+
+        kept = [c for c in configs if fits(c)]
+        if atomic_dq:
+            on_wgmma = [c for c in kept if max(c.kwargs["BLOCK_M"], block_d) >= 64]
+            kept = on_wgmma or kept
+        return kept or [min(configs, key=footprint)]
     return prune
 
 
@@ -509,11 +564,18 @@ def _even_t(args):
     return args["T"] % args["BLOCK_M"] == 0 and args["T"] % args["BLOCK_N"] == 0
 
 
+# Every constexpr a caller passes selects a different compiled kernel, so each is in the
+# key (with the T bucket and, added by the autotuner, the tensor dtypes): the atomic and
+# deterministic backward, or fp32 ieee and tf32, never share one tuned config.
+_TUNING_KEY = ("HEAD_DIM", "BLOCK_D", "T_BUCKET", "ATOMIC_DQ", "DOT_PRECISION")
+
+
 def _build(kernel, kind, configs, reset_to_zero=None):
+    key = [name for name in _TUNING_KEY if name in kernel.arg_names]
     kernel = triton.heuristics({"EVEN_T": _even_t})(kernel)
     if _INTERPRET:
         return kernel
-    return triton.autotune(configs=configs, key=["BLOCK_D", "T_BUCKET"],
+    return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": _pruner(kind)},
                            reset_to_zero=reset_to_zero)(kernel)
 

@@ -26,8 +26,8 @@ Memory traffic, which is all that matters for this op:
   then a small kernel adds the partials in a fixed order and casts to the parameter dtype:
   deterministic bits, no atomics.
 
-Rows up to ``MAX_FUSED_C`` features (next power of two) live in registers: one pass over
-memory. Longer rows use looped kernels (forward: chunked Welford/Chan statistics, then a
+Rows up to ``MAX_FUSED_C`` features (next power of two; ``MAX_FUSED_BWD_C`` in backward, which
+holds more per element) live in registers: one pass over memory. Longer rows use looped kernels (forward: chunked Welford/Chan statistics, then a
 second pass; backward: two passes and fp32 partials updated in global memory).
 
 Block sizes come from fixed heuristics keyed on C rather than autotuning: the reduction
@@ -56,8 +56,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest power-of-two row (in elements) kept whole in registers. 16384 fp32 is 64 KB a
 # row: 32 values a thread at 16 warps; beyond that registers spill, so rows loop instead.
 MAX_FUSED_C = 16384
-# Chunk of a row per iteration in the looped kernels.
+# Backward keeps x, dy, w and two accumulators per element: rows past 8192 loop (a 16384
+# row in registers spills on sm_90 even at 32 warps: 64 registers a thread, 150-700 B).
+MAX_FUSED_BWD_C = 8192
+# Chunk of a row per iteration in the looped kernels. The looped backward takes half the
+# forward's chunk: at 4096 (8 warps) ptxas settles on 64 registers and spills with the
+# residual; 2048 over 4 warps keeps 16 values a thread, spill-free (sm_90, triton 3.6/3.8).
 LOOP_BLOCK_C = 4096
+LOOP_BWD_BLOCK_C = 2048
 # Elements per program in the fused kernels: small rows are packed several to a program so
 # that each one still moves a few KB (fewer, fatter programs; weights loaded once per tile).
 FWD_TILE = 4096
@@ -426,15 +432,13 @@ def _backward(dy, x, weight, bias, mean, rstd, ds, dx_dtype, dx2_dtype, need_dw,
         return dx, dx2, None if dw is None else dw.zero_(), None if db is None else db.zero_()
 
     block_c = triton.next_power_of_2(C)
-    fused = block_c <= MAX_FUSED_C
+    fused = block_c <= MAX_FUSED_BWD_C
     if fused:
         block_m = max(1, min(16, BWD_TILE // block_c, triton.next_power_of_2(N)))
-        # backward holds x, dy, w and two accumulators: a 16384 row needs 32 warps to stay
-        # (almost) within registers (sm_90 ptxas: 64 regs, ~150 B spill a thread)
-        num_warps = _num_warps(block_m * block_c, most=32)
+        num_warps = _num_warps(block_m * block_c)
         programs = _bwd_programs(x.device, triton.cdiv(N, block_m), num_warps)
     else:
-        block = min(LOOP_BLOCK_C, block_c)
+        block = min(LOOP_BWD_BLOCK_C, block_c)
         num_warps = _num_warps(block)
         programs = _bwd_programs(x.device, N, num_warps)
     dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device) if need_dw else None

@@ -125,13 +125,16 @@ def test_backward_is_bitwise_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
-def test_atomic_dq_path_matches_reference(triton_backend, monkeypatch):
+# head dim 16: dS K with BLOCK_M as M; 32 and 24 (padded to 32): dQ^T = K^T dS^T, added
+# through transposed pointers (the interpreter's dK/dV query step is 16 rows).
+@pytest.mark.parametrize("head_dim", [16, 24, 32])
+def test_atomic_dq_path_matches_reference(triton_backend, monkeypatch, head_dim):
     assert attention.atomic_dq_enabled() is False, "the atomic dQ path must be off by default"
     monkeypatch.setattr(attention, "_attn_bwd_dq", None)  # the dQ kernel must not run
     previous = attention.set_atomic_dq(True)
     try:
         assert attention.atomic_dq_enabled()
-        assert_matches_reference(*make_qkv(1, 4, 2, 45, 32))
+        assert_matches_reference(*make_qkv(1, 4, 2, 45, head_dim))
     finally:
         attention.set_atomic_dq(previous)
     assert attention.atomic_dq_enabled() is False

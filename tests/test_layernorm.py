@@ -91,10 +91,19 @@ def test_layer_norm_mixed_param_dtype(triton_backend, x_dtype, w_dtype):
     _close(db, db64, x_dtype, w_dtype, scale=19 ** 0.5)
 
 
-def test_layer_norm_looped_variant(triton_backend, monkeypatch):
-    """Rows longer than MAX_FUSED_C take the chunked kernels (forced small here)."""
-    monkeypatch.setattr(ln, "MAX_FUSED_C", 512)
-    monkeypatch.setattr(ln, "LOOP_BLOCK_C", 256)
+def _force_looped(monkeypatch, forward=True):
+    """Rows past MAX_FUSED_C (MAX_FUSED_BWD_C in backward) take the chunked kernels: forced
+    small here. ``forward=False`` loops only the backward, as rows of 16384 do on GPU."""
+    if forward:
+        monkeypatch.setattr(ln, "MAX_FUSED_C", 512)
+        monkeypatch.setattr(ln, "LOOP_BLOCK_C", 256)
+    monkeypatch.setattr(ln, "MAX_FUSED_BWD_C", 512)
+    monkeypatch.setattr(ln, "LOOP_BWD_BLOCK_C", 256)
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["both-looped", "backward-looped"])
+def test_layer_norm_looped_variant(triton_backend, monkeypatch, forward):
+    _force_looped(monkeypatch, forward)
     for dtype in (F32, F16):
         x = torch.randn(5, 1000).to(dtype) * 2 + 5
         w, b = _params(1000, F32, "wb")
@@ -153,9 +162,9 @@ def test_add_layer_norm_one_output_used(triton_backend, use):
         _close(g, torch.zeros_like(g) if e is None else e, F32, scale=3)
 
 
-def test_add_layer_norm_looped_variant(triton_backend, monkeypatch):
-    monkeypatch.setattr(ln, "MAX_FUSED_C", 512)
-    monkeypatch.setattr(ln, "LOOP_BLOCK_C", 256)
+@pytest.mark.parametrize("forward", [True, False], ids=["both-looped", "backward-looped"])
+def test_add_layer_norm_looped_variant(triton_backend, monkeypatch, forward):
+    _force_looped(monkeypatch, forward)
     x, r = torch.randn(4, 700).half(), torch.randn(4, 700)
     w, b = _params(700, F32, "wb")
     got, want = _run_add(x, r, w, b)
