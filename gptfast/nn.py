@@ -364,16 +364,10 @@ def _patch_attention(name: str, module: nn.Module, report: PatchReport) -> None:
         kind, reason = NANOGPT_ATTENTION, _patch_nanogpt_attention(module)
     else:
         return
-    if reason is _ALREADY_PATCHED:
-        report.already.append(name)
-        return
     if reason is None:
         report._add(name, kind)
     else:
         report.skipped[name] = reason
-
-
-_ALREADY_PATCHED = "already patched"
 
 
 # ---------------------------------------------------------------- nanoGPT attention --
@@ -509,8 +503,6 @@ def _probe_difference(expected, actual, full_precision_tolerance) -> Optional[fl
 
 
 def _patch_nanogpt_attention(module: nn.Module) -> Optional[str]:
-    if getattr(type(module), "_gptfast_original_class", None) is not None:
-        return _ALREADY_PATCHED
     reason = _nanogpt_shape_problem(module) or _probe_mismatch(module)
     if reason is None:
         module.__class__ = _patched_class(type(module), NANOGPT_ATTENTION)
@@ -645,8 +637,6 @@ def _register_hf_attention() -> Optional[str]:
 
 
 def _patch_hf_attention(module: nn.Module) -> Optional[str]:
-    if getattr(module, "_gptfast_attention", False):
-        return _ALREADY_PATCHED
     if getattr(module, "is_cross_attention", False):
         return "cross-attention (over encoder states, not causal) keeps HF's forward"
     config = getattr(module, "config", None)
