@@ -175,7 +175,7 @@ def _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
     Row i sees keys [first_i, i] with first_i = max(doc_start_i, i - window + 1), which
     never decreases with i. Keys below the first row's bound are seen by no row (skipped);
     keys from the last row's bound up to start_m by every row (unmasked). Returns
-    (lo, full_lo, first): lo and full_lo rounded out to BLOCK_N, full_lo <= start_m, and
+    (lo, full_lo, row_start): lo and full_lo rounded out to BLOCK_N, full_lo <= start_m, and
     the per-row document starts (0 for rows >= T).
     """
     last_row = tl.minimum(start_m + BLOCK_M, T) - 1

@@ -378,3 +378,23 @@ def test_model_compiles_fullgraph_with_document_attention():
     got = torch.compile(loss_of, fullgraph=True, backend="aot_eager")(idx, targets)
     torch.testing.assert_close(got, loss_of(idx, targets), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_attention_module_applies_masks_with_attention_dropout():
+    """Training with dropout > 0 runs SDPA with the explicit mask: a document's outputs do
+    not depend on the tokens of the next one (same dropout draws: same seed, same shapes)."""
+    module = gptfast.nn.CausalSelfAttention(32, 2, dropout=0.5, window=4).train()
+    x = torch.randn(1, 12, 32)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(1, 6, 32)
+    ids = ids_from_starts(12, [6])
+    torch.manual_seed(5)
+    out = module(x, document_ids=ids)
+    torch.manual_seed(5)
+    out_changed = module(changed, document_ids=ids)
+    assert torch.equal(out[:, :6], out_changed[:, :6])
+    assert not torch.equal(out[:, 6:], out_changed[:, 6:])
+    with pytest.raises(ValueError, match="window"):
+        gptfast.nn.CausalSelfAttention(32, 2, window=0)
+    with pytest.raises(ValueError, match="document_ids"):
+        module(x, document_ids=ids[:, :5])
