@@ -657,6 +657,7 @@ def _pruner(kind):
         args = {**named_args, **kwargs}
         block_d, t_bucket = args["BLOCK_D"], args["T_BUCKET"]
         atomic_dq = bool(args.get("ATOMIC_DQ", False))
+        masked = bool(args.get("DOCUMENTS", False)) or bool(args.get("SLIDING", False))
         itemsize = args["Q"].element_size()
         tile = 64 if t_bucket <= 64 else None
 
@@ -669,6 +670,10 @@ def _pruner(kind):
             regs, smem = footprint(c)
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             limit = _FP32_PER_THREAD["dkdv_d256" if kind == "dkdv" and block_d >= 256 else kind]
+            # The masked atomic dK/dV keeps masks and the dQ product live together: at head
+            # dim >= 128 its 64-row query steps spill on sm_90 (measured, triton 3.8).
+            if kind == "dkdv" and atomic_dq and masked and block_d >= 128 and m >= 64:
+                return False
             return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 
