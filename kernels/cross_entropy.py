@@ -8,6 +8,12 @@ For one row x of V logits with target t, lse = logsumexp(x), label smoothing s a
 Rows whose target is ``ignore_index`` have loss 0 and gradient 0; "mean" divides by the
 number of the other rows (0 when there are none).
 
+Options (see ``gptfast.reference.cross_entropy`` for the definitions): ``softcap`` c replaces x
+by c * tanh(x / c) as each block is loaded, and multiplies the gradient by 1 - tanh^2;
+class weights w give torch's weighted loss, whose "mean" divides by sum(w[t]) while the
+z-loss term still divides by the count, so the kernel then writes the two parts' losses
+separately (``SPLIT_Z``, also for ``return_z_loss``) and scales their gradients apart.
+
 cross_entropy: one program a row reads the row once for the online max / sum of exp (fp32)
 and, when autograd will want the gradient, reads it again (mostly from L2) to write the
 gradient **into the logits buffer** (bf16/fp32: already divided by the count for "mean"):

@@ -418,3 +418,53 @@ def test_bad_options_name_the_argument(backend):
             gptfast.linear_cross_entropy(x.half(), weight.double(), target)
         with pytest.raises(TypeError, match="bias must have weight's dtype torch.float32"):
             gptfast.linear_cross_entropy(x.half(), weight, target, torch.zeros(6).half())
+
+
+# ---------------------------------------------------------------------------------- GPU --
+compiled_kernels = pytest.mark.skipif(
+    gptfast.backend.interpreter_enabled(),
+    reason="TRITON_INTERPRET=1 would interpret the kernels: run `pytest -m gpu` on a CUDA machine")
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.usefixtures("triton_backend")
+def test_gpu_cross_entropy_options_full_vocab(dtype):
+    rows, vocab = 2048, 50257
+    values = (torch.randn(rows, vocab, device="cuda") * 20).to(dtype)
+    target = make_target(rows, vocab).cuda()
+    options = dict(weight=torch.rand(vocab, device="cuda") + 0.5, label_smoothing=0.1,
+                   z_loss=1e-4, softcap=30.0, return_z_loss=True)
+    leaf = values.float().requires_grad_()
+    want, want_z = reference.cross_entropy(leaf, target, **options)
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    logits = values.clone().requires_grad_() * 1
+    loss, z_term = gptfast.cross_entropy(logits, target, keep_logits=False, **options)
+    (got_grad,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_term, want_z, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_grad.float(), want_grad, atol=2e-2 / rows, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.usefixtures("triton_backend")
+def test_gpu_linear_cross_entropy_fp32_weight_under_autocast(dtype):
+    """Liger's AMP case: half activations, an fp32 lm_head, autocast on; fp32 weight grads."""
+    rows, hidden, vocab = 4096, 768, 50257
+    x = torch.randn(rows, hidden, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden, device="cuda") / 30).requires_grad_()
+    target = make_target(rows, vocab).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        loss = gptfast.linear_cross_entropy(x, weight, target, softcap=30.0)
+    loss.backward()
+    assert x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().to(dtype).float().requires_grad_()
+    want = reference.linear_cross_entropy(x32, w32, target, softcap=30.0)
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=2e-3, rtol=2e-3)
+    for got, ref in ((x.grad, x32.grad), (weight.grad, w32.grad)):
+        err = (got.float() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, err
