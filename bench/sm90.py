@@ -424,6 +424,13 @@ def cross_entropy_cases(subset: str):
                    ce._launch_cross_entropy(lg, t, l, lg, s, f, -100, 0.1, 1e-4))
             yield (f"cross_entropy scale_rows {name}", shape, dtype,
                    lambda lg=logits, s=scale: ce._launch_scale_rows(lg, s))
+        if dtype == torch.bfloat16 and vocab == 50257:
+            # every option at once: softcap, class weights with smoothing, split z-loss term
+            class_weight, z_term = _meta(vocab, dtype=torch.float32), _meta(n, dtype=torch.float32)
+            yield ("cross_entropy loss+grad softcap+weight", shape, dtype,
+                   lambda lg=logits, t=target, l=loss, f=flag, s=one, w=class_weight, z=z_term:
+                   ce._launch_cross_entropy(lg, t, l, lg, s, f, -100, 0.1, 1e-4, class_weight=w,
+                                            softcap=30.0, z_term=z, z_grad_scale=s))
 
 
 def _attention_smem_estimators():

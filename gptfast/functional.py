@@ -127,6 +127,29 @@ def _check_loss_options(ignore_index, reduction, label_smoothing, z_loss):
     _number("z_loss", z_loss, minimum=0.0)
 
 
+def _check_class_weight(name, weight, vocab, device):
+    """Per-class loss weights as F.cross_entropy's ``weight``: floating, (V,), on the device."""
+    if weight is None:
+        return
+    _tensor(name, weight)
+    if weight.shape != (vocab,):
+        raise ValueError(f"{name} must have shape ({vocab},), one weight per class, "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but the logits are on {device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} (class weights) must not require grad: the losses are not "
+                         f"differentiated with respect to it (as F.cross_entropy's weight); "
+                         f"pass {name}.detach()")
+
+
+def _check_new_loss_options(softcap, return_z_loss):
+    if softcap is not None:
+        _number("softcap", softcap, minimum=0.0, allow_equal_min=False)
+    if not isinstance(return_z_loss, bool):
+        raise TypeError(f"return_z_loss must be a bool, got {type(return_z_loss).__name__}")
+
+
 # -------------------------------------------------------------------------------- ops --
 
 def _run(op, device, args, triton_options=None):
@@ -246,12 +269,21 @@ def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, *, keep_logits=True):
+                  label_smoothing=0.0, z_loss=0.0, *, weight=None, softcap=None,
+                  return_z_loss=False, keep_logits=True):
     """Cross-entropy of logits (..., V) against class indices target (...), like F.cross_entropy.
 
     ``reduction``: "mean" over non-ignored rows (0 if all are ignored), "sum", or "none"
     (per-row losses in target's shape, 0 at ignored rows). ``z_loss`` adds
-    ``z_loss * logsumexp^2`` per row. The loss is fp32 (fp64 for fp64 logits).
+    ``z_loss * logsumexp^2`` per row (Liger's ``lse_square_scale``). The loss is fp32 (fp64
+    for fp64 logits).
+
+    Liger/torch options (keyword-only): ``weight`` (V,) per-class weights as
+    F.cross_entropy's (a weighted "mean" divides by the summed weights of the counted rows;
+    the z-loss term is not weighted); ``softcap`` c > 0 caps the logits to
+    ``c * tanh(logits / c)`` first (Gemma 2), inside the kernels, backward included;
+    ``return_z_loss=True`` returns ``(loss, z_loss_term)``, the second reduced like the loss
+    and detached (the loss already holds it). See ``gptfast.reference.cross_entropy``.
 
     Memory: by default the logits are left as they are and backward allocates their N x V
     gradient, on every backend. ``keep_logits=False`` promises that nothing reads the logits
@@ -272,18 +304,32 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
     _check_target(target, logits.numel() // vocab, "logits")
     _same_device("logits", logits, target=target)
     _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
+    _check_class_weight("weight", weight, vocab, logits.device)
+    _check_new_loss_options(softcap, return_z_loss)
     if not isinstance(keep_logits, bool):
         raise TypeError(f"keep_logits must be a bool, got {type(keep_logits).__name__}")
     _check_target_range(target, vocab, ignore_index)
-    args = (logits, target, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
+    args = (logits, target, int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+            weight, None if softcap is None else float(softcap), return_z_loss)
     return _run("cross_entropy", logits.device, args, {"keep_logits": keep_logits})
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0):
+                         label_smoothing=0.0, z_loss=0.0, *, ce_weight=None, softcap=None,
+                         return_z_loss=False):
     """``cross_entropy(x @ weight.T + bias, target)`` without materialising N x V where a kernel exists.
 
     x: (..., C); weight: (V, C); bias: (V,) or None; target: (...) with one index per row of x.
+    ``ce_weight``, ``softcap``, ``return_z_loss``: cross_entropy's ``weight``, ``softcap``,
+    ``return_z_loss`` (Liger's names).
+
+    Dtypes: weight (and bias) have x's dtype, or are fp32 with bf16/fp16 x (an fp32 lm_head
+    under autocast): the product then runs in x's dtype with fp32 accumulation, as F.linear
+    under autocast, the statistics in fp32; the gradient of x comes back in x's dtype, those of
+    weight and bias in theirs (accumulated in fp32 on the Triton backend).
     """
     _tensor("x", x)
     _tensor("weight", weight)
@@ -293,19 +339,23 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduct
         raise ValueError(
             f"weight must be (V, C) with C = {x.shape[-1]} (the last dim of x), got {tuple(weight.shape)}"
         )
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    mixed = x.dtype in _HALF and weight.dtype == torch.float32
+    if weight.dtype != x.dtype and not mixed:
+        raise TypeError(f"weight must have x's dtype {x.dtype} (or float32 with bfloat16/float16 "
+                        f"x), got {weight.dtype}")
     vocab = weight.shape[0]
     if bias is not None:
         _tensor("bias", bias)
         if bias.shape != (vocab,):
             raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     _check_target(target, x.numel() // x.shape[-1], "x")
     _same_device("x", x, weight=weight, bias=bias, target=target)
     _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
+    _check_class_weight("ce_weight", ce_weight, vocab, x.device)
+    _check_new_loss_options(softcap, return_z_loss)
     _check_target_range(target, vocab, ignore_index)
     args = (x, weight, target, bias, int(ignore_index), reduction, float(label_smoothing),
-            float(z_loss))
+            float(z_loss), ce_weight, None if softcap is None else float(softcap), return_z_loss)
     return _run("linear_cross_entropy", x.device, args)

@@ -68,7 +68,10 @@ class CrossEntropyLoss(nn.Module):
 
     logits are (..., V) with the classes in the last dim (unlike ``torch.nn.CrossEntropyLoss``,
     whose classes are dim 1 for inputs of more than 2 dims); target holds one index per row.
-    ``z_loss`` adds ``z_loss * logsumexp(logits)^2`` per row.
+    ``z_loss`` adds ``z_loss * logsumexp(logits)^2`` per row (Liger's ``lse_square_scale``).
+    ``weight`` (per-class weights, a buffer as in ``torch.nn.CrossEntropyLoss``), ``softcap``
+    and ``return_z_loss`` are ``gptfast.cross_entropy``'s (Liger's names); with
+    ``return_z_loss=True`` the module returns ``(loss, z_loss_term)``.
 
     As ``gptfast.cross_entropy``: ``keep_logits=False`` promises that nothing reads the
     logits after the loss, and lets the Triton backend write their gradient into them (O(N)
@@ -76,22 +79,27 @@ class CrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 keep_logits=True):
+                 keep_logits=True, *, weight=None, softcap=None, return_z_loss=False):
         super().__init__()
+        self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.keep_logits = keep_logits
+        self.softcap = softcap
+        self.return_z_loss = return_z_loss
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor):
         return functional.cross_entropy(logits, target, self.ignore_index, self.reduction,
-                                        self.label_smoothing, self.z_loss,
+                                        self.label_smoothing, self.z_loss, weight=self.weight,
+                                        softcap=self.softcap, return_z_loss=self.return_z_loss,
                                         keep_logits=self.keep_logits)
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, return_z_loss={self.return_z_loss}, "
                 f"keep_logits={self.keep_logits}")
 
 
@@ -100,20 +108,27 @@ class LinearCrossEntropy(nn.Module):
 
     Holds ``weight`` (vocab_size, in_features) and an optional ``bias``, initialised like
     ``nn.Linear``; the N x V logits are never materialised where a kernel exists.
+    ``ce_weight`` (per-class loss weights, a buffer), ``softcap`` and ``return_z_loss`` are
+    ``gptfast.linear_cross_entropy``'s (Liger's names). The parameters may stay fp32 while x
+    is bf16/fp16 (as under autocast).
     """
 
     def __init__(self, in_features, vocab_size, bias=False, ignore_index=-100, reduction="mean",
-                 label_smoothing=0.0, z_loss=0.0, device=None, dtype=None):
+                 label_smoothing=0.0, z_loss=0.0, device=None, dtype=None, *, ce_weight=None,
+                 softcap=None, return_z_loss=False):
         super().__init__()
         self.in_features = in_features
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_size, in_features, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.empty(vocab_size, device=device, dtype=dtype))
                      if bias else None)
+        self.register_buffer("ce_weight", ce_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_z_loss = return_z_loss
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -123,15 +138,18 @@ class LinearCrossEntropy(nn.Module):
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, target: torch.Tensor):
         return functional.linear_cross_entropy(x, self.weight, target, self.bias, self.ignore_index,
-                                               self.reduction, self.label_smoothing, self.z_loss)
+                                               self.reduction, self.label_smoothing, self.z_loss,
+                                               ce_weight=self.ce_weight, softcap=self.softcap,
+                                               return_z_loss=self.return_z_loss)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, vocab_size={self.vocab_size}, "
                 f"bias={self.bias is not None}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-                f"z_loss={self.z_loss}")
+                f"z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"return_z_loss={self.return_z_loss}")
 
 
 # -------------------------------------------------------------------------- attention --

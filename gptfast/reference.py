@@ -97,31 +97,66 @@ def causal_attention_math(q, k, v, scale=None, document_ids=None, window=None):
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0):
+                  label_smoothing=0.0, z_loss=0.0, weight=None, softcap=None,
+                  return_z_loss=False):
     """Cross-entropy of rows of ``logits`` (..., V) against integer ``target`` (...).
 
-    Per row i with lse = logsumexp(logits_i):
-        loss_i = (1 - s) * (lse - logits_i[t_i]) + s * (lse - mean(logits_i)) + z * lse^2
+    Per row i with x = logits_i, soft-capped first when ``softcap`` is c
+    (x = c * tanh(x / c), as Gemma 2), lse = logsumexp(x), t = t_i, label smoothing s:
+        loss_i = (1 - s) * (lse - x[t]) + s * (lse - mean(x)) + z * lse^2
     and 0 where t_i == ignore_index. "mean" divides by the number of non-ignored rows
     (0 when every row is ignored, not NaN), "sum" adds, "none" returns the per-row losses
     in target's shape.
+
+    Class weights w (``weight``, shape (V,)) give torch's weighted loss,
+        ce_i = (1 - s) * w[t] * (lse - x[t]) + s / V * sum_j w[j] * (lse - x[j]),
+    and "mean" = sum_i ce_i / sum_i w[t_i] + z * sum_i lse_i^2 / count (over non-ignored
+    rows; the weighted part is 0 when sum_i w[t_i] is 0, where torch gives NaN): the z-loss
+    is never class-weighted (as in Liger). ``return_z_loss`` returns ``(loss, z_term)`` with
+    z_term = z * lse^2 reduced like the loss (unweighted) and detached: a value to log, whose
+    gradient is already part of the loss's.
     """
     acc = compute_dtype(logits.dtype)
     vocab = logits.shape[-1]
     rows = logits.reshape(-1, vocab).to(acc)
+    if softcap is not None:
+        rows = softcap * torch.tanh(rows / softcap)
     flat_target = target.reshape(-1)
     keep = flat_target != ignore_index
-    if not z_loss:
-        # torch's fused op: same definition, ~1.3x faster forward on CPU (512 x 50304: 47 vs 62 ms)
-        loss = F.cross_entropy(rows, flat_target.long(), ignore_index=ignore_index,
-                               reduction="none", label_smoothing=label_smoothing)
-    else:
-        loss = cross_entropy_rows_formula(rows, flat_target, keep, label_smoothing, z_loss)
+    count = keep.sum().clamp(min=1).to(acc)
+    if weight is None and not return_z_loss:
+        if not z_loss:
+            # torch's fused op: same definition, ~1.3x faster forward on CPU (512 x 50304: 47 vs 62 ms)
+            loss = F.cross_entropy(rows, flat_target.long(), ignore_index=ignore_index,
+                                   reduction="none", label_smoothing=label_smoothing)
+        else:
+            loss = cross_entropy_rows_formula(rows, flat_target, keep, label_smoothing, z_loss)
+        if reduction == "none":
+            return loss.reshape(target.shape)
+        return loss.sum() if reduction == "sum" else loss.sum() / count
+
+    class_weight = None if weight is None else weight.to(acc)
+    ce = F.cross_entropy(rows, flat_target.long(), weight=class_weight,
+                         ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    z_term = torch.zeros_like(ce)
+    if z_loss:
+        z_term = torch.where(keep, z_loss * torch.logsumexp(rows, dim=-1).square(), z_term)
     if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / keep.sum().clamp(min=1).to(acc)
+        loss, z_out = (ce + z_term).reshape(target.shape), z_term.reshape(target.shape)
+    elif reduction == "sum":
+        loss, z_out = ce.sum() + z_term.sum(), z_term.sum()
+    else:
+        if class_weight is None:
+            ce_mean = ce.sum() / count
+        else:
+            safe_target = torch.where(keep, flat_target, torch.zeros_like(flat_target)).long()
+            total = torch.where(keep, class_weight[safe_target], torch.zeros((), dtype=acc)).sum()
+            ce_mean = torch.where(total != 0, ce.sum() / torch.where(total != 0, total, 1.0),
+                                  torch.zeros((), dtype=acc))
+        z_out = z_term.sum() / count
+        loss = ce_mean + z_out
+    return (loss, z_out.detach()) if return_z_loss else loss
 
 
 def cross_entropy_rows_formula(rows, flat_target, keep, label_smoothing, z_loss):
@@ -138,7 +173,14 @@ def cross_entropy_rows_formula(rows, flat_target, keep, label_smoothing, z_loss)
 
 
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100,
-                         reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """``cross_entropy(x @ weight.T + bias, target)``; x (..., C), weight (V, C), bias (V,)."""
-    logits = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
-    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
+                         reduction="mean", label_smoothing=0.0, z_loss=0.0, ce_weight=None,
+                         softcap=None, return_z_loss=False):
+    """``cross_entropy(x @ weight.T + bias, target)``; x (..., C), weight (V, C), bias (V,).
+
+    ``ce_weight`` is cross_entropy's class ``weight``. A weight (and bias) in fp32 with
+    bf16/fp16 x is cast to x's dtype for the product, as ``F.linear`` under autocast does.
+    """
+    logits = F.linear(x.reshape(-1, x.shape[-1]), weight.to(x.dtype),
+                      None if bias is None else bias.to(x.dtype))
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss,
+                         ce_weight, softcap, return_z_loss)

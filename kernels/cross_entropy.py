@@ -8,6 +8,12 @@ For one row x of V logits with target t, lse = logsumexp(x), label smoothing s a
 Rows whose target is ``ignore_index`` have loss 0 and gradient 0; "mean" divides by the
 number of the other rows (0 when there are none).
 
+Options (see ``gptfast.reference.cross_entropy`` for the definitions): ``softcap`` c replaces x
+by c * tanh(x / c) as each block is loaded, and multiplies the gradient by 1 - tanh^2;
+class weights w give torch's weighted loss, whose "mean" divides by sum(w[t]) while the
+z-loss term still divides by the count, so the kernel then writes the two parts' losses
+separately (``SPLIT_Z``, also for ``return_z_loss``) and scales their gradients apart.
+
 cross_entropy: one program a row reads the row once for the online max / sum of exp (fp32)
 and, when autograd will want the gradient, reads it again (mostly from L2) to write the
 gradient **into the logits buffer** (bf16/fp32: already divided by the count for "mean"):
@@ -116,12 +122,47 @@ def logits_policy(policy: str):
 # ------------------------------------------------------------------------------ kernels --
 
 @triton.jit
+def _tanh_and_slope(y):
+    """(tanh(y), 1 - tanh(y)^2) in fp32 from one exp2 (the interpreter has no libdevice).
+
+    With e = exp(-2|y|): tanh|y| = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2, the
+    latter free of cancellation for large |y|. For |y| < 1/8, 1 - e cancels, so tanh comes
+    from its odd series there (the first omitted term is below 1e-12).
+    """
+    a = tl.abs(y)
+    e = tl.exp2(a * (-2.0 * LOG2E))
+    one_plus_e = 1.0 + e
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0
+                                                                  + a2 * (62.0 / 2835.0)))))
+    magnitude = tl.where(a < 0.125, series, (1.0 - e) / one_plus_e)
+    return tl.where(y < 0.0, -magnitude, magnitude), 4.0 * e / (one_plus_e * one_plus_e)
+
+
+@triton.jit
+def _load_logits(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr, eviction: tl.constexpr):
+    """A block of fp32 logits, soft-capped to softcap * tanh(x / softcap) when HAS_SOFTCAP,
+    -inf where ``mask`` is off; with HAS_SOFTCAP also d(capped)/dx = 1 - tanh^2 (else 1)."""
+    if HAS_SOFTCAP:
+        raw = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=eviction).to(tl.float32)
+        tanh, slope = _tanh_and_slope(raw / softcap)
+        x = tl.where(mask, softcap * tanh, float("-inf"))
+    else:
+        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf"),
+                    eviction_policy=eviction).to(tl.float32)
+        slope = 1.0
+    return x, slope
+
+
+@triton.jit
 def _cross_entropy_kernel(
     logits_ptr, logits_row_stride, grad_ptr, grad_row_stride,
     target_ptr, loss_ptr, grad_scale_ptr, bad_target_ptr,
     vocab, ignore_index, label_smoothing, z_loss,
+    class_weight_ptr, z_term_ptr, z_grad_scale_ptr, softcap,
     WRITE_GRAD: tl.constexpr, PER_ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr = False,
+    SPLIT_Z: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
 ):
     """Loss of one row and, with WRITE_GRAD, grad_scale * dloss/dx, in two passes over V.
 
@@ -134,6 +175,13 @@ def _cross_entropy_kernel(
     read last, the likeliest to still be in L2.
     A target outside [0, V) that is not ignore_index sets bad_target; such rows, like
     ignored rows, get loss 0 and gradient 0.
+
+    HAS_SOFTCAP: every x above is c * tanh(x / c) (c = softcap), and the gradient is times
+    1 - tanh^2. HAS_CLASS_WEIGHT (w = class weights, W = sum_j w_j), torch's weighted loss:
+        ce = (1 - s) w_t (lse - x_t) + s / V (W lse - sum_j w_j x_j),
+        dce/dx_j = p_j ((1 - s) w_t + s W / V) - (1 - s) w_t [j == t] - s w_j / V,
+    the ce part scaled by grad_scale and the z part (2 z lse p_j) by z_grad_scale (a weighted
+    mean divides them by different totals). SPLIT_Z: loss gets ce alone and z_term z lse^2.
     """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
@@ -146,12 +194,12 @@ def _cross_entropy_kernel(
     if in_range & (~ignored):
         row_max = tl.full((), float("-inf"), tl.float32)
         sum_exp = tl.zeros((), tl.float32)
-        row_sum = tl.zeros((), tl.float32)
+        row_sum = tl.zeros((), tl.float32)  # sum_j x_j, or sum_j w_j x_j with class weights
+        weight_sum = tl.zeros((), tl.float32)
         for start in range(0, vocab, BLOCK_V):
             cols = start + offsets
             mask = cols < vocab
-            x = tl.load(logits_row + cols, mask=mask, other=float("-inf"),
-                        eviction_policy="evict_last").to(tl.float32)
+            x, _ = _load_logits(logits_row, cols, mask, softcap, HAS_SOFTCAP, "evict_last")
             new_max = tl.maximum(row_max, tl.max(x, axis=0))
             # while every logit so far is -inf, shift by 0 so no exp sees (-inf) - (-inf)
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -159,36 +207,79 @@ def _cross_entropy_kernel(
                        + tl.sum(tl.exp2((x - shift) * LOG2E), axis=0))
             row_max = new_max
             if HAS_SMOOTHING:
-                row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+                if HAS_CLASS_WEIGHT:
+                    w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    row_sum += tl.sum(w * tl.where(mask, x, 0.0), axis=0)
+                    weight_sum += tl.sum(w, axis=0)
+                else:
+                    row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
         lse = row_max + tl.log(sum_exp)
         target_logit = tl.load(logits_row + target).to(tl.float32)
-        loss = lse - (1.0 - label_smoothing) * target_logit + z_loss * lse * lse
-        if HAS_SMOOTHING:
-            loss -= label_smoothing * row_sum / vocab
+        if HAS_SOFTCAP:
+            target_tanh, _ = _tanh_and_slope(target_logit / softcap)
+            target_logit = softcap * target_tanh
+        z_term = z_loss * lse * lse
+        target_weight_class = 1.0
+        if HAS_CLASS_WEIGHT:
+            target_weight_class = tl.load(class_weight_ptr + target).to(tl.float32)
+            loss = (1.0 - label_smoothing) * target_weight_class * (lse - target_logit)
+            if HAS_SMOOTHING:
+                loss += label_smoothing / vocab * (weight_sum * lse - row_sum)
+            if not SPLIT_Z:
+                loss += z_term
+        elif SPLIT_Z:
+            loss = lse - (1.0 - label_smoothing) * target_logit
+            if HAS_SMOOTHING:
+                loss -= label_smoothing * row_sum / vocab
+        else:
+            loss = lse - (1.0 - label_smoothing) * target_logit + z_loss * lse * lse
+            if HAS_SMOOTHING:
+                loss -= label_smoothing * row_sum / vocab
         tl.store(loss_ptr + row, loss)
+        if SPLIT_Z:
+            tl.store(z_term_ptr + row, z_term)
 
         if WRITE_GRAD:
             if PER_ROW_SCALE:
                 scale = tl.load(grad_scale_ptr + row).to(tl.float32)
             else:
                 scale = tl.load(grad_scale_ptr).to(tl.float32)
-            prob_weight = (1.0 + 2.0 * z_loss * lse) * scale
-            target_weight = (1.0 - label_smoothing) * scale
+            if HAS_CLASS_WEIGHT:
+                if PER_ROW_SCALE:
+                    z_scale = tl.load(z_grad_scale_ptr + row).to(tl.float32)
+                else:
+                    z_scale = tl.load(z_grad_scale_ptr).to(tl.float32)
+                target_weight = (1.0 - label_smoothing) * target_weight_class * scale
+                prob_weight = target_weight + 2.0 * z_loss * lse * z_scale
+                if HAS_SMOOTHING:
+                    prob_weight += label_smoothing * weight_sum / vocab * scale
+            else:
+                prob_weight = (1.0 + 2.0 * z_loss * lse) * scale
+                target_weight = (1.0 - label_smoothing) * scale
             uniform_weight = label_smoothing / vocab * scale
             lse_log2 = lse * LOG2E
             num_blocks = tl.cdiv(vocab, BLOCK_V)
             for block in range(0, num_blocks):
                 cols = (num_blocks - 1 - block) * BLOCK_V + offsets
                 mask = cols < vocab
-                x = tl.load(logits_row + cols, mask=mask, other=float("-inf"),
-                            eviction_policy="evict_first").to(tl.float32)
+                x, slope = _load_logits(logits_row, cols, mask, softcap, HAS_SOFTCAP,
+                                        "evict_first")
                 prob = tl.exp2(x * LOG2E - lse_log2)
-                grad = prob * prob_weight - uniform_weight - tl.where(cols == target, target_weight, 0.0)
+                if HAS_CLASS_WEIGHT and HAS_SMOOTHING:
+                    w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    grad = prob * prob_weight - uniform_weight * w
+                else:
+                    grad = prob * prob_weight - uniform_weight
+                grad -= tl.where(cols == target, target_weight, 0.0)
+                if HAS_SOFTCAP:
+                    grad *= slope
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         if ~ignored:
             tl.store(bad_target_ptr, 1)
         tl.store(loss_ptr + row, 0.0)
+        if SPLIT_Z:
+            tl.store(z_term_ptr + row, 0.0)
         if WRITE_GRAD:
             zeros = tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty)
             for start in range(0, vocab, BLOCK_V):
@@ -240,24 +331,35 @@ def _device_guard(t: torch.Tensor):
 
 
 def _launch_cross_entropy(logits, target, loss, grad, grad_scale, bad_target,
-                          ignore_index, label_smoothing, z_loss):
+                          ignore_index, label_smoothing, z_loss, class_weight=None, softcap=0.0,
+                          z_term=None, z_grad_scale=None):
     """loss[i] (and grad[i, :] when grad is not None) for every row of the (N, V) logits.
 
     grad may be logits itself. grad_scale: a 0-d fp32 tensor, or one fp32 value per row.
+    class_weight: None or fp32 (V,); softcap: 0.0 for none; z_term: None, or a buffer for
+    the rows' z-loss terms, which loss then excludes; z_grad_scale: the z part's grad_scale
+    (read only with class weights; defaults to grad_scale).
     """
     rows, vocab = logits.shape
     if rows == 0:
         return
     block, num_warps = _launch_config(vocab, logits.element_size())
     write_grad = grad is not None
+    per_row_scale = grad_scale is not None and grad_scale.dim() == 1
+    grad_scale = grad_scale if grad_scale is not None else loss
     with _device_guard(logits):
         _cross_entropy_kernel[(rows,)](
             logits, logits.stride(0), grad if write_grad else logits,
             grad.stride(0) if write_grad else 0,
-            target, loss, grad_scale if grad_scale is not None else loss, bad_target,
+            target, loss, grad_scale, bad_target,
             vocab, ignore_index, label_smoothing, z_loss,
-            WRITE_GRAD=write_grad, PER_ROW_SCALE=grad_scale is not None and grad_scale.dim() == 1,
-            HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block, num_warps=num_warps,
+            class_weight if class_weight is not None else loss,
+            z_term if z_term is not None else loss,
+            z_grad_scale if z_grad_scale is not None else grad_scale, softcap,
+            WRITE_GRAD=write_grad, PER_ROW_SCALE=per_row_scale,
+            HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block,
+            HAS_CLASS_WEIGHT=class_weight is not None, SPLIT_Z=z_term is not None,
+            HAS_SOFTCAP=softcap > 0.0, num_warps=num_warps,
         )
 
 
@@ -291,60 +393,83 @@ def _new_flag(device) -> torch.Tensor:
 
 # -------------------------------------------------------------------- custom ops: logits --
 
-def _row_losses(logits, target, grad_out, grad_scale, ignore_index, label_smoothing, z_loss,
-                check_targets):
-    """Run the CE kernel: per-row fp32 losses, and grad_scale * dloss/dlogits into grad_out
-    when given; raises on out-of-range targets afterwards if asked."""
-    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+def _row_losses(logits, target, grad_out, grad_scale, z_grad_scale, class_weight, ignore_index,
+                label_smoothing, z_loss, softcap, split_z, check_targets):
+    """Run the CE kernel: (per-row fp32 losses, per-row z-loss terms), and grad_scale *
+    dloss/dlogits into grad_out when given; raises on out-of-range targets afterwards if asked.
+
+    With ``split_z`` the losses exclude the z-loss terms, returned beside them; otherwise the
+    losses include them and the second tensor is empty.
+    """
+    rows = logits.shape[0]
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    z_term = torch.empty(rows if split_z else 0, dtype=torch.float32, device=logits.device)
     bad_target = _new_flag(logits.device)
     _launch_cross_entropy(logits, target, loss, grad_out, grad_scale, bad_target,
-                          ignore_index, label_smoothing, z_loss)
+                          ignore_index, label_smoothing, z_loss, class_weight, softcap,
+                          z_term if split_z else None, z_grad_scale)
     if check_targets:
         _raise_if_bad_targets(bad_target, target, logits.shape[1], ignore_index)
-    return loss
+    return loss, z_term
+
+
+def _fake_row_losses(logits, split_z):
+    rows = logits.shape[0]
+    return (logits.new_empty(rows, dtype=torch.float32),
+            logits.new_empty(rows if split_z else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("gptfast::cross_entropy_loss", mutates_args=())
-def _cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                        label_smoothing: float, z_loss: float, check_targets: bool) -> torch.Tensor:
-    """Per-row losses (fp32) of (N, V) logits, logits untouched."""
-    return _row_losses(logits, target, None, None, ignore_index, label_smoothing, z_loss,
-                       check_targets)
+def _cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor,
+                        class_weight: Optional[torch.Tensor], ignore_index: int,
+                        label_smoothing: float, z_loss: float, softcap: float, split_z: bool,
+                        check_targets: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row losses, per-row z terms or empty) (fp32) of (N, V) logits, logits untouched."""
+    return _row_losses(logits, target, None, None, None, class_weight, ignore_index,
+                       label_smoothing, z_loss, softcap, split_z, check_targets)
 
 
 @_cross_entropy_loss.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss, check_targets):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _(logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap, split_z,
+      check_targets):
+    return _fake_row_losses(logits, split_z)
 
 
 @torch.library.custom_op("gptfast::cross_entropy_loss_and_grad_", mutates_args=("logits",))
 def _cross_entropy_loss_and_grad_(logits: torch.Tensor, target: torch.Tensor,
-                                  grad_scale: torch.Tensor, ignore_index: int,
-                                  label_smoothing: float, z_loss: float,
-                                  check_targets: bool) -> torch.Tensor:
-    """Per-row losses; overwrites the (N, V) logits with grad_scale * dloss/dlogits."""
-    return _row_losses(logits, target, logits, grad_scale, ignore_index, label_smoothing,
-                       z_loss, check_targets)
+                                  class_weight: Optional[torch.Tensor], grad_scale: torch.Tensor,
+                                  z_grad_scale: torch.Tensor, ignore_index: int,
+                                  label_smoothing: float, z_loss: float, softcap: float,
+                                  split_z: bool, check_targets: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses (and z terms); overwrites the (N, V) logits with the scaled dloss/dlogits."""
+    return _row_losses(logits, target, logits, grad_scale, z_grad_scale, class_weight,
+                       ignore_index, label_smoothing, z_loss, softcap, split_z, check_targets)
 
 
 @_cross_entropy_loss_and_grad_.register_fake
-def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, check_targets):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _(logits, target, class_weight, grad_scale, z_grad_scale, ignore_index, label_smoothing,
+      z_loss, softcap, split_z, check_targets):
+    return _fake_row_losses(logits, split_z)
 
 
 @torch.library.custom_op("gptfast::cross_entropy_grad", mutates_args=())
-def _cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor,
-                        ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """grad_scale * dloss/dlogits as a new (N, V) tensor (the kept-logits backward)."""
+def _cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor,
+                        class_weight: Optional[torch.Tensor], grad_scale: torch.Tensor,
+                        z_grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+                        z_loss: float, softcap: float) -> torch.Tensor:
+    """The scaled dloss/dlogits as a new (N, V) tensor (the kept-logits backward)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     _launch_cross_entropy(logits, target, loss, grad, grad_scale, _new_flag(logits.device),
-                          ignore_index, label_smoothing, z_loss)
+                          ignore_index, label_smoothing, z_loss, class_weight, softcap,
+                          None, z_grad_scale)
     return grad
 
 
 @_cross_entropy_grad.register_fake
-def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss):
+def _(logits, target, class_weight, grad_scale, z_grad_scale, ignore_index, label_smoothing,
+      z_loss, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -407,14 +532,20 @@ def _empty_grad(like: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("gptfast::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
-    grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
-    z_loss: float, need_x_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
-    check_targets: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row losses, grad_x, grad_weight, grad_bias) of cross_entropy(x @ W.T + b).
+    class_weight: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
+    z_grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: float, split_z: bool, need_x_grad: bool, need_weight_grad: bool,
+    need_bias_grad: bool, check_targets: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row losses, per-row z terms, grad_x, grad_weight, grad_bias) of
+    cross_entropy(x @ W.T + b).
 
     The gradients are those of sum_i grad_scale_i * loss_i (grad_scale 0-d or per row), each
-    empty when not asked for, all of them empty when grad_scale is None.
+    empty when not asked for, all of them empty when grad_scale is None. The z terms are
+    empty unless ``split_z`` (then the losses exclude them, as in ``_row_losses``).
+    A weight and bias in another dtype than x (fp32 with bf16/fp16 x, as autocast leaves an
+    fp32 lm_head) are cast to x's dtype once for the GEMMs, as F.linear under autocast does;
+    grad_weight and grad_bias accumulate in fp32 and come back in their own dtypes.
     """
     rows, hidden = x.shape
     vocab = weight.shape[0]
@@ -424,15 +555,19 @@ def _linear_cross_entropy(
         with_grad and need_x_grad, with_grad and need_weight_grad,
         with_grad and need_bias_grad and bias is not None)
     loss = torch.empty(rows, dtype=torch.float32, device=device)
+    z_term = torch.empty(rows if split_z else 0, dtype=torch.float32, device=device)
     grad_x = x.new_empty(x.shape) if need_x_grad else _empty_grad(x)
     fp32 = dict(dtype=torch.float32, device=device)
     grad_weight32 = torch.zeros(vocab, hidden, **fp32) if need_weight_grad else None
     grad_bias32 = torch.zeros(vocab, **fp32) if need_bias_grad else None
     bad_target = _new_flag(device)
+    matmul_weight = weight.to(x.dtype)  # no copy when the dtypes agree
+    matmul_bias = None if bias is None else bias.to(x.dtype)
 
     step = chunk_rows(rows, vocab, hidden, x.element_size(), device)
     chunk_buffer = torch.empty(min(step, rows), vocab, dtype=x.dtype, device=device)
-    weight_t = weight.t()
+    weight_t = matmul_weight.t()
+    per_row = with_grad and grad_scale.dim() == 1
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         x_chunk = x[start:stop]
@@ -440,31 +575,35 @@ def _linear_cross_entropy(
         if bias is None:
             torch.mm(x_chunk, weight_t, out=logits)
         else:
-            torch.addmm(bias, x_chunk, weight_t, out=logits)
-        chunk_scale = grad_scale[start:stop] if with_grad and grad_scale.dim() == 1 else grad_scale
+            torch.addmm(matmul_bias, x_chunk, weight_t, out=logits)
+        chunk_scale = grad_scale[start:stop] if per_row else grad_scale
+        chunk_z_scale = (z_grad_scale[start:stop] if per_row and z_grad_scale is not None
+                         else z_grad_scale)
         _launch_cross_entropy(logits, target[start:stop], loss[start:stop],
                               logits if with_grad else None, chunk_scale, bad_target,
-                              ignore_index, label_smoothing, z_loss)
+                              ignore_index, label_smoothing, z_loss, class_weight, softcap,
+                              z_term[start:stop] if split_z else None, chunk_z_scale)
         if need_x_grad:
-            torch.mm(logits, weight, out=grad_x[start:stop])
+            torch.mm(logits, matmul_weight, out=grad_x[start:stop])
         if need_weight_grad:
             _accumulate_matmul_fp32(grad_weight32, logits.t(), x_chunk)
         if need_bias_grad:
             grad_bias32 += logits.sum(dim=0, dtype=torch.float32)
-    chunk_buffer = logits = None  # freed before the casts below, which set the peak
+    chunk_buffer = logits = matmul_weight = weight_t = None  # freed before the casts below
     if check_targets:
         _raise_if_bad_targets(bad_target, target, vocab, ignore_index)
     grad_weight = grad_weight32.to(weight.dtype) if need_weight_grad else _empty_grad(weight)
     grad_bias = grad_bias32.to(bias.dtype) if need_bias_grad else _empty_grad(x)
-    return loss, grad_x, grad_weight, grad_bias
+    return loss, z_term, grad_x, grad_weight, grad_bias
 
 
 @_linear_cross_entropy.register_fake
-def _(x, weight, bias, target, grad_scale, ignore_index, label_smoothing, z_loss,
-      need_x_grad, need_weight_grad, need_bias_grad, check_targets):
+def _(x, weight, bias, target, class_weight, grad_scale, z_grad_scale, ignore_index,
+      label_smoothing, z_loss, softcap, split_z, need_x_grad, need_weight_grad, need_bias_grad,
+      check_targets):
     with_grad = grad_scale is not None
     return (
-        x.new_empty(x.shape[0], dtype=torch.float32),
+        *_fake_row_losses(x, split_z),
         x.new_empty(x.shape) if with_grad and need_x_grad else _empty_grad(x),
         torch.empty_like(weight) if with_grad and need_weight_grad else _empty_grad(weight),
         torch.empty_like(bias) if with_grad and need_bias_grad and bias is not None else _empty_grad(x),
@@ -473,16 +612,57 @@ def _(x, weight, bias, target, grad_scale, ignore_index, label_smoothing, z_loss
 
 # ------------------------------------------------------------------------------ autograd --
 
-def _count_kept(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return (target != ignore_index).sum()
+def _totals(target: torch.Tensor, class_weight: Optional[torch.Tensor], ignore_index: int):
+    """(number of counted rows, the sum of their class weights or None without class weights)."""
+    counted = target != ignore_index
+    count = counted.sum()
+    if class_weight is None:
+        return count, None
+    # clamped: an out-of-range target is reported after the kernel (compiled) or before (eager)
+    picked = class_weight.gather(0, target.clamp(0, class_weight.shape[0] - 1).long())
+    return count, torch.where(counted, picked, 0.0).sum()
 
 
-def _reduce(loss: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+def _safe_reciprocal(total: torch.Tensor) -> torch.Tensor:
+    """1 / total, and 0 where total is 0 (a weighted mean over zero total weight is 0)."""
+    nonzero = total != 0
+    return torch.where(nonzero, 1.0 / torch.where(nonzero, total, 1.0), 0.0)
+
+
+def _reduce(loss: torch.Tensor, z_term: Optional[torch.Tensor], count: torch.Tensor,
+            weight_total: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    """The reduced loss from per-row losses; ``z_term`` is None when they include the z terms.
+
+    "mean": sum(loss) / count, or / weight_total with class weights (torch's weighted mean),
+    plus sum(z_term) / count: the z-loss is a mean over counted rows, never class-weighted.
+    """
     if reduction == "none":
-        return loss
+        return loss if z_term is None else loss + z_term
     if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / kept.clamp(min=1)
+        return loss.sum() if z_term is None else loss.sum() + z_term.sum()
+    if weight_total is None:
+        mean = loss.sum() / count.clamp(min=1)
+    else:
+        mean = loss.sum() * _safe_reciprocal(weight_total)
+    return mean if z_term is None else mean + z_term.sum() / count.clamp(min=1)
+
+
+def _reduce_z(z_term: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The z-loss term as ``return_z_loss`` returns it: reduced like the loss, unweighted."""
+    if reduction == "none":
+        return z_term
+    return z_term.sum() if reduction == "sum" else z_term.sum() / count.clamp(min=1)
+
+
+def _part_scales(factor: torch.Tensor, count: torch.Tensor, weight_total: Optional[torch.Tensor],
+                 reduction: str) -> tuple:
+    """(cross-entropy part's, z part's) gradient scale, from ``factor``, the scale of an
+    unweighted loss (1/count folded into it for a "mean"). A weighted "mean" divides the
+    cross-entropy part by the total weight instead of the count: factor * count / total.
+    Both parts then share every factor applied later (upstream gradient, 1/count)."""
+    if weight_total is None or reduction != "mean":
+        return factor, factor
+    return factor * (count.clamp(min=1) * _safe_reciprocal(weight_total)), factor
 
 
 def _folds_mean(dtype: torch.dtype, reduction: str) -> bool:
@@ -536,54 +716,64 @@ SECOND_BACKWARD_AFTER_OVERWRITE = (
 
 
 class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, z_loss,
-                overwrite, check_targets):
-        kept = _count_kept(target, ignore_index)
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, overwrite)
-        ctx.grad_used = False
-        if overwrite:
-            loss = torch.ops.gptfast.cross_entropy_loss_and_grad_(
-                logits, target, _forward_scale(kept, reduction, logits.dtype), ignore_index,
-                label_smoothing, z_loss, check_targets)
-            ctx.save_for_backward(logits, kept)  # logits now hold the gradient
-        else:
-            loss = torch.ops.gptfast.cross_entropy_loss(
-                logits, target, ignore_index, label_smoothing, z_loss, check_targets)
-            ctx.save_for_backward(logits, kept, target)
-        return _reduce(loss, kept, reduction)
+    """Returns (loss, z-loss term): the second is empty unless ``split_z``; it is a value to
+    log (the entry point detaches it), its gradient is part of the loss's."""
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        ignore_index, reduction, label_smoothing, z_loss, overwrite = ctx.options
+    def forward(ctx, logits, target, class_weight, ignore_index, reduction, label_smoothing,
+                z_loss, softcap, split_z, overwrite, check_targets):
+        count, weight_total = _totals(target, class_weight, ignore_index)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, overwrite)
+        ctx.grad_used = False
+        options = (ignore_index, label_smoothing, z_loss, softcap, split_z, check_targets)
+        if overwrite:
+            scales = _part_scales(_forward_scale(count, reduction, logits.dtype), count,
+                                  weight_total, reduction)
+            loss, z_term = torch.ops.gptfast.cross_entropy_loss_and_grad_(
+                logits, target, class_weight, *scales, *options)
+            ctx.save_for_backward(logits, count)  # logits now hold the gradient
+        else:
+            loss, z_term = torch.ops.gptfast.cross_entropy_loss(logits, target, class_weight,
+                                                                *options)
+            ctx.save_for_backward(logits, count, target, class_weight, weight_total)
+        z_term = z_term if split_z else None
+        reduced_z = _reduce_z(z_term, count, reduction) if split_z else loss.new_empty(0)
+        return _reduce(loss, z_term, count, weight_total, reduction), reduced_z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        ignore_index, reduction, label_smoothing, z_loss, softcap, overwrite = ctx.options
         if overwrite:
             if not torch.compiler.is_compiling() and ctx.grad_used:
                 raise RuntimeError(SECOND_BACKWARD_AFTER_OVERWRITE)
-            grad, kept = ctx.saved_tensors
+            grad, count = ctx.saved_tensors
             grad = grad.detach()  # the buffer, without the logits' autograd history
             folded = _folds_mean(grad.dtype, reduction)
             if creating_graph():
                 with torch.no_grad():
-                    grad = _scaled(grad, _backward_scale(grad_loss, kept, reduction, folded))
+                    grad = _scaled(grad, _backward_scale(grad_loss, count, reduction, folded))
                 (grad,) = raise_if_differentiated(
                     (grad,), "cross_entropy",
                     "with keep_logits=False the logits were overwritten by their gradient")
             else:
-                grad = _scaled(grad, _backward_scale(grad_loss, kept, reduction, folded))
+                grad = _scaled(grad, _backward_scale(grad_loss, count, reduction, folded))
             if not torch.compiler.is_compiling():
                 ctx.grad_used = True
         else:
-            logits, kept, target = ctx.saved_tensors
+            logits, count, target, class_weight, weight_total = ctx.saved_tensors
             if creating_graph():
                 (grad,) = reference_grads(
-                    lambda rows: reference.cross_entropy(rows, target, ignore_index, reduction,
-                                                         label_smoothing, z_loss),
+                    lambda rows: reference.cross_entropy(
+                        rows, target, ignore_index, reduction, label_smoothing, z_loss,
+                        class_weight, softcap or None),
                     (logits,), (True,), (grad_loss,))
             else:
+                scales = _part_scales(_backward_scale(grad_loss, count, reduction, folded=False),
+                                      count, weight_total, reduction)
                 grad = torch.ops.gptfast.cross_entropy_grad(
-                    logits, target, _backward_scale(grad_loss, kept, reduction, folded=False),
-                    ignore_index, label_smoothing, z_loss)
-        return grad, None, None, None, None, None, None, None
+                    logits, target, class_weight, *scales, ignore_index, label_smoothing,
+                    z_loss, softcap)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -595,42 +785,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
     dlogits (4 GEMMs). x, weight and bias are saved either way: unpacking them in backward
     raises if they were edited in place since the forward (as F.linear's backward does), and
     a second backward (retain_graph=True), whose gradients the first one already scaled in
-    place, recomputes from them.
+    place, recomputes from them. Returns (loss, z-loss term) as :class:`_CrossEntropy`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
-                check_targets):
+    def forward(ctx, x, weight, bias, target, class_weight, ignore_index, reduction,
+                label_smoothing, z_loss, softcap, split_z, check_targets):
         need_grads = tuple(ctx.needs_input_grad[:3])
-        kept = _count_kept(target, ignore_index)
+        count, weight_total = _totals(target, class_weight, ignore_index)
         recompute = reduction == "none" or x.dtype == torch.float16
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, need_grads, recompute)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, split_z,
+                       need_grads, recompute)
         ctx.grads_used = False
+        options = (ignore_index, label_smoothing, z_loss, softcap, split_z)
         if recompute:
-            loss, *_ = torch.ops.gptfast.linear_cross_entropy(
-                x, weight, bias, target, None, ignore_index, label_smoothing, z_loss,
-                *need_grads, check_targets)
+            loss, z_term, *_ = torch.ops.gptfast.linear_cross_entropy(
+                x, weight, bias, target, class_weight, None, None, *options, *need_grads,
+                check_targets)
             grads = (None, None, None)
         else:
-            loss, *grads = torch.ops.gptfast.linear_cross_entropy(
-                x, weight, bias, target, _forward_scale(kept, reduction, x.dtype),
-                ignore_index, label_smoothing, z_loss, *need_grads, check_targets)
-        ctx.save_for_backward(x, weight, bias, target, kept, *grads)
-        return _reduce(loss, kept, reduction)
+            scales = _part_scales(_forward_scale(count, reduction, x.dtype), count,
+                                  weight_total, reduction)
+            loss, z_term, *grads = torch.ops.gptfast.linear_cross_entropy(
+                x, weight, bias, target, class_weight, *scales, *options, *need_grads,
+                check_targets)
+        ctx.save_for_backward(x, weight, bias, target, class_weight, count, weight_total, *grads)
+        z_term = z_term if split_z else None
+        reduced_z = _reduce_z(z_term, count, reduction) if split_z else loss.new_empty(0)
+        return _reduce(loss, z_term, count, weight_total, reduction), reduced_z
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        ignore_index, reduction, label_smoothing, z_loss, need_grads, recompute = ctx.options
-        x, weight, bias, target, kept, *saved_grads = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_z):
+        (ignore_index, reduction, label_smoothing, z_loss, softcap, split_z, need_grads,
+         recompute) = ctx.options
+        x, weight, bias, target, class_weight, count, weight_total, *saved_grads = ctx.saved_tensors
         if creating_graph():
             grads = reference_grads(
                 lambda x, weight, bias: reference.linear_cross_entropy(
-                    x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss),
+                    x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                    class_weight, softcap or None),
                 (x, weight, bias), need_grads, (grad_loss,))
         elif recompute or (not torch.compiler.is_compiling() and ctx.grads_used):
-            _, *grads = torch.ops.gptfast.linear_cross_entropy(
-                x, weight, bias, target, _backward_scale(grad_loss, kept, reduction, folded=False),
-                ignore_index, label_smoothing, z_loss, *need_grads, False)
+            scales = _part_scales(_backward_scale(grad_loss, count, reduction, folded=False),
+                                  count, weight_total, reduction)
+            _, _, *grads = torch.ops.gptfast.linear_cross_entropy(
+                x, weight, bias, target, class_weight, *scales, ignore_index, label_smoothing,
+                z_loss, softcap, False, *need_grads, False)
         else:
             scale = grad_loss.to(torch.float32)
             grads = [_scaled(grad, scale) for grad in saved_grads]
@@ -638,7 +838,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 ctx.grads_used = True
         grad_x, grad_weight, grad_bias = (
             grad if needed else None for grad, needed in zip(grads, need_grads))
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------- entry points --
@@ -676,8 +876,19 @@ def _may_overwrite(rows: torch.Tensor, keep_logits: bool) -> bool:
     return not keep_logits and not _root(rows).is_leaf
 
 
+def _class_weight(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if weight is None else weight.detach().to(torch.float32).contiguous()
+
+
+def _outputs(loss, z_out, target, reduction, return_z_loss):
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+        z_out = z_out.reshape(target.shape) if return_z_loss else z_out
+    return (loss, z_out.detach()) if return_z_loss else loss
+
+
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  z_loss=0.0, keep_logits=True):
+                  z_loss=0.0, weight=None, softcap=None, return_z_loss=False, keep_logits=True):
     """Triton cross-entropy with the semantics of ``gptfast.reference.cross_entropy``.
 
     ``keep_logits=False`` lets the forward write the gradient into ``logits`` (O(N) extra
@@ -691,37 +902,53 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     rows = _unit_stride_rows(logits.reshape(-1, vocab))
     flat_target = target.reshape(-1).contiguous()
     check_targets = compiling  # eager callers were checked by functional
-    options = (int(ignore_index), float(label_smoothing), float(z_loss))
+    class_weight = _class_weight(weight)
+    split_z = bool(return_z_loss) or (class_weight is not None and z_loss > 0)
+    options = (int(ignore_index), float(label_smoothing), float(z_loss),
+                0.0 if softcap is None else float(softcap), split_z)
     if torch.is_grad_enabled() and logits.requires_grad:
         overwrite = _may_overwrite(rows, keep_logits)
-        loss = _CrossEntropy.apply(rows, flat_target, options[0], reduction, options[1],
-                                   options[2], overwrite, check_targets)
+        loss, z_out = _CrossEntropy.apply(rows, flat_target, class_weight, options[0], reduction,
+                                          *options[1:], overwrite, check_targets)
         if overwrite and not compiling:
             root = _root(rows)
             setattr(root, _HOLDS_GRADIENT, root._version)
     else:
-        loss = _reduce(torch.ops.gptfast.cross_entropy_loss(rows, flat_target, *options, check_targets),
-                       _count_kept(flat_target, options[0]), reduction)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+        count, weight_total = _totals(flat_target, class_weight, options[0])
+        loss, z_term = torch.ops.gptfast.cross_entropy_loss(rows, flat_target, class_weight,
+                                                            *options, check_targets)
+        z_term = z_term if split_z else None
+        loss = _reduce(loss, z_term, count, weight_total, reduction)
+        z_out = _reduce_z(z_term, count, reduction) if return_z_loss else None
+    return _outputs(loss, z_out, target, reduction, return_z_loss)
 
 
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0):
+                         label_smoothing=0.0, z_loss=0.0, ce_weight=None, softcap=None,
+                         return_z_loss=False):
     """Triton fused linear + cross-entropy, == ``gptfast.reference.linear_cross_entropy``."""
     rows = x.reshape(-1, x.shape[-1])
     flat_target = target.reshape(-1).contiguous()
     check_targets = torch.compiler.is_compiling()
-    options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss))
+    class_weight = _class_weight(ce_weight)
+    split_z = bool(return_z_loss) or (class_weight is not None and z_loss > 0)
+    options = (int(ignore_index), float(label_smoothing), float(z_loss),
+               0.0 if softcap is None else float(softcap), split_z)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        loss = _LinearCrossEntropy.apply(rows, weight, bias, flat_target, *options, check_targets)
+        loss, z_out = _LinearCrossEntropy.apply(rows, weight, bias, flat_target, class_weight,
+                                                options[0], reduction, *options[1:],
+                                                check_targets)
     else:
-        per_row, *_ = torch.ops.gptfast.linear_cross_entropy(
-            rows, weight, bias, flat_target, None, options[0], options[2], options[3],
+        count, weight_total = _totals(flat_target, class_weight, options[0])
+        per_row, z_term, *_ = torch.ops.gptfast.linear_cross_entropy(
+            rows, weight, bias, flat_target, class_weight, None, None, *options,
             False, False, False, check_targets)
-        loss = _reduce(per_row, _count_kept(flat_target, options[0]), reduction)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+        z_term = z_term if split_z else None
+        loss = _reduce(per_row, z_term, count, weight_total, reduction)
+        z_out = _reduce_z(z_term, count, reduction) if return_z_loss else None
+    return _outputs(loss, z_out, target, reduction, return_z_loss)
 
 
 def _dtype_reason(**tensors) -> Optional[str]:
@@ -732,11 +959,13 @@ def _dtype_reason(**tensors) -> Optional[str]:
 
 
 def cross_entropy_unsupported(logits, target, ignore_index=-100, reduction="mean",
-                              label_smoothing=0.0, z_loss=0.0) -> Optional[str]:
+                              label_smoothing=0.0, z_loss=0.0, weight=None, softcap=None,
+                              return_z_loss=False) -> Optional[str]:
     return _dtype_reason(logits=logits)
 
 
 def linear_cross_entropy_unsupported(x, weight, target, bias=None, ignore_index=-100,
-                                     reduction="mean", label_smoothing=0.0,
-                                     z_loss=0.0) -> Optional[str]:
+                                     reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                                     ce_weight=None, softcap=None,
+                                     return_z_loss=False) -> Optional[str]:
     return _dtype_reason(x=x, weight=weight, bias=bias)
