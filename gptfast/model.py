@@ -322,7 +322,11 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token at context T (default block_size), nanoGPT's estimate_mfu
-        count (PaLM appendix B): ``6 * N + 12 * L * H * D * T``, N = ``num_params()`` (non-embedding)."""
+        count (PaLM appendix B): ``6 * N + 12 * L * H * D * T``, N = ``num_params()`` (non-embedding).
+
+        The attention term is nanoGPT's whatever the mask: it counts every query against all T
+        keys (no halving for causality, no shrinking for ``attention="document"`` or a
+        ``window``), so MFU is one yardstick across masks, not the work a masked run did."""
         T = self.config.block_size if T is None else T
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
