@@ -30,7 +30,8 @@ No atomics: every output element is written by exactly one program with a fixed 
 additions, so the backward is bitwise deterministic. The price is recomputing Q K^T and
 dO V^T in the dQ kernel (7 matmuls instead of 5). :func:`set_atomic_dq` switches to the
 faster non-deterministic path, where the dK/dV kernel also adds its dS K contributions into
-an fp32 dQ buffer with atomics and the dQ kernel is skipped.
+an fp32 dQ buffer with atomics and the dQ kernel is skipped (head dims up to 128; wider
+heads keep the deterministic backward, see ``ATOMIC_DQ_MAX_BLOCK_D``).
 
 Layouts: any strides. q/k/v split from a fused (B, T, 3, H, D) projection and transposed
 are read in place. O, dQ, dK and dV are allocated (B, T, H, D)-major and returned as
@@ -69,6 +70,11 @@ from gptfast.double_backward import creating_graph, raise_if_differentiated
 _INTERPRET = interpreter_enabled()
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 256
+# The atomic dQ path keeps dK, dV (fp32, BLOCK_N x BLOCK_D each) and the dQ product live in
+# one program; at BLOCK_D 256 every sm_90 config that keeps its dots on wgmma spills (the
+# accumulators alone take 128 of a thread's 255 registers), so wider heads use the
+# deterministic backward instead.
+ATOMIC_DQ_MAX_BLOCK_D = 128
 # Per-(batch, head) element offsets are int32 inside the kernels (batch/head bases are int64).
 _MAX_INT32 = 2**31 - 1
 
@@ -657,6 +663,7 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq):
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     block_d = _block_d(d)
+    atomic_dq = atomic_dq and block_d <= ATOMIC_DQ_MAX_BLOCK_D
     delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     block_t = 16 if _INTERPRET else max(16, min(128, 8192 // block_d))
     _bwd_delta_kernel[(b * h, triton.cdiv(t, block_t))](
@@ -696,7 +703,9 @@ def set_atomic_dq(enabled: bool) -> bool:
     """Use the atomic dQ backward (faster, not bitwise deterministic); returns the old value.
 
     Off by default. The setting in force when the forward runs decides its backward; under
-    torch.compile it is read when the graph is traced, so set it before compiling.
+    torch.compile it is read when the graph is traced, so set it before compiling. Head dims
+    above 128 run the deterministic backward whatever the setting (no atomic config fits
+    sm_90's registers without spilling there).
     """
     global _ATOMIC_DQ
     previous, _ATOMIC_DQ = _ATOMIC_DQ, bool(enabled)

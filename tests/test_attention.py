@@ -140,6 +140,24 @@ def test_atomic_dq_path_matches_reference(triton_backend, monkeypatch, head_dim)
     assert attention.atomic_dq_enabled() is False
 
 
+def test_atomic_dq_above_head_dim_128_runs_the_deterministic_backward(triton_backend):
+    """No atomic dK/dV config fits sm_90's registers at BLOCK_D 256, so set_atomic_dq(True)
+    gives the deterministic kernels there: the same bits as with it off, and the reference."""
+    assert attention.ATOMIC_DQ_MAX_BLOCK_D == 128
+    q, k, v = make_qkv(1, 2, 1, 9, 136)
+    grad_out = torch.randn(q.shape)
+    previous = attention.set_atomic_dq(True)
+    try:
+        atomic = [g.clone() for g in run_kernel(q, k, v, grad_out)[1]]
+    finally:
+        attention.set_atomic_dq(previous)
+    deterministic = run_kernel(q, k, v, grad_out)[1]
+    for got, want in zip(atomic, deterministic):
+        assert torch.equal(got, want)
+    for got, want in zip(atomic, reference_fp64(q, k, v, grad_out)[1]):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_sequence(triton_backend):
     q, k, v = make_qkv(1, 2, 2, 0, 16)
     out = gptfast.causal_attention(q, k, v)
