@@ -158,6 +158,85 @@ def test_atomic_dq_above_head_dim_128_runs_the_deterministic_backward(triton_bac
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture
+def descriptors_made(monkeypatch):
+    """The kernels' data path set to tensor descriptors (TMA) in the interpreter; counts the
+    descriptors the interpreted kernels build."""
+    from triton.runtime import interpreter
+    made = []
+    build = interpreter.InterpreterBuilder.create_make_tensor_descriptor
+
+    def counting(self, *args, **kwargs):
+        made.append(args[0])
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_make_tensor_descriptor", counting)
+    monkeypatch.setattr(attention, "_INTERPRET_TMA", True)
+    return made
+
+
+TMA_CASES = ["B2-H3-T77-D32", "T1", "T130-D64", "T64-block-multiple", "D80-padded", "GQA-H4-Hkv2"]
+
+
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_tma_path_matches_reference(triton_backend, descriptors_made, case):
+    """Tensor-descriptor loads pad rows >= T and columns >= head dim with zeros, as the masks
+    of the pointer path do: the same answer, on every kernel."""
+    *shape, scale = CASES[case]
+    assert_matches_reference(*make_qkv(*shape), scale=scale)
+    assert descriptors_made, "the TMA path built no tensor descriptor"
+
+
+def test_tma_path_fp16_and_atomic_dq(triton_backend, descriptors_made):
+    assert_matches_reference(*make_qkv(1, 4, 2, 45, 32, dtype=torch.float16))
+    previous = attention.set_atomic_dq(True)
+    try:
+        assert_matches_reference(*make_qkv(1, 4, 2, 45, 32))
+    finally:
+        attention.set_atomic_dq(previous)
+
+
+def test_tma_path_reads_fused_projection_in_place(triton_backend, descriptors_made):
+    """q, k, v split from a (B, T, 3, H, D) tensor: row stride 3 H D elements, aligned."""
+    batch, seq, heads, head_dim = 2, 37, 2, 32
+    qkv = torch.randn(batch, seq, 3, heads, head_dim)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert attention._tma_ok(q, k, v)
+    assert_matches_reference(*(t.requires_grad_() for t in (q, k, v)))
+    assert descriptors_made
+
+
+def _misaligned(batch, heads, seq, head_dim, dtype=torch.float32):
+    """Leaves of shape (B, H, T, D) whose data starts one element past a 16-byte boundary."""
+    storage = torch.randn(batch * heads * seq * head_dim + 1, dtype=dtype)
+    return storage[1:].view(batch, heads, seq, head_dim).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("layout", ["misaligned-base", "row-stride-not-16-bytes",
+                                    "head-dim-strided"])
+def test_inputs_a_descriptor_cannot_take_fall_back_to_pointers(triton_backend,
+                                                               descriptors_made, layout):
+    if layout == "misaligned-base":
+        q, k, v = (_misaligned(1, 2, 33, 16) for _ in range(3))
+    elif layout == "row-stride-not-16-bytes":  # fp16, head dim 20: 40-byte rows
+        q, k, v = make_qkv(1, 2, 2, 33, 20, dtype=torch.float16)
+    else:  # (B, H, D, T) storage seen as (B, H, T, D): the head dim is not contiguous
+        q, k, v = (torch.randn(1, 2, 16, 33).transpose(2, 3).requires_grad_() for _ in range(3))
+    assert not attention._tma_ok(q, k, v)
+    assert_matches_reference(q, k, v)
+    assert descriptors_made == []
+
+
+def test_tma_ok_rules():
+    aligned = torch.empty(2, 3, 5, 8)
+    assert attention._tma_ok(aligned)
+    assert not attention._tma_ok(torch.empty(2, 3, 5, 9)[..., :8])  # 36-byte rows
+    assert not attention._tma_ok(torch.empty(2, 3, 5, 8).transpose(2, 3))
+    assert not attention._tma_ok(torch.empty(2 * 3 * 5 * 8 + 2)[2:].view(2, 3, 5, 8))
+    # a size-1 dim's stride is never used; an unaligned but unused one does not matter
+    assert attention._tma_ok(torch.empty(1, 3, 5, 8).as_strided((1, 3, 5, 8), (7, 40, 8, 1)))
+
+
 def test_empty_sequence(triton_backend):
     q, k, v = make_qkv(1, 2, 2, 0, 16)
     out = gptfast.causal_attention(q, k, v)
