@@ -11,6 +11,12 @@ Implementations:
   the reference point of every speed-up;
 - ``nanogpt-compile``: the baseline under ``torch.compile``, as nanoGPT's train.py runs it.
 
+Attention (the ``--attention`` axis): ``causal`` (every cell), or ``document`` for the gptfast
+implementations: ``GPTConfig(attention="document")`` on batches whose tokens hold an end-of-text
+token (the vocabulary's last id) with probability 1 / :data:`DOCUMENT_LENGTH` per position, so
+documents average that many tokens; the row's impl reads e.g. ``gptfast document``. The
+nanoGPT baseline has no document mask: its document cells are left out.
+
 Modes: ``train`` is forward, backward, AdamW step (fused on CUDA) and ``zero_grad``, nanoGPT's
 loop without gradient clipping or accumulation; ``infer`` is the forward computing the loss of
 all B x T positions under ``torch.no_grad`` (the cost of evaluation or prefill).
@@ -68,6 +74,8 @@ MODELS = ("micro", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MAX_CONTEXT_LENGTH = 65536  # the longest T the sweep accepts
 VOCAB_SIZE = 50304          # GPT-2's 50257 padded to a multiple of 64, as nanoGPT trains it
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ATTENTIONS = ("causal", "document")
+DOCUMENT_LENGTH = 1024      # mean document length of the "document" cells (FineWeb-like)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +95,16 @@ class GPTCell:
     impl: str
     batch_size: int
     context_length: int
+    attention: str = "causal"
+
+    @property
+    def row_impl(self) -> str:
+        """The impl a result row names: the implementation, plus the attention if not causal."""
+        return self.impl if self.attention == "causal" else f"{self.impl} {self.attention}"
 
     @property
     def label(self) -> str:
-        return f"gpt {self.mode} {self.impl} B={self.batch_size} T={self.context_length}"
+        return f"gpt {self.mode} {self.row_impl} B={self.batch_size} T={self.context_length}"
 
 
 # ----------------------------------------------------------------------------- models --
@@ -141,12 +155,17 @@ def make_step(cell: GPTCell, settings: GPTSettings) -> Callable[[], None]:
     """A fresh model, optimizer and batch for ``cell``, and the function running one step."""
     impl, device = IMPLS[cell.impl], settings.device
     config = model_config(settings.model, cell.context_length)
+    eot = config.vocab_size - 1
+    if cell.attention == "document":
+        config = dataclasses.replace(config, attention="document", eot_token=eot)
     torch.manual_seed(0)
     with device:
         model = GPT(config) if impl.family == "gptfast" else NanoGPT(config)
     runner = compiled(model) if impl.compiled else model
-    tokens = torch.randint(config.vocab_size, (cell.batch_size, cell.context_length + 1),
+    tokens = torch.randint(config.vocab_size - 1, (cell.batch_size, cell.context_length + 1),
                            device=device)
+    if cell.attention == "document":
+        tokens[torch.rand(tokens.shape, device=device) < 1 / DOCUMENT_LENGTH] = eot
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     loss_options = {"return_logits": False} if impl.family == "gptfast" else {}
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if settings.dtype == "bf16"
@@ -211,13 +230,17 @@ def percentile(samples: list, q: float) -> float:
 
 # ------------------------------------------------------------------------------ cells --
 
-def cells(impls, modes, batch_sizes, context_lengths, max_tokens: int = 0) -> list[GPTCell]:
+def cells(impls, modes, batch_sizes, context_lengths, max_tokens: int = 0,
+          attentions=("causal",)) -> list[GPTCell]:
     """The grid, T-major so that an interrupted sweep leaves whole comparisons behind; cells
-    with B*T above ``max_tokens`` (when not 0) are left out."""
-    return [GPTCell(mode, impl, batch, seq)
+    with B*T above ``max_tokens`` (when not 0), and nanoGPT cells of a non-causal attention,
+    are left out."""
+    return [GPTCell(mode, impl, batch, seq, attention)
             for seq in context_lengths for batch in batch_sizes
             if not max_tokens or batch * seq <= max_tokens
-            for impl in impls for mode in modes]
+            for attention in attentions for impl in impls
+            if attention == "causal" or IMPLS[impl].family == "gptfast"
+            for mode in modes]
 
 
 def measure(cell: GPTCell, settings: GPTSettings) -> dict:
@@ -258,7 +281,8 @@ def _fresh_start(device: torch.device, is_compiled: bool) -> None:
 
 def run_cell(cell: GPTCell, settings: GPTSettings) -> dict:
     """One result row: the cell, its status ("ok", "oom", "error") and its measures."""
-    row = {"suite": "gpt", "mode": cell.mode, "impl": cell.impl, "model": settings.model,
+    row = {"suite": "gpt", "mode": cell.mode, "impl": cell.row_impl, "model": settings.model,
+           "attention": cell.attention,
            "batch_size": cell.batch_size, "context_length": cell.context_length,
            "tokens_per_step": cell.batch_size * cell.context_length}
     is_compiled = IMPLS[cell.impl].compiled

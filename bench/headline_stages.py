@@ -48,6 +48,8 @@ class Sizes:
     warmup_ms: int                # Meter.time's warm-up and repeat (ms on CUDA)
     repeat_ms: int
     unit_estimates: bool          # skip a unit that cannot finish inside the stage's box
+    # (head_dim, heads, T, mean document length, window): the document-mask row in `kernels`
+    document_attention: tuple = ()
 
 
 GPU = Sizes(
@@ -65,7 +67,8 @@ GPU = Sizes(
                        ("hd64 odd T999", 2, 12, 12, 999, 64, False),
                        ("hd64 GQA 12/4 T1024", 4, 12, 4, 1024, 64, False)),
     correct_norm_rows=(65536, 768), correct_gpt=("gpt2", 4, 1024),
-    warmup_ms=25, repeat_ms=100, unit_estimates=True)
+    warmup_ms=25, repeat_ms=100, unit_estimates=True,
+    document_attention=((64, 12, 8192, 2048, None),))
 
 # The same stages at shapes the Triton interpreter and 2 CPU cores get through in seconds.
 # fp32 and fp16 in `correct`: bf16 tl.dot is wrong in the interpreter.
@@ -83,7 +86,8 @@ DRY = Sizes(
                        ("hd16 odd T37", 1, 2, 2, 37, 16, False),
                        ("hd16 GQA 4/2 T48", 1, 4, 2, 48, 16, False)),
     correct_norm_rows=(48, 96), correct_gpt=("tiny", 2, 16),
-    warmup_ms=0, repeat_ms=20, unit_estimates=False)
+    warmup_ms=0, repeat_ms=20, unit_estimates=False,
+    document_attention=((16, 2, 64, 16, None),))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -247,6 +251,49 @@ def _attention(ctx: Context, group, head_dim, heads, seq, clock) -> list:
     return rows
 
 
+DOCUMENT_PEERS = ("FlexAttention", "SDPA dense mask", "gptfast causal")
+
+
+def _document_attention(ctx: Context, head_dim, heads, seq, doc_len, window, clock) -> list:
+    """gptfast's document-masked kernel beside FlexAttention (same block mask), SDPA with the
+    dense mask and the plain causal kernel; TFLOP/s on the attended pairs."""
+    from . import document_attention
+
+    dtype = torch.bfloat16 if ctx.meter.cuda else torch.float32
+    case = document_attention.Case(doc_len, window)
+    before = clock.snapshot()
+    results = document_attention.bench_case(case, seq, head_dim, heads,
+                                            ctx.sizes.attention_tokens, dtype,
+                                            device=ctx.device, meter=ctx.meter)
+    autotune_s = clock.snapshot()[0] - before[0]
+    rows = []
+    for r in results:
+        shape = f"B{r['B']} H{heads} T{seq} D{head_dim} {case.label}"
+        name = f"document_attention hd{head_dim} T{seq} {case.label} {r['direction']}"
+        work = forward = document_attention.forward_flops(r["pairs"], heads, head_dim)
+        if r["direction"] == "fwd+bwd":
+            work = 3.5 * forward
+        extra = {"autotune_s": autotune_s} if r["provider"] == "gptfast" and \
+            r["direction"] == "fwd+bwd" else {}
+        common = dict(shape=shape, op="document_attention", head_dim=head_dim,
+                      direction=r["direction"], dtype=str(dtype).replace("torch.", ""),
+                      pairs=r["pairs"], doc_len=doc_len, window=window, **extra)
+        if r["status"] == "unavailable":
+            rows.append(row("kernels", name, r["provider"], "tflops", None, "TFLOP/s",
+                            status="unavailable", message=r["error"], **common))
+            continue
+        rows.append(_timed_row("kernels", name, r["provider"], "tflops", "TFLOP/s", r["measured"],
+                               lambda ms, work=work: work / ms / 1e9, ceiling_of="matmul",
+                               **common))
+        rows.append(_timed_row("kernels", name, r["provider"], "ms", "ms", r["measured"],
+                               lambda ms: ms, **common))
+    # TFLOP/s against the peers computing the same mask; wall time against all three (the
+    # plain causal kernel computes another function, so only its time compares)
+    add_peer_ratios([r for r in rows if r["metric"] == "tflops"], "gptfast", DOCUMENT_PEERS[:2])
+    add_peer_ratios([r for r in rows if r["metric"] == "ms"], "gptfast", DOCUMENT_PEERS)
+    return rows
+
+
 def _layer_norm(ctx: Context, dtype_name) -> list:
     from . import layernorm
 
@@ -315,6 +362,9 @@ def kernels_units(ctx: Context, clock) -> list:
     units = [Unit(f"attention {group} H{heads} T{seq}",
                   lambda a=(group, d, heads, seq): _attention(ctx, *a, clock), 40)
              for group, d, heads, seq in s.attention]
+    units += [Unit(f"document attention hd{d} T{seq} doc{doc} window {window}",
+                   lambda a=(d, heads, seq, doc, window): _document_attention(ctx, *a, clock), 60)
+              for d, heads, seq, doc, window in s.document_attention]
     units += [Unit(f"layer_norm {s.layer_norm[0]}x{s.layer_norm[1]} {dtype}",
                    lambda dtype=dtype: _layer_norm(ctx, dtype), 40) for dtype in ("fp32", "bf16")]
     units += [Unit(f"cross_entropy N{s.ce_rows}", lambda: _cross_entropy(ctx), 30),

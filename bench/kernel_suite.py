@@ -10,6 +10,13 @@ and pass, with a throughput to plot:
   writing their gradient (2 N V bytes-per-element / time), the traffic floor of the loss;
 - ``linear_cross_entropy``: fwd+bwd ms and extra MB, and TFLOP/s of its three GEMMs (6 N C V);
 - ``causal_attention``: TFLOP/s fwd and fwd+bwd (fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd).
+- ``document_attention`` (``--attention document``): :mod:`.document_attention` at T=8192,
+  gptfast's document/window kernel against FlexAttention with the same block mask, SDPA with
+  a dense boolean mask and gptfast's plain causal kernel; TFLOP/s counted on the attended pairs
+  (4 P H D forward), with the milliseconds.
+
+``attention`` (the ``--attention`` axis) picks the attention units: "causal" (the sweep over
+T above) and/or "document".
 
 The kernels are Triton kernels timed on a CUDA device; there is nothing to time on a CPU.
 """
@@ -21,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from . import document_attention
 from .gpt import DTYPES
 
 REQUIRES = "a CUDA device (the Triton kernels are timed on the GPU)"
@@ -36,13 +44,18 @@ class KernelSizes:
     linear: tuple           # N rows
     head_dims: tuple
     attention_seq: tuple    # T values
+    document_seq: int = document_attention.DEFAULT_SEQ
+    document_cases: tuple = document_attention.default_cases()
 
 
 FULL = KernelSizes(layer_norm=((16384, 768), (65536, 768), (16384, 4096), (8192, 8192)),
                    cross_entropy=(8192, 16384, 32768), linear=(16384, 32768),
                    head_dims=(64, 128), attention_seq=(512, 1024, 2048, 4096, 8192, 16384))
 QUICK = KernelSizes(layer_norm=((16384, 768),), cross_entropy=(8192,), linear=(8192,),
-                    head_dims=(64,), attention_seq=(1024, 4096))
+                    head_dims=(64,), attention_seq=(1024, 4096),
+                    document_cases=(document_attention.Case(2048, None),
+                                    document_attention.Case(256, document_attention.DEFAULT_WINDOW)))
+ATTENTIONS = ("causal", "document")
 
 
 def _pair(text) -> Optional[tuple]:
@@ -67,9 +80,10 @@ def _note(notes, prefix):
 class KernelSuite:
     """Builds the providers of each kernel benchmark once, on first use, and measures sizes."""
 
-    def __init__(self, dtype: str, sizes: KernelSizes):
+    def __init__(self, dtype: str, sizes: KernelSizes, attention: tuple = ("causal",)):
         self.dtype = DTYPES[dtype]
         self.sizes = sizes
+        self.attention_kinds = attention
         self._providers = {}
 
     def _get(self, name, build):
@@ -87,8 +101,13 @@ class KernelSuite:
                   for n in s.cross_entropy]
         units += [(f"kernels linear_cross_entropy N={n}", lambda n=n: self.linear(n))
                   for n in s.linear]
-        units += [(f"kernels causal_attention hd={d} T={t}", lambda d=d, t=t: self.attention(d, t))
-                  for d in s.head_dims for t in s.attention_seq]
+        if "causal" in self.attention_kinds:
+            units += [(f"kernels causal_attention hd={d} T={t}", lambda d=d, t=t: self.attention(d, t))
+                      for d in s.head_dims for t in s.attention_seq]
+        if "document" in self.attention_kinds:
+            units += [(f"kernels document_attention hd={d} T={s.document_seq} {case.label}",
+                       lambda d=d, case=case: self.document(d, s.document_seq, case))
+                      for d in s.head_dims for case in s.document_cases]
         return units
 
     def _row(self, kernel, impl, direction, shape, size, unit, throughput, **extra):
@@ -161,4 +180,20 @@ class KernelSuite:
                     status="ok" if measured else _status(table[name]),
                     batch_size=table["B"], context_length=seq, head_dim=head_dim,
                     heads=table["H"], note=_note(notes, f"{name} hd{head_dim} T{seq}: ")))
+        return rows
+
+    def document(self, head_dim: int, seq: int, case) -> list:
+        results = document_attention.bench_case(case, seq, head_dim,
+                                                 document_attention.heads_for(head_dim),
+                                                 ATTENTION_TOKENS, self.dtype)
+        rows = []
+        for r in results:
+            shape = f"B{r['B']} H{r['H']} T{seq} D{head_dim} {case.label}"
+            status = {"ok": "ok", "oom": "oom", "unavailable": "n/a"}.get(r["status"], "error")
+            rows.append(self._row(
+                "document_attention", r["provider"], r["direction"], shape,
+                case.doc_len or seq, "TFLOP/s", r["tflops"], status=status, ms=r["ms"],
+                batch_size=r["B"], context_length=seq, head_dim=head_dim, heads=r["H"],
+                doc_len=case.doc_len, window=case.window, pairs=r["pairs"],
+                max_abs_diff=r.get("max_abs_diff"), note=r.get("error")))
         return rows

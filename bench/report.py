@@ -216,7 +216,8 @@ def _gpt_section(rows, baseline, impl_order) -> list[str]:
     return lines
 
 
-KERNEL_ORDER = ("layer_norm", "cross_entropy", "linear_cross_entropy", "causal_attention")
+KERNEL_ORDER = ("layer_norm", "cross_entropy", "linear_cross_entropy", "causal_attention",
+                "document_attention")
 
 
 def kernel_column(row) -> str:
@@ -229,6 +230,8 @@ def _kernel_cell(row):
         return row["status"]
     if row.get("ms") is None:
         return _num(row["throughput"])
+    if row.get("extra_mb") is None:
+        return f"{_num(row['throughput'])} ({_num(row['ms'])} ms)"
     return f"{_num(row['throughput'])} ({_num(row['ms'])} ms, {_num(row['extra_mb'])} MB)"
 
 
@@ -237,7 +240,9 @@ def _kernel_section(rows) -> list[str]:
              "layer_norm: GB/s as bench/layernorm.py counts bytes; cross_entropy: GB/s of "
              "reading the logits and writing their gradient; linear_cross_entropy: TFLOP/s of "
              "its 3 GEMMs; both with (fwd+bwd ms, extra peak MB); causal_attention: TFLOP/s "
-             "(fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd)", ""]
+             "(fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd); document_attention: TFLOP/s on the "
+             "attended pairs P of the mask (fwd = 4 P H D; gptfast causal on its causal pairs) "
+             "(ms)", ""]
     for kernel in _ordered((r["kernel"] for r in rows), KERNEL_ORDER):
         of_kernel = [r for r in rows if r["kernel"] == kernel]
         columns = list(dict.fromkeys(kernel_column(r) for r in of_kernel))

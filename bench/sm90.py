@@ -359,6 +359,17 @@ def attention_cases(subset: str):
             yield (f"attention bwd {'atomic_dq' if atomic else 'deterministic'}", shape, dtype,
                    lambda q=q, k=k, v=v, o=o, lse2=lse2, do=do, s=scale, a=atomic:
                    attn._launch_backward(do, q, k, v, o, lse2, s, a))
+        if t < 8192:
+            continue
+        # document + sliding-window masks (both flags: the largest masked variant)
+        ids, window = _meta(b, t, dtype=torch.int64), 1024
+        yield ("attention fwd documents+window", shape, dtype,
+               lambda q=q, k=k, v=v, s=scale, i=ids: attn.attention_forward(q, k, v, s, i, window))
+        for atomic in (False, True):
+            yield (f"attention bwd {'atomic_dq' if atomic else 'deterministic'} documents+window",
+                   shape, dtype,
+                   lambda q=q, k=k, v=v, o=o, lse2=lse2, do=do, s=scale, a=atomic, i=ids:
+                   attn._launch_backward(do, q, k, v, o, lse2, s, a, i, window))
 
 
 def layernorm_cases(subset: str):

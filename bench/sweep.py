@@ -5,6 +5,7 @@ markdown and PNG plots.
                   [--context-lengths 256,1024,4096,16384] [--impls gptfast,nanogpt-eager,...]
                   [--modes train,infer] [--dtype bf16|fp32] [--device cuda|cpu] [--quick]
                   [--max-tokens 65536] [--warmup N] [--repeats N] [--out DIR]
+                  [--attention causal,document]
 
 Without CUDA (or with ``--device cpu``) it runs a quick sweep of a tiny model on the CPU
 (reference ops against the nanoGPT baseline, small B and T) so that the command always works
@@ -91,6 +92,10 @@ def mode_list(text: str) -> tuple:
     return _name_list(text, gpt.MODES, {}, "mode")
 
 
+def attention_list(text: str) -> tuple:
+    return _name_list(text, gpt.ATTENTIONS, {}, "attention")
+
+
 def _count(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -126,6 +131,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=mode_list, default=gpt.MODES, metavar="MODE,...",
                         help="train (forward, backward, AdamW) and/or infer (forward, no grad); "
                              "default both")
+    parser.add_argument("--attention", type=attention_list, default=("causal",),
+                        metavar="KIND,...",
+                        help="attention masks to sweep (default causal): causal, and/or document. "
+                             "gpt suite: the gptfast implementations with GPTConfig(attention="
+                             f"'document') on documents of mean length {gpt.DOCUMENT_LENGTH} "
+                             "(nanoGPT has no document mask). kernels suite: at T=8192, mean "
+                             "document lengths 256 and 2048, with and without a 1024 window, "
+                             "and the window alone: gptfast vs FlexAttention (same block mask, "
+                             "compiled) vs SDPA with a dense boolean mask vs gptfast's plain "
+                             "causal kernel, TFLOP/s on the attended pairs and ms")
     parser.add_argument("--dtype", choices=tuple(gpt.DTYPES), default=None,
                         help="bf16 (autocast, fp32 weights) or fp32 (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
@@ -158,6 +173,7 @@ class Plan:
     batch_sizes: tuple
     context_lengths: tuple
     max_tokens: int
+    attention: tuple
     out_dir: Path
     started: datetime.datetime
 
@@ -169,6 +185,8 @@ class Plan:
                      f"T {','.join(map(str, self.context_lengths))}, "
                      f"max tokens {self.max_tokens or 'none'}, warm-up {self.gpt.warmup}, "
                      f"repeats {self.gpt.repeats}")
+        if self.attention != ("causal",):
+            text += f"; attention {','.join(self.attention)}"
         return text
 
 
@@ -197,6 +215,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         context_lengths=args.context_lengths or (
             CUDA_CONTEXT_LENGTHS[pick] if on_cuda else CPU_CONTEXT_LENGTHS),
         max_tokens=args.max_tokens,
+        attention=getattr(args, "attention", ("causal",)),
         out_dir=args.out or Path("bench-results") / started.strftime("%Y%m%d-%H%M%S"),
         started=started,
     )
@@ -211,7 +230,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def _gpt_cells(plan: Plan) -> list:
     return gpt.cells(plan.impls, plan.modes, plan.batch_sizes, plan.context_lengths,
-                     plan.max_tokens)
+                     plan.max_tokens, plan.attention)
 
 
 def collect_units(plan: Plan) -> tuple[list, list]:
@@ -225,10 +244,13 @@ def collect_units(plan: Plan) -> tuple[list, list]:
         if left_out:
             notes.append(f"gpt: {left_out} B x T cell(s) with B*T > --max-tokens "
                          f"{plan.max_tokens} left out")
+        if any(a != "causal" for a in plan.attention) and any(
+                gpt.IMPLS[i].family != "gptfast" for i in plan.impls):
+            notes.append("gpt: nanoGPT has no document mask: its cells run causal attention only")
     if "kernels" in plan.suites:
         if plan.device.type == "cuda":
             sizes = kernel_suite.QUICK if plan.quick else kernel_suite.FULL
-            units += kernel_suite.KernelSuite(plan.dtype, sizes).units()
+            units += kernel_suite.KernelSuite(plan.dtype, sizes, plan.attention).units()
         else:
             notes.append(f"kernels suite skipped: it needs {kernel_suite.REQUIRES}")
     if "loader" in plan.suites:

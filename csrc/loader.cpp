@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 
@@ -49,9 +50,69 @@ std::vector<Shard> open_usable_shards(const LoaderConfig& config, std::vector<st
         std::to_string(config.paths.size()) + " file(s) has " + std::to_string(longest) + " (" +
         longest_path + ")");
   }
-  const int advice = config.sampler.kind == SamplerKind::Sequential ? MADV_SEQUENTIAL : MADV_RANDOM;
-  for (const Shard& shard : usable) shard.advise(advice);
   return usable;
+}
+
+// The access pattern of the samplers' reads, set once the shards are opened and indexed.
+void advise_reads(const LoaderConfig& config, const std::vector<Shard>& shards) {
+  const int advice = config.sampler.kind == SamplerKind::Sequential ? MADV_SEQUENTIAL : MADV_RANDOM;
+  for (const Shard& shard : shards) shard.advise(advice);
+}
+
+// align="eot": per usable shard its usable document starts (random) or aligned windows
+// (sequential, shuffle), found by scanning the shards on up to num_threads threads. Throws
+// std::invalid_argument naming the shard when one has no usable document start, and when no
+// end-of-text token starts a window anywhere (wrong eot_token, or data without separators).
+std::vector<OffsetList> document_index(const LoaderConfig& config, const std::vector<Shard>& shards) {
+  std::vector<OffsetList> index;
+  if (!config.sampler.align_eot) return index;
+  const uint64_t T = config.sampler.block_size, eot = config.sampler.eot_token;
+  std::vector<DocumentStarts> found(shards.size());
+  std::atomic<size_t> next_shard{0};
+  std::vector<std::exception_ptr> errors(std::min(config.num_threads, shards.size()));
+  std::vector<std::thread> scanners;
+  for (size_t t = 0; t < errors.size(); ++t) {
+    scanners.emplace_back([&, t] {
+      try {
+        for (size_t s = next_shard++; s < shards.size(); s = next_shard++) {
+          // position 0 of the stream: the first file given, if it is usable
+          const bool stream_start = s == 0 && shards[0].path() == config.paths[0];
+          found[s] = find_document_starts(shards[s], eot, T, stream_start);
+        }
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    });
+  }
+  for (std::thread& scanner : scanners) scanner.join();
+  for (const std::exception_ptr& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+  uint64_t eot_starts = 0;
+  for (size_t s = 0; s < shards.size(); ++s) {
+    if (found[s].starts.empty()) {
+      throw std::invalid_argument(
+          shards[s].path() + ": align='eot' found no document start (end-of-text token " +
+          std::to_string(eot) + ") with block_size + 1 = " + std::to_string(T + 1) +
+          " tokens after it in this shard; check eot_token, or leave this shard out");
+    }
+    eot_starts += found[s].eot_starts;
+  }
+  if (eot_starts == 0) {
+    throw std::invalid_argument(
+        "align='eot': no end-of-text token (id " + std::to_string(eot) + ") starts a window of " +
+        std::to_string(T + 1) + " tokens in any of the " + std::to_string(shards.size()) +
+        " shard(s); check eot_token (GPT-2's is 50256) or use align=None");
+  }
+  for (DocumentStarts& shard : found) {
+    if (config.sampler.kind == SamplerKind::Random) {
+      index.push_back(std::move(shard.starts));
+    } else {
+      index.push_back(aligned_windows(shard.starts, T));
+      shard.starts = OffsetList();  // free the starts now
+    }
+  }
+  return index;
 }
 
 std::vector<uint64_t> token_counts(const std::vector<Shard>& shards) {
@@ -91,9 +152,10 @@ TokenLoaderCore::TokenLoaderCore(LoaderConfig config)
     : config_((validate(config), std::move(config))),
       shards_(open_usable_shards(config_, skipped_paths_)),
       narrow_token_bytes_(widest_token_bytes(shards_)),
-      sampler_(config_.sampler, token_counts(shards_)),
+      sampler_(config_.sampler, token_counts(shards_), document_index(config_, shards_)),
       slots_(config_.prefetch) {
   config_.num_threads = std::min(config_.num_threads, config_.prefetch);
+  advise_reads(config_, shards_);
 }
 
 TokenLoaderCore::~TokenLoaderCore() { stop(); }

@@ -49,10 +49,15 @@ class PyLoaderCore {
  public:
   PyLoaderCore(std::vector<std::string> paths, uint64_t batch_size, uint64_t block_size,
                const std::string& sampler, uint64_t seed, uint64_t rank, uint64_t world_size,
-               const std::string& layout, size_t prefetch, size_t num_threads, uint64_t release_bytes) {
+               const std::string& layout, size_t prefetch, size_t num_threads, uint64_t release_bytes,
+               const std::string& align, uint64_t eot_token) {
+    if (align != "none" && align != "eot") {
+      throw std::invalid_argument("align must be 'none' or 'eot', got '" + align + "'");
+    }
     LoaderConfig config;
     config.paths = std::move(paths);
-    config.sampler = {parse_sampler(sampler), batch_size, block_size, seed, rank, world_size};
+    config.sampler = {parse_sampler(sampler), batch_size, block_size, seed, rank, world_size,
+                      align == "eot", eot_token};
     config.layout = parse_layout(layout);
     config.prefetch = prefetch;
     config.num_threads = num_threads;
@@ -158,10 +163,12 @@ void register_loader(py::module_& m) {
                            "Engine of gptfast.TokenLoader: mapped shards, sampler, worker threads, "
                            "ring of caller-allocated buffers. Use gptfast.TokenLoader.")
       .def(py::init<std::vector<std::string>, uint64_t, uint64_t, const std::string&, uint64_t,
-                    uint64_t, uint64_t, const std::string&, size_t, size_t, uint64_t>(),
+                    uint64_t, uint64_t, const std::string&, size_t, size_t, uint64_t,
+                    const std::string&, uint64_t>(),
            py::arg("paths"), py::arg("batch_size"), py::arg("block_size"), py::arg("sampler"),
            py::arg("seed"), py::arg("rank"), py::arg("world_size"), py::arg("layout"),
-           py::arg("prefetch"), py::arg("num_threads"), py::arg("release_bytes"))
+           py::arg("prefetch"), py::arg("num_threads"), py::arg("release_bytes"),
+           py::arg("align") = "none", py::arg("eot_token") = 50256)
       .def("start", &PyLoaderCore::start, py::arg("buffers"), py::arg("position"),
            "(Re)start the workers so that the next batch is `position`, with one buffer per slot.")
       .def("next", &PyLoaderCore::next, py::arg("replacement"),
@@ -177,6 +184,7 @@ void register_loader(py::module_& m) {
       .def_property_readonly("narrow_token_bytes",
                              [](PyLoaderCore& self) { return self.core().narrow_token_bytes(); })
       .def_property_readonly("num_windows", [](PyLoaderCore& self) { return self.core().sampler().num_windows(); })
+      .def_property_readonly("index_bytes", [](PyLoaderCore& self) { return self.core().sampler().index_bytes(); })
       .def_property_readonly("prefetch", [](PyLoaderCore& self) { return self.core().prefetch(); })
       .def_property_readonly("skipped_paths", [](PyLoaderCore& self) { return self.core().skipped_paths(); })
       .def_property_readonly("shard_paths",

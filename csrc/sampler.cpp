@@ -14,14 +14,29 @@ SamplerKind parse_sampler(const std::string& name) {
   throw std::invalid_argument("sampler must be 'random', 'sequential' or 'shuffle', got '" + name + "'");
 }
 
-Sampler::Sampler(SamplerConfig config, const std::vector<uint64_t>& shard_tokens) : config_(config) {
+Sampler::Sampler(SamplerConfig config, const std::vector<uint64_t>& shard_tokens,
+                 std::vector<OffsetList> aligned)
+    : config_(config), aligned_(std::move(aligned)) {
   const uint64_t T = config_.block_size;
+  if (config_.align_eot != !aligned_.empty() || (!aligned_.empty() && aligned_.size() != shard_tokens.size())) {
+    throw std::logic_error("Sampler: one aligned offset list per shard when (and only when) aligned");
+  }
   window_start_.assign(1, 0);
   offset_start_.assign(1, 0);
-  for (uint64_t n : shard_tokens) {
+  for (size_t s = 0; s < shard_tokens.size(); ++s) {
+    const uint64_t n = shard_tokens[s];
     if (n < T + 1) throw std::logic_error("Sampler: shard shorter than block_size + 1");
-    window_start_.push_back(window_start_.back() + (n - 1) / T);
-    offset_start_.push_back(offset_start_.back() + (n - T));
+    uint64_t windows = (n - 1) / T, offsets = n - T;
+    if (config_.align_eot) {
+      const OffsetList& list = aligned_[s];
+      if (list.empty()) throw std::logic_error("Sampler: shard without an aligned window");
+      aligned_bytes_ += list.bytes();
+      const bool starts = config_.kind == SamplerKind::Random;
+      windows = starts ? count_aligned_windows(list, T) : list.size();
+      offsets = starts ? list.size() : 0;
+    }
+    window_start_.push_back(window_start_.back() + windows);
+    offset_start_.push_back(offset_start_.back() + offsets);
   }
   if (shard_tokens.empty()) throw std::logic_error("Sampler: no shards");
   if (config_.kind == SamplerKind::Shuffle &&
@@ -40,13 +55,17 @@ WindowRef Sampler::window(uint64_t index) const {
   // the last shard whose first window is <= index
   auto it = std::upper_bound(window_start_.begin(), window_start_.end(), index);
   const size_t shard = static_cast<size_t>(it - window_start_.begin()) - 1;
-  return {static_cast<uint32_t>(shard), (index - window_start_[shard]) * config_.block_size};
+  const uint64_t local = index - window_start_[shard];
+  if (config_.align_eot) return {static_cast<uint32_t>(shard), aligned_[shard][local]};
+  return {static_cast<uint32_t>(shard), local * config_.block_size};
 }
 
 WindowRef Sampler::offset_number(uint64_t number) const {
   auto it = std::upper_bound(offset_start_.begin(), offset_start_.end(), number);
   const size_t shard = static_cast<size_t>(it - offset_start_.begin()) - 1;
-  return {static_cast<uint32_t>(shard), number - offset_start_[shard]};
+  const uint64_t local = number - offset_start_[shard];
+  if (config_.align_eot) return {static_cast<uint32_t>(shard), aligned_[shard][local]};
+  return {static_cast<uint32_t>(shard), local};
 }
 
 std::shared_ptr<const std::vector<uint32_t>> Sampler::permutation(uint64_t epoch) const {

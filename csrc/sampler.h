@@ -31,6 +31,11 @@
 // the end of an epoch simply continues into the next epoch (the stream has no seams); the
 // epoch of batch k is that of its first position. The random sampler uses the same formula
 // for its epoch (windows' worth of samples drawn so far, over N).
+//
+// Aligned (align="eot", documents.h): the same three samplers over document-aligned windows.
+// random draws offset numbers among the usable document starts instead of all offsets;
+// sequential and shuffle walk the greedy aligned windows instead of the windows at j * T; N is
+// the number of aligned windows for all three. Everything else (keys, ranks, epochs) is as above.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +45,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "documents.h"
 
 namespace gptfast {
 
@@ -71,14 +78,21 @@ struct SamplerConfig {
   uint64_t seed = 0;
   uint64_t rank = 0;
   uint64_t world_size = 1;
+  bool align_eot = false;
+  uint64_t eot_token = 50256;
 };
 
 class Sampler {
  public:
   // shard_tokens: token counts of the usable shards, each >= block_size + 1.
-  Sampler(SamplerConfig config, const std::vector<uint64_t>& shard_tokens);
+  // aligned: empty unless config.align_eot; then per usable shard its usable document starts
+  // (random) or its aligned windows (sequential, shuffle), each list non-empty.
+  Sampler(SamplerConfig config, const std::vector<uint64_t>& shard_tokens,
+          std::vector<OffsetList> aligned = {});
 
   uint64_t num_windows() const { return window_start_.back(); }
+  // Bytes held by the document index (0 when not aligned).
+  size_t index_bytes() const { return aligned_bytes_; }
   uint64_t epoch_of(uint64_t batch) const;
   // Fills out[0..batch_size) with the windows of `batch` on this rank. Thread-safe.
   void batch_windows(uint64_t batch, WindowRef* out) const;
@@ -91,6 +105,8 @@ class Sampler {
   SamplerConfig config_;
   std::vector<uint64_t> window_start_;  // [s] = windows in shards before s; back() = N
   std::vector<uint64_t> offset_start_;  // [s] = random offsets in shards before s; back() = V
+  std::vector<OffsetList> aligned_;      // see the constructor; empty when not aligned
+  size_t aligned_bytes_ = 0;
   mutable std::mutex cache_mutex_;
   // the permutations of the last two epochs asked for (a batch can straddle two epochs)
   mutable std::deque<std::pair<uint64_t, std::shared_ptr<const std::vector<uint32_t>>>> cache_;

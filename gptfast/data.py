@@ -30,6 +30,26 @@ together take each window exactly once per epoch).
 
 Shards shorter than block_size + 1 tokens are skipped with a warning; if none is long enough,
 ``ValueError``.
+
+``align="eot"`` (all three samplers; defined exactly in ``csrc/documents.h``): windows start
+at document starts. A document starts at position 0 of the stream (token 0 of the first shard
+file given) and at every end-of-text token ``eot_token`` (default 50256, GPT-2's
+``<|endoftext|>``): the end-of-text token is the first token of the document it precedes, the
+rule ``GPTConfig(attention="document")`` uses for its document ids, so x[:, 0] is always the
+first token of a document.
+
+- ``"random"`` draws among the usable document starts (those with block_size + 1 tokens
+  after them in their shard), numbered across shards; a shard is picked in proportion to them.
+- ``"sequential"``/``"shuffle"`` use greedy non-overlapping aligned windows: a shard's first
+  usable start, then each time the first usable start at least block_size tokens after the
+  previous window's start. The text between a window's end and the next document start is not
+  read that epoch (long documents are read from their start only).
+
+The index of starts is built in C++ by one scan of every shard when the loader opens (on up to
+num_workers threads; the shard's pages are released afterwards) and kept compact in memory:
+4 bytes per usable start (random) or aligned window (sequential, shuffle), 8 for shards of
+2^32 tokens or more. A shard with no usable document start, or data where no end-of-text token
+starts a window at all (wrong ``eot_token``), is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -50,6 +70,8 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 SAMPLERS = ("random", "sequential", "shuffle")
+ALIGNS = (None, "eot")
+GPT2_EOT = 50256
 LLMC_MAGIC_UINT16 = 20240520
 LLMC_MAGIC_UINT32 = 20240801
 LLMC_VERSION = {LLMC_MAGIC_UINT16: 1, LLMC_MAGIC_UINT32: 7}
@@ -171,24 +193,67 @@ def reference_permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray
     return perm
 
 
+def reference_document_starts(tokens: np.ndarray, block_size: int, eot_token: int,
+                              stream_start: bool) -> np.ndarray:
+    """Usable document starts of one shard (align="eot"): 0 if it starts the stream, and
+    every end-of-text position p with p + block_size + 1 <= len(tokens)."""
+    usable = max(len(tokens) - block_size, 0)
+    starts = set(np.flatnonzero(np.asarray(tokens[:usable]) == eot_token).tolist())
+    if stream_start and usable > 0:
+        starts.add(0)
+    return np.array(sorted(starts), dtype=np.int64)
+
+
+def reference_aligned_windows(starts: np.ndarray, block_size: int) -> np.ndarray:
+    """Greedy aligned windows: the first start, then the first start >= previous + block_size."""
+    windows = []
+    for start in starts.tolist():
+        if not windows or start >= windows[-1] + block_size:
+            windows.append(start)
+    return np.array(windows, dtype=np.int64)
+
+
 def reference_batches(path_or_glob, batch_size: int, block_size: int, *, sampler: str = "random",
-                      seed: int = 0, rank: int = 0, world_size: int = 1,
-                      start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                      seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
+                      align: str | None = None,
+                      eot_token: int = GPT2_EOT) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The batches TokenLoader yields, from batch `start` on, as int64 numpy (x, y): an
     independent, slow, obviously-correct implementation for tests."""
     T, B = block_size, batch_size
-    shards = [s for s in map(open_shard, resolve_paths(path_or_glob)) if len(s) >= T + 1]
+    paths = resolve_paths(path_or_glob)
+    opened = [(i, open_shard(p)) for i, p in enumerate(paths)]
+    usable = [(i, s) for i, s in opened if len(s) >= T + 1]
+    shards = [s for _, s in usable]
     if not shards:
         raise ValueError(f"block_size {T}: no shard has {T + 1} tokens")
-    windows_per_shard = [(len(s) - 1) // T for s in shards]
+    if align == "eot":
+        starts = [reference_document_starts(s, T, eot_token, stream_start=i == 0)
+                  for i, s in usable]
+        for (i, _), found in zip(usable, starts):
+            if len(found) == 0:
+                raise ValueError(f"{paths[i]}: align='eot' found no document start")
+        if not any((np.asarray(s)[found] == eot_token).any() for s, found in zip(shards, starts)):
+            raise ValueError(f"align='eot': no end-of-text token (id {eot_token}) starts a window")
+        windows = [reference_aligned_windows(found, T) for found in starts]
+        window_offsets = lambda shard, j: int(windows[shard][j])  # noqa: E731
+        start_offsets = lambda shard, j: int(starts[shard][j])  # noqa: E731
+        windows_per_shard = [len(w) for w in windows]
+        offsets_per_shard = [len(found) for found in starts]
+    elif align is None:
+        window_offsets = lambda shard, j: j * T  # noqa: E731
+        start_offsets = lambda shard, j: j  # noqa: E731
+        windows_per_shard = [(len(s) - 1) // T for s in shards]
+        offsets_per_shard = [len(s) - T for s in shards]
+    else:
+        raise ValueError(f"align must be None or 'eot', got {align!r}")
     window_start = np.concatenate([[0], np.cumsum(windows_per_shard)])
-    offset_start = np.concatenate([[0], np.cumsum([len(s) - T for s in shards])])
+    offset_start = np.concatenate([[0], np.cumsum(offsets_per_shard)])
     num_windows = int(window_start[-1])
     permutations: dict[int, np.ndarray] = {}
 
     def window(index):
         shard = int(np.searchsorted(window_start, index, side="right")) - 1
-        return shard, (index - int(window_start[shard])) * T
+        return shard, window_offsets(shard, index - int(window_start[shard]))
 
     def batch_refs(k):
         if sampler == "random":
@@ -196,7 +261,7 @@ def reference_batches(path_or_glob, batch_size: int, block_size: int, *, sampler
             refs = []
             for number in map(int, numbers):
                 shard = int(np.searchsorted(offset_start, number, side="right")) - 1
-                refs.append((shard, number - int(offset_start[shard])))
+                refs.append((shard, start_offsets(shard, number - int(offset_start[shard]))))
             return refs
         refs = []
         for position in range((k * world_size + rank) * B, (k * world_size + rank + 1) * B):
@@ -252,12 +317,15 @@ class TokenLoader:
     """Endless iterator of (x, y) int64 batches of shape (batch_size, block_size) on `device`.
 
     ``TokenLoader(path_or_glob, batch_size, block_size, *, sampler="random", seed=0, rank=0,
-    world_size=1, device="cpu", prefetch=4, pin_memory=None, num_workers=None)``
+    world_size=1, device="cpu", prefetch=4, pin_memory=None, num_workers=None, align=None,
+    eot_token=50256)``
 
     path_or_glob: a shard, a glob (``"data/train_*.bin"``, sorted by name) or a list of them.
     prefetch: batches gathered ahead by the C++ workers (the ring's slots); num_workers:
     gathering threads (default min(prefetch, 4, CPU count)). pin_memory: page-locked host
-    buffers; default on when `device` is CUDA.
+    buffers; default on when `device` is CUDA. align: None (windows anywhere) or ``"eot"``
+    (every window starts at a document start: see the module doc); eot_token: the
+    end-of-text token id that ``"eot"`` looks for.
 
     On CPU the workers write int64 x and y directly into the tensors you get back (no extra
     pass). On CUDA they gather uint16/uint32 (B, T+1) windows into pinned buffers, which are
@@ -284,13 +352,18 @@ class TokenLoader:
     def __init__(self, path_or_glob, batch_size: int, block_size: int, *, sampler: str = "random",
                  seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", prefetch: int = 4,
-                 pin_memory: bool | None = None, num_workers: int | None = None):
+                 pin_memory: bool | None = None, num_workers: int | None = None,
+                 align: str | None = None, eot_token: int = GPT2_EOT):
         self._core = None
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.block_size = _check_int("block_size", block_size, 1)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
+        if align not in ALIGNS:
+            raise ValueError(f"align must be None or 'eot', got {align!r}")
+        self.align = align
+        self.eot_token = _check_int("eot_token", eot_token, 0, 2**32 - 1)
         self.seed = _check_int("seed", seed, 0, 2**64 - 1)
         self.world_size = _check_int("world_size", world_size, 1)
         self.rank = _check_int("rank", rank, 0)
@@ -315,7 +388,8 @@ class TokenLoader:
         self._layout = "int64_pair" if self.device.type == "cpu" else "narrow"
         self._core = _C.LoaderCore(paths, self.batch_size, self.block_size, sampler, self.seed,
                                    self.rank, self.world_size, self._layout, self.prefetch,
-                                   self.num_workers, RSS_RELEASE_BYTES)
+                                   self.num_workers, RSS_RELEASE_BYTES, align or "none",
+                                   self.eot_token)
         if self._core.skipped_paths:
             warnings.warn(f"TokenLoader: skipping {len(self._core.skipped_paths)} shard(s) shorter "
                           f"than block_size + 1 = {self.block_size + 1} tokens: "
@@ -381,14 +455,22 @@ class TokenLoader:
         return self._core.num_windows
 
     @property
+    def index_bytes(self) -> int:
+        """Host memory held by the align="eot" document index (0 without align)."""
+        return self._core.index_bytes
+
+    @property
     def shard_paths(self) -> list[str]:
         """The shards in use (shorter ones skipped)."""
         return list(self._core.shard_paths)
 
     def _identity(self) -> dict:
-        return {"sampler": self.sampler, "seed": self.seed, "batch_size": self.batch_size,
-                "block_size": self.block_size, "world_size": self.world_size,
-                "shard_tokens": list(self._core.shard_tokens)}
+        identity = {"sampler": self.sampler, "seed": self.seed, "batch_size": self.batch_size,
+                    "block_size": self.block_size, "world_size": self.world_size,
+                    "shard_tokens": list(self._core.shard_tokens), "align": self.align}
+        if self.align == "eot":
+            identity["eot_token"] = self.eot_token
+        return identity
 
     def state_dict(self) -> dict:
         core = self._live_core()
@@ -400,6 +482,7 @@ class TokenLoader:
         core = self._live_core()
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+        state = {"align": None, **state}  # states saved before align existed
         for name, mine in self._identity().items():
             if name not in state:
                 raise ValueError(f"state has no {name!r}")
@@ -430,4 +513,5 @@ class TokenLoader:
     def __repr__(self):
         return (f"TokenLoader({len(self._core.shard_paths) if self._core else 0} shards, "
                 f"batch_size={self.batch_size}, block_size={self.block_size}, "
-                f"sampler={self.sampler!r}, rank={self.rank}/{self.world_size}, device={self.device})")
+                f"sampler={self.sampler!r}, rank={self.rank}/{self.world_size}, device={self.device}"
+                + (f", align={self.align!r}, eot_token={self.eot_token}" if self.align else "") + ")")

@@ -164,11 +164,54 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     return _run("add_layer_norm", x.device, (x, residual, weight, bias, eps))
 
 
-def causal_attention(q, k, v, scale=None):
+def _check_document_ids(document_ids, batch, seq, device):
+    _tensor("document_ids", document_ids, floating=False)
+    dtype = document_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"document_ids must be an integer tensor, got dtype {dtype}")
+    if dtype in _UNSIGNED_WIDE:
+        raise TypeError(f"document_ids dtype {dtype} is not supported (torch has no comparison "
+                        f"ops for it); pass int32 or int64 ids")
+    if document_ids.shape != (batch, seq):
+        raise ValueError(f"document_ids must have shape (batch, seq) = {(batch, seq)} to match q, "
+                         f"got {tuple(document_ids.shape)}")
+    if document_ids.device != device:
+        raise ValueError(f"document_ids is on {document_ids.device} but q is on {device}")
+    # Non-decreasing is checked on eager CPU tensors only: on CUDA the check would block on
+    # the device every call, so there it is the caller's contract.
+    if document_ids.device.type == "cpu" and seq > 1 and not torch.compiler.is_compiling():
+        steps = document_ids[:, 1:] < document_ids[:, :-1]
+        if bool(steps.any()):
+            row, pos = (int(i) for i in steps.nonzero()[0])
+            raise ValueError(
+                f"document_ids must be non-decreasing along the sequence (documents packed in "
+                f"order), but document_ids[{row}, {pos + 1}] < document_ids[{row}, {pos}]"
+            )
+
+
+def _check_window(window):
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be None or an int, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (a query always sees itself), got {window}")
+    return int(window)
+
+
+def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
     """Causal softmax attention, == ``SDPA(q, k, v, is_causal=True, scale=scale)``.
 
     q: (B, H, T, D); k, v: (B, Hkv, T, D) with H % Hkv == 0 (GQA/MQA: query head h reads
     kv head h // (H // Hkv), as SDPA's enable_gqa). scale defaults to 1/sqrt(D).
+
+    ``document_ids``: integer (B, T), non-decreasing along T (documents packed in order):
+    query i attends key j only if ``document_ids[b, j] == document_ids[b, i]``. Checked to
+    be non-decreasing on CPU tensors outside torch.compile; elsewhere (CUDA) that is the
+    caller's contract, unchecked because a check would synchronise with the device on every
+    call: decreasing ids give wrong attention, never an out-of-bounds access.
+    ``window``: int >= 1, query i attends key j only if ``i - window < j <= i``; a window
+    >= T is plain causal attention. Both together: both conditions. With both None this is
+    today's plain causal op, bit for bit. Equivalent to SDPA with the boolean mask of
+    ``gptfast.reference.attention_mask``; every row sees at least itself.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t)
@@ -191,7 +234,15 @@ def causal_attention(q, k, v, scale=None):
     _same_device("q", q, k=k, v=v)
     if scale is not None:
         scale = _number("scale", scale, minimum=0.0, allow_equal_min=False)
-    return _run("causal_attention", q.device, (q, k, v, scale))
+    if document_ids is not None:
+        _check_document_ids(document_ids, b, t, q.device)
+    if window is not None:
+        window = _check_window(window)
+        if window >= t:  # sees every earlier position: plain causal
+            window = None
+    if document_ids is None and window is None:
+        return _run("causal_attention", q.device, (q, k, v, scale))
+    return _run("causal_attention", q.device, (q, k, v, scale, document_ids, window))
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean",

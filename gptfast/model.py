@@ -33,6 +33,8 @@ A100_BF16_FLOPS = 312e12  # the peak nanoGPT's estimate_mfu divides by, on every
 
 # --------------------------------------------------------------------------- config --
 
+ATTENTION_KINDS = ("causal", "document")
+
 # (n_layer, n_head, n_embd) of the four GPT-2 sizes
 _PRESETS = {
     "gpt2": (12, 12, 768),          # 124M
@@ -46,7 +48,15 @@ _PRESETS = {
 class GPTConfig:
     """nanoGPT's GPTConfig. The default vocab_size 50304 is GPT-2's 50257 padded up to a
     multiple of 64 (faster matmuls); the presets use 50257, the vocabulary of the released
-    GPT-2 weights."""
+    GPT-2 weights.
+
+    Attention masks (``gptfast.causal_attention``): ``attention="causal"`` lets every token
+    see all earlier ones (nanoGPT); ``"document"`` keeps each token within its document, the
+    model deriving document ids from its input tokens: a new document begins at each
+    ``eot_token`` (GPT-2's ``<|endoftext|>``, 50256), which is the first input of the document
+    it precedes. ``window`` (int >= 1) further limits each token to the last ``window``
+    positions, itself included.
+    """
 
     block_size: int = 1024
     vocab_size: int = 50304
@@ -55,6 +65,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    attention: str = "causal"
+    window: Optional[int] = None
+    eot_token: int = 50256
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -70,6 +83,18 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"GPTConfig.attention must be one of {ATTENTION_KINDS}, "
+                             f"got {self.attention!r}")
+        if self.window is not None and (isinstance(self.window, bool)
+                                        or not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"GPTConfig.window must be None or an int >= 1, got {self.window!r}")
+        if isinstance(self.eot_token, bool) or not isinstance(self.eot_token, int) \
+                or self.eot_token < 0:
+            raise ValueError(f"GPTConfig.eot_token must be an int >= 0, got {self.eot_token!r}")
+        if self.attention == "document" and self.eot_token >= self.vocab_size:
+            raise ValueError(f"GPTConfig.eot_token ({self.eot_token}) must be a token id below "
+                             f"vocab_size ({self.vocab_size}) when attention='document'")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -108,13 +133,13 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, bias=config.bias,
-                                        dropout=config.dropout)
+                                        dropout=config.dropout, window=config.window)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, pending=None, kv_cache: Optional[KVCache] = None):
+    def forward(self, x, pending=None, kv_cache: Optional[KVCache] = None, document_ids=None):
         h, x = (self.ln_1(x), x) if pending is None else self.ln_1.add_and_norm(pending, x)
-        h, x = self.ln_2.add_and_norm(self.attn(h, kv_cache), x)
+        h, x = self.ln_2.add_and_norm(self.attn(h, kv_cache, document_ids), x)
         return x, self.mlp(h)
 
 
@@ -151,15 +176,19 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------ forward --
 
-    def forward(self, idx, targets=None, return_logits=True):
+    def forward(self, idx, targets=None, return_logits=True, document_ids=None):
         """(logits, loss), as nanoGPT.
+
+        ``document_ids`` (B, T), non-decreasing: attend within documents (see
+        ``gptfast.causal_attention``); by default None, or with ``attention="document"``
+        derived from idx (:meth:`document_ids_of`).
 
         With ``targets`` (B, T): logits (B, T, V) and the mean cross-entropy, positions whose
         target is -1 ignored. With ``return_logits=False`` the loss comes from the fused
         ``gptfast.linear_cross_entropy``, which never holds the (B*T, V) logits, and logits is
         None. Without targets: the logits of the last position only, (B, 1, V), and None.
         """
-        x = self.hidden_states(idx)
+        x = self.hidden_states(idx, document_ids=document_ids)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
@@ -178,11 +207,12 @@ class GPT(nn.Module):
                                                targets.reshape(-1), ignore_index=-1)
         return None, loss
 
-    def hidden_states(self, idx, kv_caches: Optional[list] = None):
+    def hidden_states(self, idx, kv_caches: Optional[list] = None, document_ids=None):
         """The final hidden states (B, T, n_embd), after ln_f, of tokens idx (B, T).
 
         With ``kv_caches`` (one :class:`KVCache` per block, all holding the same number of
-        tokens), idx continues the cached sequence: its positions start at the cached length.
+        tokens), idx continues the cached sequence: its positions start at the cached length,
+        and ``document_ids`` (given or derived) are those of the new tokens.
         """
         if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() \
                 or idx.dtype == torch.bool:
@@ -202,12 +232,34 @@ class GPT(nn.Module):
                 f"cannot forward a sequence of length {end}: block_size is only "
                 f"{self.config.block_size}"
             )
+        document_ids = self._document_ids(idx, kv_caches, document_ids)
         pos = torch.arange(start, end, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         pending = None
         for i, block in enumerate(self.transformer.h):
-            x, pending = block(x, pending, None if kv_caches is None else kv_caches[i])
+            x, pending = block(x, pending, None if kv_caches is None else kv_caches[i],
+                               document_ids)
         return self.transformer.ln_f.add_and_norm(pending, x)[0]
+
+    def document_ids_of(self, idx):
+        """Document ids (B, T) of tokens idx: ``cumsum(idx == eot_token)`` along T, so each
+        ``eot_token`` starts a new document (it is the first input of the next one)."""
+        return torch.cumsum(idx == self.config.eot_token, dim=1)
+
+    def _document_ids(self, idx, kv_caches, document_ids):
+        """The document ids of idx's tokens: given, derived ("document"), or None ("causal")."""
+        if document_ids is not None:
+            if not isinstance(document_ids, torch.Tensor) or document_ids.shape != idx.shape:
+                raise ValueError(
+                    f"document_ids must be a tensor of idx's shape {tuple(idx.shape)}, got "
+                    f"{getattr(document_ids, 'shape', type(document_ids).__name__)}"
+                )
+            return document_ids
+        if self.config.attention != "document":
+            return None
+        ids = self.document_ids_of(idx)
+        last = None if kv_caches is None else kv_caches[0].last_document_id()
+        return ids if last is None else ids + last[:, None]
 
     # --------------------------------------------------------------------- generation --
 
@@ -220,7 +272,10 @@ class GPT(nn.Module):
         With ``use_cache`` the prompt is prefilled once and each new token costs one position;
         when the sequence outgrows block_size the cache is dropped and the last block_size
         tokens are prefilled again (positions must stay below block_size), which gives exactly
-        the tokens of the ``use_cache=False`` loop, at its cost from then on.
+        the tokens of the ``use_cache=False`` loop, at its cost from then on. With
+        ``attention="document"`` or a ``window`` the cached steps apply the same masks: each new
+        token sees only its own document (a sampled ``eot_token`` starts a new one) and the
+        last ``window`` positions.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("idx must be a (batch, seq) tensor of token ids with seq >= 1")

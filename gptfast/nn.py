@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from . import functional, reference
 
 __all__ = [
     "LayerNorm", "CrossEntropyLoss", "LinearCrossEntropy", "CausalSelfAttention", "KVCache",
@@ -141,7 +141,8 @@ class KVCache:
 
     Buffers k, v of shape (B, Hkv, max_length, D) are allocated on the first :meth:`append`
     (taking batch, heads, head dim, dtype and device from the first keys) and reused after
-    :meth:`reset`. ``length`` is the number of tokens held.
+    :meth:`reset`. ``length`` is the number of tokens held. For document-masked attention it
+    also keeps each held token's document id (``append(k, v, document_ids)``).
     """
 
     def __init__(self, max_length: int):
@@ -151,13 +152,18 @@ class KVCache:
         self.length = 0
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
+        self.document_ids: Optional[torch.Tensor] = None  # (B, max_length) int64 when used
 
     def reset(self) -> None:
         """Forget every token (the buffers are kept for reuse)."""
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, T, D) after the cached tokens; returns views of all keys and values."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, document_ids: Optional[torch.Tensor] = None):
+        """Store k, v (B, Hkv, T, D) after the cached tokens; returns views of all keys and values.
+
+        With ``document_ids`` (B, T) of the new tokens, it returns the ids of all held tokens
+        as a third item (every append of a filled cache must then pass them).
+        """
         batch, heads, new, head_dim = k.shape
         end = self.length + new
         if end > self.max_length:
@@ -174,10 +180,30 @@ class KVCache:
                 )
             self.k = k.new_empty(wanted)
             self.v = v.new_empty(wanted)
+        if document_ids is not None:
+            if document_ids.shape != (batch, new):
+                raise ValueError(f"document_ids must have shape {(batch, new)}, got "
+                                 f"{tuple(document_ids.shape)}")
+            held = self.document_ids
+            if self.length and (held is None or held.shape[0] != batch):
+                raise ValueError("document_ids given, but the cached tokens were stored without "
+                                 "them; reset() the cache first")
+            if held is None or held.shape[0] != batch or held.device != k.device:
+                self.document_ids = held = torch.empty((batch, self.max_length),
+                                                       dtype=torch.long, device=k.device)
+            held[:, self.length:end] = document_ids
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
+        if document_ids is not None:
+            return self.k[:, :, :end], self.v[:, :, :end], self.document_ids[:, :end]
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def last_document_id(self) -> Optional[torch.Tensor]:
+        """(B,) document id of the last held token, or None when none is held with ids."""
+        if not self.length or self.document_ids is None:
+            return None
+        return self.document_ids[:, self.length - 1]
 
 
 def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -194,13 +220,18 @@ class CausalSelfAttention(nn.Module):
     ``gptfast.causal_attention`` except in training with ``dropout > 0``, where SDPA applies
     the attention dropout (``attn_dropout.p``); ``resid_dropout`` follows ``c_proj`` as in nanoGPT.
 
-    ``forward(x, kv_cache)``: with an empty cache the call is an ordinary causal pass whose keys
-    and values are stored; when the cache holds earlier tokens, the new queries attend to the
-    cached and the new keys with the causal offset of the cached length.
+    ``forward(x, kv_cache, document_ids)``: with an empty cache the call is an ordinary causal
+    pass whose keys and values are stored; when the cache holds earlier tokens, the new queries
+    attend to the cached and the new keys with the causal offset of the cached length.
+
+    Masks, as ``gptfast.causal_attention``: ``window`` (int >= 1) lets a query see only the
+    last ``window`` positions (itself included); ``document_ids`` (B, T) of the tokens of x,
+    non-decreasing, keeps each query within its document. With a KV cache the ids are stored
+    with the keys (pass them on every call), and the window counts absolute positions.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, bias: bool = True,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, window: Optional[int] = None):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
@@ -212,17 +243,26 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
         self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
+        self.window = window
         self.head_dim = n_embd // n_head
         self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"x must be (batch, seq, {self.n_embd}), got shape {tuple(x.shape)}")
         batch, seq, _ = x.shape
+        if document_ids is not None and (not isinstance(document_ids, torch.Tensor)
+                                         or document_ids.shape != (batch, seq)):
+            raise ValueError(f"document_ids must be a (batch, seq) = {(batch, seq)} tensor, got "
+                             f"{getattr(document_ids, 'shape', type(document_ids).__name__)}")
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
@@ -231,18 +271,30 @@ class CausalSelfAttention(nn.Module):
 
         cached = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
-        y = self._attend(q, k, v, cached)
+            if document_ids is None:
+                k, v = kv_cache.append(k, v)
+            else:
+                k, v, document_ids = kv_cache.append(k, v, document_ids)
+        y = self._attend(q, k, v, cached, document_ids)
         y = y.transpose(1, 2).contiguous().view(batch, seq, self.n_embd)
         return self.resid_dropout(self.c_proj(y))
 
-    def _attend(self, q, k, v, cached: int) -> torch.Tensor:
-        """q (B, H, T, D) for positions cached..cached+T-1; k, v hold positions 0..cached+T-1."""
+    def _attend(self, q, k, v, cached: int, document_ids=None) -> torch.Tensor:
+        """q (B, H, T, D) for positions cached..cached+T-1; k, v (and document_ids, if given)
+        hold positions 0..cached+T-1."""
         dropout_p = self.attn_dropout.p if self.training else 0.0
+        masked = document_ids is not None or self.window is not None
         if cached == 0 and dropout_p == 0.0:
-            return functional.causal_attention(q, k, v)
+            if not masked:
+                return functional.causal_attention(q, k, v)
+            return functional.causal_attention(q, k, v, document_ids=document_ids,
+                                               window=self.window)
         groups = self.n_head // self.n_kv_head
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        if masked:
+            visible = reference.attention_mask(q.shape[-2], k.shape[-2], document_ids, self.window,
+                                               device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
         if cached == 0:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         new = q.shape[-2]
@@ -253,7 +305,8 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
 
     def extra_repr(self):
-        return f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}"
+        window = "" if self.window is None else f", window={self.window}"
+        return f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}{window}"
 
 
 # ------------------------------------------------------------------------------ patch --

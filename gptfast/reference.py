@@ -46,25 +46,53 @@ def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-def causal_attention(q, k, v, scale=None):
-    """softmax(q k^T * scale + causal mask) v, with kv heads shared by H // Hkv query heads.
+def attention_mask(seq_q, seq_k, document_ids=None, window=None, device=None):
+    """Which keys each query sees: bool (B or 1, 1, seq_q, seq_k), True = attend.
 
-    q: (B, H, T, D); k, v: (B, Hkv, T, D). scale defaults to 1/sqrt(D).
+    The queries are the last ``seq_q`` of ``seq_k`` positions (query i sits at position
+    ``p = seq_k - seq_q + i``, as after a KV cache). Query p sees key j when ``j <= p``,
+    ``p - window < j`` (if ``window``) and ``document_ids[b, j] == document_ids[b, p]``
+    (if ``document_ids``, shape (B, seq_k)).
+    """
+    device = document_ids.device if document_ids is not None else device
+    query_pos = torch.arange(seq_k - seq_q, seq_k, device=device)[:, None]
+    key_pos = torch.arange(seq_k, device=device)[None, :]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible = visible & (key_pos > query_pos - window)
+    visible = visible[None, None]
+    if document_ids is not None:
+        same_document = document_ids[:, seq_k - seq_q:, None] == document_ids[:, None, :]
+        visible = visible & same_document[:, None]
+    return visible
+
+
+def causal_attention(q, k, v, scale=None, document_ids=None, window=None):
+    """softmax(q k^T * scale + mask) v, with kv heads shared by H // Hkv query heads.
+
+    q: (B, H, T, D); k, v: (B, Hkv, T, D). scale defaults to 1/sqrt(D). The mask is causal,
+    and with ``document_ids`` (B, T) and/or ``window`` also confines each query to its own
+    document and to the last ``window`` positions (:func:`attention_mask`); then SDPA runs
+    with that explicit boolean mask (any dtype, fp64 included).
     """
     groups = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if document_ids is None and window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    t = q.shape[-2]
+    visible = attention_mask(t, t, document_ids, window, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
 
 
-def causal_attention_math(q, k, v, scale=None):
+def causal_attention_math(q, k, v, scale=None, document_ids=None, window=None):
     """The same as :func:`causal_attention` written out, for tests that want no SDPA."""
     groups = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     t = q.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    above_diagonal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(above_diagonal, float("-inf"))
+    visible = attention_mask(t, t, document_ids, window, device=q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 

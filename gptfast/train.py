@@ -50,6 +50,9 @@ VOCAB_MULTIPLE = 64  # nanoGPT pads GPT-2's 50257 to 50304 for faster matmuls
 GPT2_PADDED_VOCAB = 50304
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SAMPLERS = ("random", "sequential", "shuffle")
+ATTENTIONS = ("causal", "document")
+ALIGNS = ("none", "eot")
+GPT2_EOT = 50256
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -98,6 +101,9 @@ class TrainConfig:
     compile: bool = False
     backend: str = "auto"
     sampler: str = "random"
+    attention: str = "causal"
+    window: Optional[int] = None
+    align: str = "none"
     seed: int = 1337
     device: str = "auto"
 
@@ -144,6 +150,14 @@ HELP = {
     "compile": "torch.compile the model",
     "backend": "gptfast op backend: auto, triton, reference",
     "sampler": "train batch sampler: random (nanoGPT), sequential, shuffle",
+    "attention": "causal (every token sees all earlier tokens of its window, as nanoGPT) or "
+                 "document (only earlier tokens of its own document; a document starts at each "
+                 "end-of-text token, the data's meta.json eot_token or GPT-2's 50256)",
+    "window": "sliding-window attention: each token sees at most the last N tokens, itself "
+              "included (combines with --attention document; 0: no window)",
+    "align": "none, or eot: every train window starts at a document start (an end-of-text "
+             "token, or the start of the data) so no window opens mid-document; evaluation "
+             "stays sequential and unaligned",
     "seed": "random seed (model init, data order, dropout)",
     "device": "auto, cuda, cuda:N or cpu (under torchrun: cuda:LOCAL_RANK)",
 }
@@ -221,6 +235,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("dtype", cfg.dtype, DTYPES)
     _check_choice("sampler", cfg.sampler, SAMPLERS)
     _check_choice("backend", cfg.backend, BACKENDS)
+    _check_choice("attention", cfg.attention, ATTENTIONS)
+    _check_choice("align", cfg.align, ALIGNS)
+    if cfg.window is not None and cfg.window < 0:
+        raise TrainError(f"window must be >= 1 (or 0 for none), got {cfg.window}")
+    if cfg.window == 0:
+        cfg.window = None
     if cfg.device != "auto":
         try:
             torch.device(cfg.device)
@@ -427,11 +447,19 @@ def find_data(cfg: TrainConfig) -> DataFiles:
     return DataFiles(train, val, directory)
 
 
-def make_loader(paths, cfg: TrainConfig, sampler: str, dist: Distributed, device, prefetch=4):
+def eot_token(meta: Optional[dict]) -> int:
+    """The data's end-of-text token id: meta.json's eot_token (gptfast prepare), else GPT-2's."""
+    value = (meta or {}).get("eot_token")
+    return GPT2_EOT if value is None else int(value)
+
+
+def make_loader(paths, cfg: TrainConfig, sampler: str, dist: Distributed, device, prefetch=4,
+                align: str = "none", eot: int = GPT2_EOT):
     from .data import TokenLoader
 
     return TokenLoader(paths, cfg.batch_size, cfg.block_size, sampler=sampler, seed=cfg.seed,
-                       rank=dist.rank, world_size=dist.world_size, device=device, prefetch=prefetch)
+                       rank=dist.rank, world_size=dist.world_size, device=device, prefetch=prefetch,
+                       align=None if align == "none" else align, eot_token=eot)
 
 
 # ------------------------------------------------------------------------------ model --
@@ -466,16 +494,34 @@ def _check_architecture(cfg: TrainConfig, config, checkpoint) -> None:
                              "architecture comes from there")
 
 
+def attention_args(cfg: TrainConfig, eot: int) -> dict:
+    """GPTConfig's attention fields for this run (masks only: no parameter depends on them,
+    so a run may change them on resume or on top of pretrained weights)."""
+    return {"attention": cfg.attention, "window": cfg.window, "eot_token": eot}
+
+
+def _config_error(err: ValueError, cfg: TrainConfig) -> TrainError:
+    if cfg.attention == "document" and "eot_token" in str(err):
+        return TrainError(f"--attention document: {err} (the data's vocabulary has no GPT-2 "
+                          "end-of-text token; give meta.json an eot_token)")
+    return TrainError(str(err))
+
+
 def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict],
-                scratch_vocab: Optional[int] = None):
+                scratch_vocab: Optional[int] = None, eot: int = GPT2_EOT):
     """The GPT to train: from scratch (a preset with ``scratch_vocab`` tokens, default
     data_vocab padded to a multiple of 64), the checkpoint being resumed, or pretrained weights
-    (GPT.from_pretrained)."""
+    (GPT.from_pretrained); with this run's attention masks (:func:`attention_args`)."""
     from .model import GPT, GPTConfig
 
+    masks = attention_args(cfg, eot)
     if checkpoint is not None:
-        args = {**checkpoint["model_args"], "dropout": cfg.dropout}
-        model = GPT(GPTConfig(**args))
+        args = {**checkpoint["model_args"], "dropout": cfg.dropout, **masks}
+        try:
+            config = GPTConfig(**args)
+        except ValueError as err:
+            raise _config_error(err, cfg) from None
+        model = GPT(config)
         model.load_state_dict(checkpoint["model"])
     elif cfg.init == "scratch":
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
@@ -483,9 +529,9 @@ def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict],
             vocab = scratch_vocab or padded_vocab_size(data_vocab)
             config = GPTConfig.preset(cfg.model, vocab_size=vocab, block_size=cfg.block_size,
                                       dropout=cfg.dropout, bias=bool(cfg.bias),  # unset: False
-                                      **sizes)
+                                      **sizes, **masks)
         except ValueError as err:
-            raise TrainError(str(err)) from None
+            raise _config_error(err, cfg) from None
         model = GPT(config)
     else:
         try:
@@ -493,6 +539,14 @@ def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict],
         except (OSError, ValueError) as err:
             raise TrainError(f"--init {cfg.init}: {err}") from None
         crop_block_size(model, cfg.block_size)
+        if any(getattr(model.config, k) != v for k, v in masks.items()):
+            try:  # the masks are set up when the layers are built: build them again
+                config = dataclasses.replace(model.config, **masks)
+            except ValueError as err:
+                raise _config_error(err, cfg) from None
+            state = model.state_dict()
+            model = GPT(config)
+            model.load_state_dict(state)
     _check_architecture(cfg, model.config, checkpoint)
     if model.config.vocab_size < data_vocab:
         raise TrainError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
@@ -703,8 +757,8 @@ class Trainer:
         data_vocab = self.meta["vocab_size"] if self.meta else GPT2_PADDED_VOCAB
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = build_model(cfg, data_vocab, checkpoint,
-                                     model_vocab_size(self.meta)).to(device)
+        self.raw_model = build_model(cfg, data_vocab, checkpoint, model_vocab_size(self.meta),
+                                     eot_token(self.meta)).to(device)
         self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.lr,
                                                              (cfg.beta1, cfg.beta2), device.type)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -739,7 +793,8 @@ class Trainer:
     def _make_loaders(self):
         cfg, files = self.cfg, self.data
         try:
-            train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device)
+            train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device,
+                                align=cfg.align, eot=eot_token(self.meta))
         except ValueError as err:
             raise TrainError(f"train shards: {err}") from None
         val = None
@@ -906,7 +961,7 @@ class Trainer:
         state = {
             "version": CHECKPOINT_VERSION,
             "model": model.state_dict(),
-            "model_args": dataclasses.asdict(model.config),
+            "model_args": saved_model_args(model.config),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "loader": self.snapshot["loader"],
@@ -980,15 +1035,36 @@ class Trainer:
                 f"(n_layer {config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}, "
                 f"vocab {config.vocab_size}, block {config.block_size}, "
                 f"{'' if config.bias else 'no '}bias) on {self.device}, "
+                f"{self._attention_text()}, "
                 f"{str(self.dtype).removeprefix('torch.')}, backend {cfg.backend}"
                 f"{', compiled' if cfg.compile else ''}, {self.dist.world_size} rank(s); "
                 f"{self.tokens_per_iter:,} tokens per iteration; iterations "
                 f"{self.start_iter} -> {cfg.max_iters}")
 
+    def _attention_text(self) -> str:
+        cfg, config = self.cfg, self.raw_model.config
+        text = f"{getattr(config, 'attention', 'causal')} attention"
+        if getattr(config, "attention", "causal") == "document":
+            text += f" (eot {config.eot_token})"
+        if getattr(config, "window", None):
+            text += f", window {config.window}"
+        return text + (", windows aligned to documents" if cfg.align == "eot" else "")
+
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
             if loader is not None:
                 loader.close()
+
+
+def saved_model_args(config) -> dict:
+    """The checkpoint's model_args: GPTConfig's fields, without the attention fields when they
+    are the defaults (plain causal attention), so that nanoGPT's own GPTConfig(**model_args)
+    still loads a plain run's checkpoint. GPT.from_pretrained reads both kinds."""
+    args = dataclasses.asdict(config)
+    if args.get("attention", "causal") == "causal" and args.get("window") is None:
+        for name in ("attention", "window", "eot_token"):
+            args.pop(name, None)
+    return args
 
 
 def _tokenizer_info(meta: Optional[dict]) -> Optional[dict]:

@@ -66,6 +66,7 @@ scratch memory comes from triton's allocator, set to torch's unless the caller s
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -172,7 +173,9 @@ def _store_rows(dst, start, tile, stride_t, stride_d, offs_t, offs_d, T,
 def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stride_vt, stride_vd,
                     offs_m, lo, hi, T, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    row_start=None, window=None,
+                    DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False):
     """Online softmax over key blocks [lo, hi) for one tile of query rows.
 
     With m2 the running row max of ``S * log2(e)`` and l the running row sum:
@@ -180,7 +183,10 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         P   = exp2(Q K^T * qk_scale - m2')
         l'  = l * exp2(m2 - m2') + rowsum(P)
         acc = acc * exp2(m2 - m2') + P V
-    ``CAUSAL_MASK`` (diagonal band only) drops keys after the query row.
+    ``CAUSAL_MASK`` (diagonal band only) drops keys after the query row; ``DOCUMENT_MASK``
+    keys before the row's document start ``row_start``, ``WINDOW_MASK`` keys ``window`` or
+    more positions back. With either, a row may see no key of a block before its first
+    visible one: its max stays -inf and is read as 0 so exp2 gives 0, not NaN.
     """
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -191,7 +197,13 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        if DOCUMENT_MASK:
+            qk = tl.where(offs_n[None, :] >= row_start[:, None], qk, float("-inf"))
+        if WINDOW_MASK:
+            qk = tl.where(offs_m[:, None] - offs_n[None, :] < window, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if DOCUMENT_MASK or WINDOW_MASK:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -202,6 +214,35 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOCUMENTS: tl.constexpr, SLIDING: tl.constexpr):
+    """Key bounds of the query tile [start_m, start_m + BLOCK_M) under document/window masks.
+
+    Row i sees keys [first_i, i] with first_i = max(doc_start_i, i - window + 1), which
+    never decreases with i. Keys below the first row's bound are seen by no row (skipped);
+    keys from the last row's bound up to start_m by every row (unmasked). Returns
+    (lo, full_lo, row_start): lo and full_lo rounded out to BLOCK_N, full_lo <= start_m, and
+    the per-row document starts (0 for rows >= T).
+    """
+    last_row = tl.minimum(start_m + BLOCK_M, T) - 1
+    lo = start_m * 0
+    full_lo = start_m * 0
+    row_start = offs_m * 0
+    if DOCUMENTS:
+        starts = DOC_START + batch * T
+        row_start = tl.load(starts + offs_m, mask=offs_m < T, other=0)
+        lo = tl.load(starts + start_m)
+        full_lo = tl.load(starts + last_row)
+    if SLIDING:
+        lo = tl.maximum(lo, start_m - window + 1)
+        full_lo = tl.maximum(full_lo, last_row - window + 1)
+    lo = tl.minimum(tl.maximum(lo, 0), start_m) // BLOCK_N * BLOCK_N
+    full_lo = tl.maximum(tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, start_m), lo)
+    return lo, full_lo, row_start
 
 
 @triton.jit
@@ -226,13 +267,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      H, T, GROUP, qk_scale,
                      T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     EVEN_T: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):
+                     EVEN_T: tl.constexpr, DOC_START=None, window=None,
+                     DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
+                     TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
     """O and lse2 for BLOCK_M query rows of one (batch, query head).
 
     Grid (B * H, cdiv(T, BLOCK_M)). Query blocks are taken last-first: the last blocks see
     the most keys, and starting them first (across all heads) balances the tail of the grid.
     Keys [0, start_m) are all visible to every row of the tile (BLOCK_M % BLOCK_N == 0), so
     they run unmasked; keys [start_m, start_m + BLOCK_M) are the masked diagonal band.
+    With ``DOCUMENTS``/``SLIDING`` the tile's keys before the diagonal begin at
+    :func:`_visible_keys`' bounds: blocks before ``lo`` are skipped, [lo, full_lo) masked.
     """
     pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
     Q_head = Q + batch * stride_qb + head * stride_qh
@@ -252,17 +297,32 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_lo = 0
+    row_start = offs_m
+    if DOCUMENTS or SLIDING:
+        lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
+                                               BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
+        # Keys some rows of the tile may not see: masked.
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                        stride_kt, stride_kd, stride_vt, stride_vd,
+                                        offs_m, lo, full_lo, T, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION,
+                                        row_start, window, DOCUMENTS, SLIDING)
     # Below the diagonal: keys < start_m <= T, no mask of any kind.
     acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
                                     stride_kt, stride_kd, stride_vt, stride_vd,
-                                    offs_m, 0, start_m, T, qk_scale,
+                                    offs_m, full_lo, start_m, T, qk_scale,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
     # The diagonal band. Every row sees at least key start_m, so m_i is finite afterwards.
+    # (With document or window masks every row still sees itself, in this band.)
     acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
                                     stride_kt, stride_kd, stride_vt, stride_vd,
                                     offs_m, start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
+                                    row_start, window, DOCUMENTS, SLIDING)
 
+    if DOCUMENTS or SLIDING:  # padded rows >= T may see no key at all: keep them finite
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     lse2 = m_i + tl.math.log2(l_i)
     o = acc / l_i[:, None]
     _store_rows(O_head, start_m, o.to(O.dtype.element_ty), stride_ot, stride_od, offs_m, offs_d,
@@ -309,13 +369,17 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
                            lo, hi, T, qk_scale, sm_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
-                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           key_end=None, window=None,
+                           DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False):
     """Add the query blocks [lo, hi) of one query head to a key block's dK/dV.
 
     Works on transposed scores so the key rows stay the M dimension of every matmul:
         P^T  = exp2(K Q^T * qk_scale - lse2)        dV += P^T dO
         dP^T = V dO^T      dS^T = P^T * (dP^T - delta)      dK += dS^T Q
-    With ``ATOMIC_DQ`` it also adds scale * dS K into the fp32 dQ buffer.
+    With ``ATOMIC_DQ`` it also adds scale * dS K into the fp32 dQ buffer. ``DOCUMENT_MASK``
+    drops queries at or after the key's document end ``key_end``, ``WINDOW_MASK`` queries
+    ``window`` or more positions after the key.
     """
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
@@ -328,6 +392,10 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        if DOCUMENT_MASK:
+            p_t = tl.where(offs_m[None, :] < key_end[:, None], p_t, 0.0)
+        if WINDOW_MASK:
+            p_t = tl.where(offs_m[None, :] - offs_n[:, None] < window, p_t, 0.0)
         # Rows >= T load q = dO = lse2 = delta = 0: p is finite there and dO = delta = 0
         # make their dV, dK (and dQ) contributions exactly zero.
         do = _load_rows(DO_head, start_m, stride_dot, stride_dod, offs_m, offs_d, T,
@@ -366,13 +434,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                           T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
-                          TMA: tl.constexpr, TMA_OK: tl.constexpr):
+                          DOC_END=None, window=None,
+                          DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
+                          TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
     """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
 
     Grid (B * HKV, cdiv(T, BLOCK_N)). The first key blocks are seen by the most queries,
     and they come first in launch order. Query blocks [start_n, start_n + BLOCK_N) are the
     masked diagonal band (BLOCK_N % BLOCK_M == 0); the ones after it are unmasked, with
     only a final partial block (T % BLOCK_M != 0) bounds-checked.
+
+    With ``DOCUMENTS``/``SLIDING``, key j is seen by queries [j, last_j) with
+    last_j = min(doc_end_j, j + window), which never decreases with j: queries before the
+    first key's bound see every key of the block (unmasked), queries from there up to the
+    last key's bound are masked (with the bounds check), and later ones are skipped.
     """
     pid_bh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
@@ -392,6 +467,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
 
     diagonal_end = tl.minimum(start_n + BLOCK_N, T)
     full_end = diagonal_end + (tl.maximum(T - diagonal_end, 0) // BLOCK_M) * BLOCK_M
+    edge_end = T
+    key_end = offs_n
+    if DOCUMENTS or SLIDING:
+        last_key = diagonal_end - 1
+        hi = T + start_n * 0
+        full_hi = T + start_n * 0
+        if DOCUMENTS:
+            ends = DOC_END + batch * T
+            key_end = tl.load(ends + offs_n, mask=offs_n < T, other=0)
+            full_hi = tl.load(ends + start_n)
+            hi = tl.load(ends + last_key)
+        if SLIDING:
+            full_hi = tl.minimum(full_hi, start_n + window)
+            hi = tl.minimum(hi, last_key + window)
+        full_end = tl.minimum(full_end, tl.maximum(full_hi // BLOCK_M * BLOCK_M, diagonal_end))
+        edge_end = tl.maximum((hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_end)  # hi <= T
     for group_index in range(GROUP):
         head = kv_head * GROUP + group_index
         Q_head = Q + batch * stride_qb + head * stride_qh
@@ -406,7 +497,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                                         stride_dqt, stride_dqd,
                                         start_n, diagonal_end, T, qk_scale, sm_scale,
                                         HEAD_DIM, BLOCK_D, BLOCK_M, True, not EVEN_T,
-                                        ATOMIC_DQ, DOT_PRECISION)
+                                        ATOMIC_DQ, DOT_PRECISION,
+                                        key_end, window, DOCUMENTS, SLIDING)
         dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                         LSE2 + row_stats, DELTA + row_stats, DQ_head,
                                         stride_qt, stride_qd, stride_dot, stride_dod,
@@ -414,7 +506,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                                         diagonal_end, full_end, T, qk_scale, sm_scale,
                                         HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
                                         ATOMIC_DQ, DOT_PRECISION)
-        if not EVEN_T:
+        if DOCUMENTS or SLIDING:
+            # Queries some keys of the block may not see, and the partial last block.
+            dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                            LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                            stride_qt, stride_qd, stride_dot, stride_dod,
+                                            stride_dqt, stride_dqd,
+                                            full_end, edge_end, T, qk_scale, sm_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
+                                            ATOMIC_DQ, DOT_PRECISION,
+                                            key_end, window, DOCUMENTS, SLIDING)
+        elif not EVEN_T:
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
                                             stride_qt, stride_qd, stride_dot, stride_dod,
@@ -438,10 +540,12 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
                        lo, hi, T, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, row_start=None, window=None,
+                       DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False):
     """Add the key blocks [lo, hi) to a query tile's dQ (unscaled):
 
         P = exp2(Q K^T * qk_scale - lse2),  dP = dO V^T,  dS = P * (dP - delta),  dQ += dS K
+    The masks as in :func:`_fwd_key_blocks`.
     """
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -455,6 +559,10 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        if DOCUMENT_MASK:
+            p = tl.where(offs_n[None, :] >= row_start[:, None], p, 0.0)
+        if WINDOW_MASK:
+            p = tl.where(offs_m[:, None] - offs_n[None, :] < window, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
@@ -472,10 +580,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                         T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
-                        TMA: tl.constexpr, TMA_OK: tl.constexpr):
+                        DOC_START=None, window=None,
+                        DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
+                        TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
     """dQ for BLOCK_M query rows of one (batch, query head): keys [0, start_m) unmasked,
     then the masked diagonal band (BLOCK_M % BLOCK_N == 0). Grid (B * H, cdiv(T, BLOCK_M)),
-    last query blocks (the most keys) first.
+    last query blocks (the most keys) first. Document/window bounds as in the forward.
     """
     pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
     K_head = K + batch * stride_kb + kv_head * stride_kh
@@ -496,14 +606,25 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     delta = _load_row_stat(DELTA + row_stats + offs_m, offs_m, T, not EVEN_T)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_lo = 0
+    row_start = offs_m
+    if DOCUMENTS or SLIDING:
+        lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
+                                               BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
+        dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                                stride_kt, stride_kd, stride_vt, stride_vd,
+                                lo, full_lo, T, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION,
+                                row_start, window, DOCUMENTS, SLIDING)
     dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
                             stride_kt, stride_kd, stride_vt, stride_vd,
-                            0, start_m, T, qk_scale,
+                            full_lo, start_m, T, qk_scale,
                             HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
     dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
                             stride_kt, stride_kd, stride_vt, stride_vd,
                             start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION)
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
+                            row_start, window, DOCUMENTS, SLIDING)
     _store_tile(DQ + batch * stride_dqb + head * stride_dqh
                 + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D,
@@ -611,6 +732,7 @@ def _pruner(kind):
         args = {**named_args, **kwargs}
         block_d, t_bucket = args["BLOCK_D"], args["T_BUCKET"]
         atomic_dq = bool(args.get("ATOMIC_DQ", False))
+        masked = bool(args.get("DOCUMENTS", False)) or bool(args.get("SLIDING", False))
         itemsize = args["Q"].element_size()
         tile = 64 if t_bucket <= 64 else None
 
@@ -624,6 +746,10 @@ def _pruner(kind):
             regs, smem = footprint(c)
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             limit = _FP32_PER_THREAD["dkdv_d256" if kind == "dkdv" and block_d >= 256 else kind]
+            # The masked atomic dK/dV keeps masks and the dQ product live together: at head
+            # dim >= 128 its 64-row query steps spill on sm_90 (measured, triton 3.8).
+            if kind == "dkdv" and atomic_dq and masked and block_d >= 128 and m >= 64:
+                return False
             return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 
@@ -644,7 +770,8 @@ def _even_t(args):
 # Every constexpr a caller passes selects a different compiled kernel, so each is in the
 # key (with the T bucket and, added by the autotuner, the tensor dtypes): the atomic and
 # deterministic backward, or fp32 ieee and tf32, never share one tuned config.
-_TUNING_KEY = ("HEAD_DIM", "BLOCK_D", "T_BUCKET", "ATOMIC_DQ", "DOT_PRECISION", "TMA_OK")
+_TUNING_KEY = ("HEAD_DIM", "BLOCK_D", "T_BUCKET", "ATOMIC_DQ", "DOT_PRECISION",
+               "DOCUMENTS", "SLIDING", "TMA_OK")
 
 
 def _build(kernel, kind, configs, reset_to_zero=None):
@@ -732,8 +859,34 @@ def _empty_bthd(like, heads, dtype=None):
 
 # ------------------------------------------------------------------ launch wrappers --
 
-def attention_forward(q, k, v, scale):
-    """Run the forward kernel: returns (O, lse2) with lse2 (B, H, T) fp32 in base-2 units."""
+def document_bounds(document_ids):
+    """(start, end) int32 (B, T): the first position of each position's document and one past
+    its last, from non-decreasing ``document_ids`` (B, T), by binary search per row."""
+    ids = document_ids.contiguous()
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.long()
+    start = torch.searchsorted(ids, ids, side="left", out_int32=True)
+    end = torch.searchsorted(ids, ids, side="right", out_int32=True)
+    return start, end
+
+
+def _mask_args(document_ids, window, bound):
+    """Keyword arguments of a kernel launch for these masks; none for plain causal, so its
+    launch (and compiled kernel) is the unmasked one. ``bound`` is ``document_bounds``' index."""
+    if document_ids is None and window is None:
+        return {}
+    args = dict(DOCUMENTS=document_ids is not None, SLIDING=window is not None,
+                window=0 if window is None else int(window))
+    if document_ids is not None:
+        args["DOC_END" if bound else "DOC_START"] = document_bounds(document_ids)[bound]
+    return args
+
+
+def attention_forward(q, k, v, scale, document_ids=None, window=None):
+    """Run the forward kernel: returns (O, lse2) with lse2 (B, H, T) fp32 in base-2 units.
+
+    ``document_ids`` (B, T) non-decreasing and ``window`` (int >= 1) restrict each query to
+    its document and the last ``window`` positions (``gptfast.causal_attention``)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     o = _empty_bthd(q, h)
@@ -748,17 +901,19 @@ def attention_forward(q, k, v, scale):
                         *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v), *_bhtd_strides(o),
                         h, t, h // hkv, scale * LOG2E,
                         HEAD_DIM=d, BLOCK_D=_block_d(d), T_BUCKET=_t_bucket(t),
-                        DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, **_blocks("fwd"))
+                        DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, **_blocks("fwd"),
+                        **_mask_args(document_ids, window, 0))
     return o, lse2
 
 
-def attention_backward(do, q, k, v, o, lse2, scale, atomic_dq=False):
+def attention_backward(do, q, k, v, o, lse2, scale, atomic_dq=False, document_ids=None,
+                       window=None):
     """Run the backward kernels: returns (dQ, dK, dV) in the dtypes of q, k, v."""
     with _on_device(q):
-        return _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq)
+        return _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window)
 
 
-def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq):
+def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, window=None):
     b, h, t, d = q.shape
     hkv = k.shape[1]
     dq, dk, dv = _empty_bthd(q, h), _empty_bthd(k, hkv), _empty_bthd(v, hkv)
@@ -787,14 +942,16 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq):
                          *_bhtd_strides(do), *_bhtd_strides(dk), *_bhtd_strides(dv),
                          *_bhtd_strides(dq_accum),
                          h, hkv, t, group, qk_scale, scale,
-                         ATOMIC_DQ=atomic_dq, **common, **_blocks("dkdv"))
+                         ATOMIC_DQ=atomic_dq, **common, **_blocks("dkdv"),
+                         **_mask_args(document_ids, window, 1))
     if atomic_dq:
         return dq_accum.to(q.dtype), dk, dv
     grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq[grid](q, k, v, do, lse2, delta, dq,
                        *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
                        *_bhtd_strides(do), *_bhtd_strides(dq),
-                       h, t, group, qk_scale, scale, **common, **_blocks("dq"))
+                       h, t, group, qk_scale, scale, **common, **_blocks("dq"),
+                       **_mask_args(document_ids, window, 0))
     return dq, dk, dv
 
 
@@ -821,34 +978,37 @@ def atomic_dq_enabled() -> bool:
 
 
 @torch.library.custom_op("gptfast::causal_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, scale)
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                document_ids: Optional[torch.Tensor] = None,
+                window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, document_ids, window)
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, scale):
+def _forward_fake(q, k, v, scale, document_ids=None, window=None):
     b, h, t, _ = q.shape
     return _empty_bthd(q, h), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::causal_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 o: torch.Tensor, lse2: torch.Tensor, scale: float,
-                 atomic_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, o, lse2, scale, atomic_dq)
+                 o: torch.Tensor, lse2: torch.Tensor, scale: float, atomic_dq: bool,
+                 document_ids: Optional[torch.Tensor] = None,
+                 window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window)
 
 
 @_backward_op.register_fake
-def _backward_fake(do, q, k, v, o, lse2, scale, atomic_dq):
+def _backward_fake(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, window=None):
     return _empty_bthd(q, q.shape[1]), _empty_bthd(k, k.shape[1]), _empty_bthd(v, v.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, *masks = inputs
+    document_ids, window = masks + [None] * (2 - len(masks))
     o, lse2 = output
-    ctx.save_for_backward(q, k, v, o, lse2)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, o, lse2, document_ids)
+    ctx.scale, ctx.window = scale, window
     ctx.atomic_dq = _ATOMIC_DQ
     ctx.mark_non_differentiable(lse2)
 
@@ -861,10 +1021,14 @@ def _no_double_backward(grads):
 
 
 def _backward(ctx, do, _dlse2):
-    q, k, v, o, lse2 = ctx.saved_tensors
+    q, k, v, o, lse2, document_ids = ctx.saved_tensors
     with torch.no_grad():
-        dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
-    return (*_no_double_backward((dq, dk, dv)), None)
+        if document_ids is None and ctx.window is None:
+            dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
+        else:
+            dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq,
+                                      document_ids, ctx.window)
+    return (*_no_double_backward((dq, dk, dv)), None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -877,38 +1041,44 @@ class _CausalAttention(torch.autograd.Function):
     which costs tens of microseconds per call (as much as the kernels at short T)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse2 = attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, scale, document_ids=None, window=None):
+        o, lse2 = attention_forward(q, k, v, scale, document_ids, window)
+        ctx.save_for_backward(q, k, v, o, lse2, document_ids)
+        ctx.scale, ctx.window = scale, window
         ctx.atomic_dq = _ATOMIC_DQ
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse2 = ctx.saved_tensors
+        q, k, v, o, lse2, document_ids = ctx.saved_tensors
         with torch.no_grad():
-            dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq)
-        return (*_no_double_backward((dq, dk, dv)), None)
+            dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq,
+                                            document_ids, ctx.window)
+        return (*_no_double_backward((dq, dk, dv)), None, None, None)
 
 
-def causal_attention(q, k, v, scale=None):
+def causal_attention(q, k, v, scale=None, document_ids=None, window=None):
     """Causal attention, == ``reference.causal_attention`` (SDPA is_causal, GQA by head groups).
 
     q: (B, H, T, D); k, v: (B, Hkv, T, D) with H % Hkv == 0; scale defaults to 1/sqrt(D).
-    Returns (B, H, T, D) in q's dtype, stored (B, T, H, D)-major. Arguments are validated
+    ``document_ids`` (B, T) non-decreasing and ``window`` (int >= 1, < T) add the document
+    and sliding-window masks; the kernels then visit only key tiles some query of a tile may
+    see. Returns (B, H, T, D) in q's dtype, stored (B, T, H, D)-major. Arguments are validated
     by ``gptfast.functional``. Under torch.compile this is the custom op; in eager mode an
     autograd.Function around the same kernels.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if window is not None and window >= q.shape[2]:  # sees every earlier key: plain causal
+        window = None
+    masks = () if document_ids is None and window is None else (document_ids, window)
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, scale)[0]
+        return _forward_op(q, k, v, scale, *masks)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _CausalAttention.apply(q, k, v, scale)
-    return attention_forward(q, k, v, scale)[0]
+        return _CausalAttention.apply(q, k, v, scale, *masks)
+    return attention_forward(q, k, v, scale, *masks)[0]
 
 
-def causal_attention_unsupported(q, k, v, scale=None):
+def causal_attention_unsupported(q, k, v, scale=None, document_ids=None, window=None):
     """None when the kernels handle this call, else the reason."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the attention kernel takes float16, bfloat16 or float32)"

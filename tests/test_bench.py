@@ -108,6 +108,7 @@ def test_ctrl_c_keeps_the_rows_finished_before_it(tmp_path, monkeypatch, capsys)
     (["--context-lengths", "128,1048576"], "larger than supported (at most 65536)"),
     (["--repeats", "0"], "must be >= 1"),
     (["--max-tokens", "8", "--batch-sizes", "4", "--context-lengths", "64"], "no gpt cell"),
+    (["--attention", "causal,sliding"], "unknown attention 'sliding'"),
 ])
 def test_bad_arguments_fail_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -196,3 +197,121 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     assert "- Liger 8192x50257: RuntimeError: no kernel" in text
     (png,) = plots.write_plots(rows, tmp_path, meta)
     assert png.name == "kernels.png" and png.read_bytes()[:8] == PNG_MAGIC
+
+
+# ------------------------------------------------------- document-masked attention --
+
+def test_attended_pairs_count_exactly_what_the_dense_mask_allows():
+    from gptfast.bench.document_attention import attended_pairs, dense_mask, random_document_ids
+
+    ids = random_document_ids(3, 97, 9, seed=4)
+    ids[0, 40:43] = ids[0, 40] + torch.arange(3)  # one-token documents
+    ids[0, 43:] += 2
+    for window in (None, 1, 2, 17, 96, 97, 500):
+        assert attended_pairs(ids, window) == int(dense_mask(ids, window).sum()), window
+    one_doc = random_document_ids(2, 50, None)
+    assert attended_pairs(one_doc, None) == 2 * 50 * 51 // 2  # plain causal
+    mask = dense_mask(ids, 5)
+    assert mask.diagonal(dim1=1, dim2=2).all()  # every row sees itself
+    i, j = torch.nonzero(mask[1], as_tuple=True)
+    assert ((j <= i) & (i - j < 5) & (ids[1, i] == ids[1, j])).all()
+
+
+def test_random_document_ids_are_packed_documents_of_the_asked_mean_length():
+    from gptfast.bench.document_attention import random_document_ids
+
+    ids = random_document_ids(4, 8192, 256, seed=1)
+    assert ids.dtype == torch.int64 and (ids[:, 0] == 0).all()
+    steps = ids.diff(dim=1)
+    assert ((steps == 0) | (steps == 1)).all()
+    mean = ids.shape[1] / (ids[:, -1] + 1).float().mean()
+    assert 200 < mean < 320, mean
+    assert torch.equal(ids, random_document_ids(4, 8192, 256, seed=1))
+    with pytest.raises(ValueError, match="mean document length"):
+        random_document_ids(1, 16, 0)
+
+
+def test_flex_attention_with_the_block_mask_matches_the_dense_mask_on_cpu(monkeypatch):
+    from gptfast.bench import common, document_attention as da
+
+    monkeypatch.setenv(common.COMPILE_BACKEND_ENV, "aot_eager")
+    if da.flex_attention_missing():
+        pytest.skip(da.flex_attention_missing())
+    meter = common.Meter("cpu", warmup=0, repeats=10)
+    rows = da.bench_case(da.Case(12, 7), 80, 16, 2, 160, torch.float32, device="cpu", meter=meter,
+                         providers=("SDPA dense mask", "FlexAttention"))
+    by = {(r["provider"], r["direction"]): r for r in rows}
+    flex = by["FlexAttention", "fwd"]
+    assert flex["status"] == "ok" and flex["max_abs_diff"] < 1e-5
+    assert flex["pairs"] == by["SDPA dense mask", "fwd"]["pairs"] < 2 * 80 * 81 // 2
+    assert flex["tflops"] == pytest.approx(4 * flex["pairs"] * 2 * 16 / flex["ms"] / 1e9)
+    assert by["FlexAttention", "fwd+bwd"]["status"] == "unavailable"  # no CPU backward
+    assert by["SDPA dense mask", "fwd+bwd"]["status"] == "ok"
+
+
+def test_missing_flex_attention_is_reported_not_a_crash(monkeypatch, capsys):
+    from gptfast.bench import common, document_attention as da
+
+    monkeypatch.setattr(da, "flex_attention_missing", lambda: "FlexAttention unavailable in torch 0.0")
+    rows = da.bench_case(da.Case(8, None), 32, 16, 1, 32, torch.float32, device="cpu",
+                         meter=common.Meter("cpu", warmup=0, repeats=10),
+                         providers=("FlexAttention", "SDPA dense mask"))
+    flex = [r for r in rows if r["provider"] == "FlexAttention"]
+    assert [r["status"] for r in flex] == ["unavailable", "unavailable"]
+    assert "FlexAttention unavailable in torch 0.0" in flex[0]["error"]
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "SDPA dense mask")
+    if not torch.cuda.is_available():
+        assert da.main([]) == 0
+        assert "FlexAttention unavailable in torch 0.0" in capsys.readouterr().out
+
+
+def test_kernel_suite_attention_axis_makes_document_rows(tmp_path, monkeypatch):
+    from gptfast.bench import document_attention as da, kernel_suite, plots, report
+
+    def fake_case(case, seq, head_dim, heads, tokens, dtype):
+        rows = []
+        for provider, ms in (("gptfast", 1.0), ("FlexAttention", None), ("gptfast causal", 4.0)):
+            for direction in ("fwd", "fwd+bwd"):
+                rows.append({"provider": provider, "direction": direction, "B": 2, "H": heads,
+                             "pairs": 1000, "ms": ms, "tflops": None if ms is None else 5.0 / ms,
+                             "status": "ok" if ms else "unavailable",
+                             "error": None if ms else "FlexAttention unavailable in torch x"})
+        return rows
+
+    monkeypatch.setattr(da, "bench_case", fake_case)
+    suite = kernel_suite.KernelSuite("bf16", kernel_suite.QUICK, attention=("document",))
+    units = [(label, run) for label, run in suite.units() if "attention" in label]
+    labels = [label for label, _ in units]
+    assert labels and all("document_attention" in label for label in labels)  # no causal sweep
+    assert any("doc2048" in label for label in labels) and any("window 1024" in label for label in labels)
+    rows = [row for _, run in units for row in run()]
+    doc = [r for r in rows if r["kernel"] == "document_attention"]
+    assert {r["impl"] for r in doc} == {"gptfast", "FlexAttention", "gptfast causal"}
+    ours = next(r for r in doc if r["impl"] == "gptfast" and r["pass"] == "fwd")
+    assert (ours["throughput"], ours["ms"], ours["pairs"], ours["context_length"]) == (5.0, 1.0, 1000, 8192)
+    flex = next(r for r in doc if r["impl"] == "FlexAttention")
+    assert flex["status"] == "n/a" and "unavailable" in flex["note"]
+    causal_only = kernel_suite.KernelSuite("bf16", kernel_suite.QUICK)
+    causal_labels = [label for label, _ in causal_only.units()]
+    assert any("causal_attention" in label for label in causal_labels)
+    assert not any("document" in label for label in causal_labels)
+
+    meta = {"run": "2026-01-01T00:00:00", "device_name": "test GPU", "dtype": "bf16",
+            "versions": {"torch": "t", "triton": "t", "gptfast": "g"}, "settings": "test"}
+    text = report.markdown(rows, meta)
+    assert "### document_attention (TFLOP/s)" in text and "5 (1 ms)" in text
+    (png,) = plots.write_plots(rows, tmp_path, meta)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_gpt_suite_attention_axis():
+    cells = gpt.cells(("gptfast-reference", "nanogpt-eager"), ("train",), (1,), (32,),
+                      attentions=("causal", "document"))
+    assert [(c.impl, c.attention) for c in cells] == [
+        ("gptfast-reference", "causal"), ("nanogpt-eager", "causal"),
+        ("gptfast-reference", "document")]  # nanoGPT has no document mask
+    settings = gpt.GPTSettings(model="micro", device=torch.device("cpu"), dtype="fp32",
+                               warmup=1, repeats=1)
+    row = gpt.run_cell(cells[-1], settings)
+    assert row["status"] == "ok", row
+    assert (row["impl"], row["attention"]) == ("gptfast-reference document", "document")

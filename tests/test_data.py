@@ -494,3 +494,185 @@ def test_shard_replaced_by_rename_keeps_the_mapped_contents(tmp_path):
         os.replace(tmp_path / "new.bin", path)
         batches = [next(loader)[0] for _ in range(3)]  # through epoch 1, no error
     torch.testing.assert_close(batches[1], first)  # batch 2 repeats batch 0
+
+
+# -------------------------------------------------------------------- align="eot" --
+
+EOT = 50256
+
+
+def with_documents(tokens, rng, rate=0.08, runs=True):
+    """tokens with end-of-text tokens at random positions (never at 0): documents of random
+    length, including one-token documents (runs of end-of-text tokens) when `runs`."""
+    tokens = np.array(tokens)
+    marks = np.flatnonzero(rng.random(len(tokens)) < rate)
+    marks = marks[marks > 0]
+    tokens[marks] = EOT
+    if runs and len(marks):
+        tokens[marks[0]:marks[0] + 3] = EOT
+    return tokens
+
+
+@pytest.fixture
+def document_shards(tmp_path):
+    """mixed_shards with documents: a.bin (first file, stream start: token 0 is not an
+    end-of-text token), b.bin raw, c.bin uint32; odd lengths; ids tell positions apart."""
+    rng = np.random.default_rng(18)
+    write(tmp_path / "a.bin", llmc_bytes(with_documents(np.arange(1, 212), rng), MAGIC16))
+    with_documents(20000 + np.arange(150), rng).astype("<u2").tofile(tmp_path / "b.bin")
+    write(tmp_path / "c.bin", llmc_bytes(with_documents(70000 + np.arange(187), rng), MAGIC32))
+    return str(tmp_path / "*.bin")
+
+
+def aligned(**kwargs):
+    return dict(align="eot", **kwargs)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("sampler", ["random", "sequential", "shuffle"])
+def test_eot_aligned_loader_matches_reference(document_shards, sampler, world_size):
+    for rank in range(world_size):
+        kw = aligned(sampler=sampler, seed=5, rank=rank, world_size=world_size)
+        with TokenLoader(document_shards, B, T, **kw) as loader:
+            got = take(loader, 30)
+        assert_same_batches(got, itertools.islice(reference_batches(document_shards, B, T, **kw), 30))
+        for x, y in got:
+            np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+            # every window starts a document: at an end-of-text token or at the stream start
+            assert ((x[:, 0] == EOT) | (x[:, 0] == 1)).all(), x[:, 0]
+
+
+def test_eot_aligned_windows_are_the_greedy_ones(document_shards):
+    paths = data.resolve_paths(document_shards)
+    expected = []
+    for i, path in enumerate(paths):
+        tokens = data.open_shard(path)
+        starts = data.reference_document_starts(tokens, T, EOT, stream_start=i == 0)
+        windows = data.reference_aligned_windows(starts, T)
+        # the rule, restated: ascending, >= T apart, each the first start at or after the bound
+        assert (np.diff(windows) >= T).all() and windows[0] == starts[0]
+        for previous, window in zip(windows, windows[1:]):
+            assert window == starts[starts >= previous + T][0]
+        assert tokens[0] != EOT and (0 in starts) == (i == 0)
+        assert (tokens[starts[starts > 0]] == EOT).all() and (starts + T + 1 <= len(tokens)).all()
+        expected += [(i, int(w)) for w in windows]
+    with TokenLoader(document_shards, 1, T, sampler="sequential", align="eot") as loader:
+        assert loader.num_windows == len(expected)
+        firsts = [x[0, :2].tolist() for x, _ in itertools.islice(loader, len(expected))]
+    want = [data.open_shard(paths[s])[o:o + 2].astype(np.int64).tolist() for s, o in expected]
+    assert firsts == want
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_eot_aligned_shuffle_takes_every_window_once_per_epoch_across_ranks(document_shards, world_size):
+    with TokenLoader(document_shards, B, T, sampler="sequential", align="eot") as loader:
+        n = loader.num_windows
+        windows = sorted(tuple(x[0].tolist()) for x, _ in itertools.islice(
+            TokenLoader(document_shards, 1, T, sampler="sequential", align="eot"), n))
+    per_rank = []
+    batches = 3 * n // (B * world_size) + 1
+    for rank in range(world_size):
+        with TokenLoader(document_shards, B, T, sampler="shuffle", align="eot", seed=9, rank=rank,
+                         world_size=world_size) as loader:
+            per_rank.append([[tuple(row) for row in x.tolist()] for x, _ in itertools.islice(loader, batches)])
+    stream = [row for k in range(batches) for rank in range(world_size) for row in per_rank[rank][k]]
+    epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == windows  # disjoint across ranks, all of them, once
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("sampler", ["random", "shuffle"])
+def test_eot_aligned_resume_mid_epoch(document_shards, sampler):
+    kw = aligned(sampler=sampler, seed=4, rank=1, world_size=2)
+    with TokenLoader(document_shards, B, T, **kw) as original:
+        take(original, 2)
+        state = original.state_dict()
+        assert state["align"] == "eot" and state["eot_token"] == EOT
+        assert state["epoch"] == (2 * 2 + 1) * B // original.num_windows
+        expected = take(original, 10)
+    with TokenLoader(document_shards, B, T, **kw) as resumed:
+        resumed.load_state_dict(state)
+        assert_same_batches(take(resumed, 10), expected)
+    assert_same_batches(expected, reference_batches(document_shards, B, T, start=2, **kw))
+    with TokenLoader(document_shards, B, T, sampler=sampler, seed=4, rank=1, world_size=2) as plain:
+        with pytest.raises(ValueError, match="align"):
+            plain.load_state_dict(state)
+
+
+def test_state_saved_before_align_existed_resumes_unaligned(mixed_shards):
+    with TokenLoader(mixed_shards, B, T, sampler="shuffle") as loader:
+        take(loader, 2)
+        state = loader.state_dict()
+        expected = take(loader, 3)
+    del state["align"]
+    with TokenLoader(mixed_shards, B, T, sampler="shuffle") as resumed:
+        resumed.load_state_dict(state)
+        assert_same_batches(take(resumed, 3), expected)
+
+
+def test_eot_random_picks_documents_uniformly_across_shards(document_shards):
+    paths = data.resolve_paths(document_shards)
+    starts = [data.reference_document_starts(data.open_shard(p), T, EOT, i == 0) for i, p in enumerate(paths)]
+    with TokenLoader(document_shards, 64, T, sampler="random", align="eot", seed=2) as loader:
+        assert loader.index_bytes >= 4 * sum(map(len, starts))  # uint32 offsets
+        seconds = np.concatenate([x[:, 1].numpy() for x, _ in itertools.islice(loader, 40)])
+    seconds = seconds[seconds != EOT]  # the id after the start tells the shard
+    shard = np.select([seconds >= 70000, seconds >= 20000], [2, 1], 0)
+    share = np.bincount(shard, minlength=3) / len(shard)
+    counts = np.array([len(s) for s in starts])
+    np.testing.assert_allclose(share, counts / counts.sum(), atol=0.06)
+
+
+def test_eot_edges_of_a_shard(tmp_path):
+    """A start is usable iff block_size + 1 tokens follow from it; only the first file's
+    position 0 starts a document without an end-of-text token; uint32 token ids work."""
+    n = 3 * T + 5
+    first = np.arange(1, n + 1)
+    first[[n - T - 1, n - T]] = EOT                      # the last usable position, one past it
+    second = np.arange(100_000, 100_000 + n)             # uint32 ids, position 0 is no start
+    second[[T + 2, n - T - 1]] = 70_000_000              # a uint32 end-of-text id
+    second[0] = 70_000_000 + 1
+    a = write(tmp_path / "a.bin", llmc_bytes(first, MAGIC32))
+    b = write(tmp_path / "b.bin", llmc_bytes(second, MAGIC32))
+    with TokenLoader([a], 1, T, sampler="sequential", align="eot") as loader:
+        assert loader.num_windows == 2
+        firsts = [x[0, :2].tolist() for x, _ in itertools.islice(loader, 2)]
+    assert firsts == [[1, 2], [EOT, EOT]]
+    with TokenLoader([b], 1, T, sampler="random", align="eot", eot_token=70_000_000) as loader:
+        seen = {tuple(x[0, :2].tolist()) for x, _ in itertools.islice(loader, 60)}
+    assert seen == {(70_000_001, 100_001), (70_000_000, 100_000 + T + 3),
+                    (70_000_000, 100_000 + n - T)}
+    with pytest.raises(ValueError, match="a.bin: align='eot' found no document start"):
+        TokenLoader([b, a], 1, T, align="eot", eot_token=70_000_000)
+
+
+def test_eot_bad_inputs_are_clear_errors(tmp_path, document_shards):
+    with pytest.raises(ValueError, match="align must be None or 'eot'"):
+        TokenLoader(document_shards, B, T, align="bos")
+    with pytest.raises(ValueError, match="align must be None or 'eot'"):
+        TokenLoader(document_shards, B, T, align="none")
+    with pytest.raises(ValueError, match="eot_token"):
+        TokenLoader(document_shards, B, T, align="eot", eot_token=-1)
+    with pytest.raises(TypeError, match="eot_token"):
+        TokenLoader(document_shards, B, T, align="eot", eot_token=1.5)
+    # no end-of-text token anywhere (e.g. a character-level dataset): the stream start alone
+    # would be a single window forever
+    plain = write(tmp_path / "plain.bin", np.arange(300, dtype="<u2").tobytes())
+    with pytest.raises(ValueError, match="no end-of-text token \\(id 50256\\)"):
+        TokenLoader(plain, B, T, align="eot")
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        next(reference_batches(plain, B, T, align="eot"))
+    # a later shard without a usable start: named
+    late = np.arange(300, dtype="<u2")
+    late[300 - T] = EOT  # one token too late for a window
+    later = write(tmp_path / "z_late.bin", late.tobytes())
+    first = np.arange(300, dtype="<u2")
+    first[40] = EOT
+    earlier = write(tmp_path / "y_first.bin", first.tobytes())
+    with pytest.raises(ValueError, match="z_late.bin: align='eot' found no document start"):
+        TokenLoader([earlier, later], B, T, align="eot")
+    with pytest.raises(ValueError, match="z_late.bin: align='eot' found no document start"):
+        next(reference_batches([earlier, later], B, T, align="eot"))
+    with TokenLoader([earlier], 1, T, sampler="sequential", align="eot") as loader:
+        assert loader.num_windows == 2  # the stream start and token 40

@@ -49,6 +49,20 @@ def test_dry_run_runs_every_stage_and_writes_the_schema(tmp_path, capsys):
         assert r["first_call_s"] > 0
         if r["direction"] == "fwd+bwd":
             assert r["autotune_s"] == 0  # the interpreter does not autotune
+    # the document-mask row: gptfast beside FlexAttention (forward only on a CPU), SDPA with
+    # the dense mask and the plain causal kernel, counted on the attended pairs
+    document = [r for r in rows if r.get("op") == "document_attention"]
+    assert {r["impl"] for r in document} == {"gptfast", "FlexAttention", "SDPA dense mask",
+                                             "gptfast causal"}
+    ours = [r for r in document if r["impl"] == "gptfast"]
+    assert {(r["direction"], r["metric"]) for r in ours} == {
+        (d, m) for d in ("fwd", "fwd+bwd") for m in ("tflops", "ms")}
+    assert all(r["status"] == "ok" and r["pairs"] > 0 for r in ours)
+    assert all(r["best_peer"] != "gptfast causal" for r in ours if r["metric"] == "tflops")
+    flex = {r["direction"]: r["status"] for r in document if r["impl"] == "FlexAttention"}
+    assert flex["fwd+bwd"] == "unavailable" and flex["fwd"] in ("ok", "unavailable")
+    goals = {g["goal"]: g for g in verdict(rows, "cpu")}
+    assert any(goal.startswith("document attention: >= 1.2x FlexAttention") for goal in goals)
     for op in ("layer_norm", "cross_entropy", "linear_cross_entropy"):
         ours = [r for r in rows if r.get("op") == op and r["impl"] == "gptfast"]
         assert ours and all(r["status"] == "ok" for r in ours), op

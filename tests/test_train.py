@@ -490,3 +490,78 @@ def test_train_and_val_globs_select_shards_explicitly(tmp_path, capsys):
     assert "--val-files" in capsys.readouterr().err
     assert cli.main(argv) == 1
     assert "--data DIR (or --train-files GLOB) is required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- document attention, align eot --
+
+EOT = VOCAB - 1  # the corpus' meta.json eot_token
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    """The periodic corpus cut into documents: an end-of-text token about every 24 tokens."""
+    directory = write_corpus(tmp_path_factory.mktemp("documents") / "data")
+    rng = np.random.default_rng(1)
+    for name in ("train_000000.bin", "val_000000.bin"):
+        path = directory / name
+        header, tokens = path.read_bytes()[:1024], np.fromfile(path, "<u2", offset=1024)
+        tokens[rng.random(len(tokens)) < 1 / 24] = EOT
+        path.write_bytes(header + tokens.tobytes())
+    return directory
+
+
+def test_document_attention_window_and_aligned_windows_train_and_resume_exactly(documents, tmp_path):
+    masks = dict(attention="document", window=8, align="eot", sampler="shuffle", grad_accum=1)
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert train(documents, whole, max_iters=6, **masks) == 0
+    assert train(documents, half, max_iters=3, **masks) == 0
+    state = checkpoint(half)
+    assert {k: state["config"][k] for k in ("attention", "window", "align")} == \
+        {"attention": "document", "window": 8, "align": "eot"}
+    assert {k: state["model_args"][k] for k in ("attention", "window", "eot_token")} == \
+        {"attention": "document", "window": 8, "eot_token": EOT}
+    assert state["loader"]["align"] == "eot" and state["loader"]["eot_token"] == EOT
+    # resume with no mask flags: the checkpoint's settings come back
+    assert cli.main(["train", "--out", str(half), "--init", "resume", "--max-iters", "6"]) == 0
+    assert losses(half) == losses(whole)
+    resumed = checkpoint(half)
+    assert resumed["config"]["attention"] == "document" and resumed["config"]["align"] == "eot"
+    model = GPT.from_pretrained(half)  # what gptfast sample loads
+    assert (model.config.attention, model.config.window, model.config.eot_token) == ("document", 8, EOT)
+
+
+def test_attention_flags_change_the_loss_and_plain_checkpoints_stay_nanogpt_shaped(documents, tmp_path):
+    runs = {}
+    for name, masks in {"causal": {}, "document": dict(attention="document")}.items():
+        assert train(documents, tmp_path / name, max_iters=2, grad_accum=1, **masks) == 0
+        runs[name] = losses(tmp_path / name)
+    assert runs["causal"][0][1] != runs["document"][0][1]  # same weights and batch, other mask
+    plain = checkpoint(tmp_path / "causal")["model_args"]
+    assert not {"attention", "window", "eot_token"} & set(plain)  # nanoGPT's GPTConfig loads it
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(attention="sliding"), "attention must be one of causal, document"),
+    (dict(align="bos"), "align must be one of none, eot"),
+    (dict(window=-2), "window must be >= 1"),
+])
+def test_bad_attention_flags_are_errors(documents, tmp_path, capsys, settings, message):
+    assert train(documents, tmp_path / "run", max_iters=1, **settings) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_document_attention_needs_an_eot_token_in_the_vocabulary(tmp_path, capsys):
+    data = write_corpus(tmp_path / "data")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": VOCAB}))  # no eot_token: GPT-2's
+    assert train(data, tmp_path / "run", max_iters=1, attention="document") == 1
+    assert "--attention document" in capsys.readouterr().err
+    assert train(data, tmp_path / "run", max_iters=1, align="eot") == 1  # no 50256 in the data
+    assert "no end-of-text token (id 50256)" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_attention_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--attention", "--window", "--align"):
+        assert flag in text
