@@ -750,6 +750,15 @@ def _pruner(kind):
             # dim >= 128 its 64-row query steps spill on sm_90 (measured, triton 3.8).
             if kind == "dkdv" and atomic_dq and masked and block_d >= 128 and m >= 64:
                 return False
+            # The masked forward's 128 x 128 score tile reaches 255 registers at head dim >= 128
+            # (the pointer path spills 56 B on triton 3.6).
+            if kind == "fwd" and masked and block_d >= 128 and n >= 128:
+                return False
+            # The atomic dK/dV's 128-key blocks on the TMA path sit at 255 registers at head
+            # dim >= 128 (spilling 8 B with masks, triton 3.8).
+            if (kind == "dkdv" and atomic_dq and c.kwargs.get("TMA", False)
+                    and block_d >= 128 and n >= 128):
+                return False
             return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 

@@ -414,6 +414,52 @@ def test_gpu_backward_is_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+def _gpu_matches_reference(q, k, v):
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device="cuda")
+    with gptfast.use_backend("triton"):
+        out, grads = run_kernel(q, k, v, grad_out)
+    expected_out, expected_grads = reference_fp32(q, k, v, grad_out)
+    base_out, base_grads = sdpa_error_baseline(q, k, v, grad_out, expected_out, expected_grads)
+    assert (out.float() - expected_out).abs().max().item() <= 2 * base_out + 1e-3
+    for name, got, want, base in zip(("dq", "dk", "dv"), grads, expected_grads, base_grads):
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2 * base + 2e-3, f"{name}: max error {err:.3g}, SDPA's {base:.3g}"
+
+
+TUNERS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("case", ["T777-D80", "T1k-D128", "T333-D96-GQA", "T100-D256"])
+def test_gpu_each_data_path_matches_reference(monkeypatch, case, tma):
+    """Autotuning on one data path only: every TMA candidate that wins somewhere is right."""
+    for name in TUNERS:
+        tuner = getattr(attention, name)
+        monkeypatch.setattr(tuner, "configs", [c for c in tuner.configs if c.kwargs["TMA"] == tma])
+        monkeypatch.setattr(tuner, "cache", {})
+    q, k, v = make_qkv(*GPU_CASES[case], dtype=torch.bfloat16, device="cuda")
+    assert attention._tma_ok(q, k, v)
+    _gpu_matches_reference(q, k, v)
+    for name in TUNERS:
+        assert all(c.kwargs["TMA"] == tma for c in getattr(attention, name).cache.values())
+
+
+@pytest.mark.gpu
+@compiled_kernels
+def test_gpu_misaligned_inputs_take_the_pointer_configs(monkeypatch):
+    for name in TUNERS:
+        monkeypatch.setattr(getattr(attention, name), "cache", {})
+    storage = torch.randn(3, 2 * 4 * 300 * 64 + 1, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (s[1:].view(2, 4, 300, 64).requires_grad_() for s in storage)
+    assert not attention._tma_ok(q, k, v)
+    _gpu_matches_reference(q, k, v)
+    for name in TUNERS:
+        tuner = getattr(attention, name)  # its cache holds only this test's launches
+        assert tuner.cache and not any(c.kwargs["TMA"] for c in tuner.cache.values())
+
+
 @pytest.mark.gpu
 @compiled_kernels
 def test_gpu_torch_compile_inductor():
