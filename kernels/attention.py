@@ -833,13 +833,14 @@ def _bhtd_strides(t):
 
 def _tma_ok(*tensors):
     """Whether every (B, H, T, D) tensor's heads can be TMA descriptors (``_tile_source``):
-    contiguous head dim, and base and batch/head/row strides multiples of 16 bytes (a size-1
-    dim's stride is never used). Otherwise the kernels keep the pointer path."""
+    contiguous head dim, and base, row stride and batch/head strides multiples of 16 bytes
+    (the stride of a size-1 batch or head dim is never used; the row stride goes into the
+    descriptor). Otherwise the kernels keep the pointer path."""
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or (t.shape[3] > 1 and t.stride(3) != 1):
+        if t.data_ptr() % 16 or (t.shape[3] > 1 and t.stride(3) != 1) or t.stride(2) * size % 16:
             return False
-        if any(t.shape[dim] > 1 and t.stride(dim) * size % 16 for dim in range(3)):
+        if any(t.shape[dim] > 1 and t.stride(dim) * size % 16 for dim in range(2)):
             return False
     return True
 

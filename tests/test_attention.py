@@ -233,8 +233,9 @@ def test_tma_ok_rules():
     assert not attention._tma_ok(torch.empty(2, 3, 5, 9)[..., :8])  # 36-byte rows
     assert not attention._tma_ok(torch.empty(2, 3, 5, 8).transpose(2, 3))
     assert not attention._tma_ok(torch.empty(2 * 3 * 5 * 8 + 2)[2:].view(2, 3, 5, 8))
-    # a size-1 dim's stride is never used; an unaligned but unused one does not matter
+    # a size-1 batch or head dim's stride is never used; the row stride always is
     assert attention._tma_ok(torch.empty(1, 3, 5, 8).as_strided((1, 3, 5, 8), (7, 40, 8, 1)))
+    assert not attention._tma_ok(torch.empty(2, 3, 1, 8).as_strided((2, 3, 1, 8), (24, 8, 7, 1)))
 
 
 def test_empty_sequence(triton_backend):
