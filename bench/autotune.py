@@ -1,13 +1,14 @@
 """Autotuning that fits a benchmark's time budget, without touching the kernels.
 
-The attention kernels are ``triton.autotune``d (11 forward, 9 dK/dV and 8 dQ configs in
-``gptfast.kernels.attention``). A new key (head-dim bucket, T bucket, dtypes) compiles and times
+The attention kernels are ``triton.autotune``d (16 forward, 14 dK/dV and 13 dQ configs in
+``gptfast.kernels.attention``, 3 of each on the TMA data path). A new key (head-dim bucket, T bucket, dtypes) compiles and times
 every config the kernel's own pruner keeps: a couple of seconds per config, so a run that visits
 a handful of keys spends minutes there. For a run on a lent GPU this module
 
 - keeps only the first ``keep`` configs of each autotuner (:func:`restrict`), in the order the
-  kernel lists them; the kernel's pruner still runs on what is kept (and falls back to the
-  smallest of them when it drops all);
+  kernel lists them, plus the first tensor-descriptor (``TMA``) candidate when none of those
+  is one, so the run still times both data paths; the kernel's pruner still runs on what is
+  kept (and falls back to the smallest of them when it drops all);
 - counts the seconds spent tuning, compilation of the candidates included, and the configs
   timed (:class:`AutotuneClock`), so a report can give them apart from the timings.
 
@@ -53,14 +54,19 @@ def keep_from_env() -> int:
 
 
 def restrict(keep: int, tuners: dict | None = None) -> dict:
-    """Keep the first ``keep`` configs of each autotuner (0: all); returns name -> (kept,
-    listed). Call it before the first launch: keys tuned earlier keep their choice."""
+    """Keep the first ``keep`` configs of each autotuner (0: all) and its first TMA config
+    if they hold none; returns name -> (kept, listed). Call it before the first launch:
+    keys tuned earlier keep their choice."""
     tuners = autotuners() if tuners is None else tuners
     counts = {}
     for name, tuner in tuners.items():
         listed = len(tuner.configs)
         if keep and listed > keep:
-            tuner.configs = list(tuner.configs[:keep])
+            kept = list(tuner.configs[:keep])
+            tma = [c for c in tuner.configs if c.kwargs.get("TMA", False)]
+            if tma and not any(c.kwargs.get("TMA", False) for c in kept):
+                kept.append(tma[0])
+            tuner.configs = kept
         counts[name] = (len(tuner.configs), listed)
     return counts
 

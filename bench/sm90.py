@@ -440,7 +440,8 @@ def _attention_smem_estimators():
         def estimate(constexprs, num_stages):
             return attn._smem_estimate(kind, constexprs["BLOCK_M"], constexprs["BLOCK_N"],
                                        num_stages, constexprs["BLOCK_D"], 2,
-                                       bool(constexprs.get("ATOMIC_DQ", False)))
+                                       bool(constexprs.get("ATOMIC_DQ", False)),
+                                       bool(constexprs.get("TMA", False)))
         return estimate
     return {"_attn_fwd_kernel": estimator("fwd"), "_attn_bwd_dkdv_kernel": estimator("dkdv"),
             "_attn_bwd_dq_kernel": estimator("dq")}

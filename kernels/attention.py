@@ -30,7 +30,8 @@ No atomics: every output element is written by exactly one program with a fixed 
 additions, so the backward is bitwise deterministic. The price is recomputing Q K^T and
 dO V^T in the dQ kernel (7 matmuls instead of 5). :func:`set_atomic_dq` switches to the
 faster non-deterministic path, where the dK/dV kernel also adds its dS K contributions into
-an fp32 dQ buffer with atomics and the dQ kernel is skipped.
+an fp32 dQ buffer with atomics and the dQ kernel is skipped (head dims up to 128; wider
+heads keep the deterministic backward, see ``ATOMIC_DQ_MAX_BLOCK_D``).
 
 Layouts: any strides. q/k/v split from a fused (B, T, 3, H, D) projection and transposed
 are read in place. O, dQ, dK and dV are allocated (B, T, H, D)-major and returned as
@@ -53,6 +54,14 @@ In the CPU interpreter (TRITON_INTERPRET=1) the kernels run with small fixed til
 the tiles, warps and pipeline stages are autotuned per (head dim, T bucket, dtype, dQ path,
 dot precision); ``T_BUCKET`` is a plain int argument read only by the autotune key, so every
 bucket shares one compiled kernel.
+
+Two data paths, chosen per config (``TMA``) by the autotuner's timing: pointer tiles (masked
+``tl.load`` / ``tl.store``, cp.async pipelines), and on Hopper tensor descriptors built in
+the kernel (``tl.make_tensor_descriptor``; the TMA unit copies the streamed Q/K/V/dO tiles
+and the forward's Q and O whole, padding rows past T and columns past the head dim with
+zeros). Descriptors need a contiguous head dim and 16-byte aligned bases and strides; where
+an input lacks them (``TMA_OK``, part of the key) only the pointer configs run. Their
+scratch memory comes from triton's allocator, set to torch's unless the caller set one.
 """
 
 import contextlib
@@ -70,6 +79,11 @@ from gptfast.double_backward import creating_graph, raise_if_differentiated
 _INTERPRET = interpreter_enabled()
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 256
+# The atomic dQ path keeps dK, dV (fp32, BLOCK_N x BLOCK_D each) and the dQ product live in
+# one program; at BLOCK_D 256 every sm_90 config that keeps its dots on wgmma spills (the
+# accumulators alone take 128 of a thread's 255 registers), so wider heads use the
+# deterministic backward instead.
+ATOMIC_DQ_MAX_BLOCK_D = 128
 # Per-(batch, head) element offsets are int32 inside the kernels (batch/head bases are int64).
 _MAX_INT32 = 2**31 - 1
 
@@ -117,6 +131,42 @@ def _load_row_stat(ptrs, offs_t, T, CHECK_T: tl.constexpr):
     return stat
 
 
+@triton.jit
+def _tile_source(base, stride_t, T, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Where one head's (T, HEAD_DIM) rows are read from or written to: ``base`` itself (the
+    pointer path) or, with ``TMA``, a tensor descriptor over them with (ROWS, BLOCK_D) tiles,
+    which the Hopper TMA unit copies to shared memory whole. The descriptor pads rows >= T
+    and columns >= HEAD_DIM with zeros on load and drops them on store, as the masks do.
+    The caller checks that base and stride_t are 16-byte aligned and the rows contiguous."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, [T, HEAD_DIM], [stride_t, 1], [ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _load_rows(src, start, stride_t, stride_d, offs_t, offs_d, T, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, CHECK_T: tl.constexpr):
+    """The tile of rows [start, start + len(offs_t)) of a ``_tile_source``."""
+    if isinstance(src, tl.tensor_descriptor):
+        return src.load([start, 0])
+    else:
+        return _load_tile(src + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d,
+                          offs_t, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+
+
+@triton.jit
+def _store_rows(dst, start, tile, stride_t, stride_d, offs_t, offs_d, T,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_T: tl.constexpr):
+    """Store a tile at rows [start, start + len(offs_t)) of a ``_tile_source``."""
+    if isinstance(dst, tl.tensor_descriptor):
+        dst.store([start, 0], tile)
+    else:
+        _store_tile(dst + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d,
+                    tile, offs_t, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+
+
 # -------------------------------------------------------------------------- forward --
 
 @triton.jit
@@ -142,8 +192,8 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K_head + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        k = _load_rows(K_head, start_n, stride_kt, stride_kd, offs_n, offs_d, T,
+                       HEAD_DIM, BLOCK_D, CHECK_T)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
@@ -157,8 +207,8 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V_head + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        v = _load_rows(V_head, start_n, stride_vt, stride_vd, offs_n, offs_d, T,
+                       HEAD_DIM, BLOCK_D, CHECK_T)
         # P is rounded to V's dtype for the tensor-core matmul, which accumulates in fp32
         # straight into the rescaled acc.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -218,7 +268,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      EVEN_T: tl.constexpr, DOC_START=None, window=None,
-                     DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False):
+                     DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
+                     TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
     """O and lse2 for BLOCK_M query rows of one (batch, query head).
 
     Grid (B * H, cdiv(T, BLOCK_M)). Query blocks are taken last-first: the last blocks see
@@ -233,11 +284,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
     O_head = O + batch * stride_ob + head * stride_oh
+    Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+    K_head = _tile_source(K_head, stride_kt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    V_head = _tile_source(V_head, stride_vt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    O_head = _tile_source(O_head, stride_ot, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                   offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    q = _load_rows(Q_head, start_m, stride_qt, stride_qd, offs_m, offs_d, T,
+                   HEAD_DIM, BLOCK_D, not EVEN_T)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -270,8 +325,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     lse2 = m_i + tl.math.log2(l_i)
     o = acc / l_i[:, None]
-    _store_tile(O_head + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                o.to(O.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    _store_rows(O_head, start_m, o.to(O.dtype.element_ty), stride_ot, stride_od, offs_m, offs_d,
+                T, HEAD_DIM, BLOCK_D, not EVEN_T)
     lse_ptrs = LSE2 + pid_bh.to(tl.int64) * T + offs_m
     if EVEN_T:
         tl.store(lse_ptrs, lse2)
@@ -330,8 +385,8 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                       offs_m, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        q = _load_rows(Q_head, start_m, stride_qt, stride_qd, offs_m, offs_d, T,
+                       HEAD_DIM, BLOCK_D, CHECK_T)
         lse2 = _load_row_stat(LSE2_head + offs_m, offs_m, T, CHECK_T)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
@@ -343,8 +398,8 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
             p_t = tl.where(offs_m[None, :] - offs_n[:, None] < window, p_t, 0.0)
         # Rows >= T load q = dO = lse2 = delta = 0: p is finite there and dO = delta = 0
         # make their dV, dK (and dQ) contributions exactly zero.
-        do = _load_tile(DO_head + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                        offs_m, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        do = _load_rows(DO_head, start_m, stride_dot, stride_dod, offs_m, offs_d, T,
+                        HEAD_DIM, BLOCK_D, CHECK_T)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = _load_row_stat(DELTA_head + offs_m, offs_m, T, CHECK_T)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -380,7 +435,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                           DOC_END=None, window=None,
-                          DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False):
+                          DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
+                          TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
     """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
 
     Grid (B * HKV, cdiv(T, BLOCK_N)). The first key blocks are seen by the most queries,
@@ -432,6 +488,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
         Q_head = Q + batch * stride_qb + head * stride_qh
         DO_head = DO + batch * stride_dob + head * stride_doh
         DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
+        Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+        DO_head = _tile_source(DO_head, stride_dot, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
         row_stats = (batch * H + head) * T
         dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                         LSE2 + row_stats, DELTA + row_stats, DQ_head,
@@ -493,10 +551,10 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K_head + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
-        v = _load_tile(V_head + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                       offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        k = _load_rows(K_head, start_n, stride_kt, stride_kd, offs_n, offs_d, T,
+                       HEAD_DIM, BLOCK_D, CHECK_T)
+        v = _load_rows(V_head, start_n, stride_vt, stride_vd, offs_n, offs_d, T,
+                       HEAD_DIM, BLOCK_D, CHECK_T)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if CAUSAL_MASK:
@@ -523,7 +581,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                         DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                         DOC_START=None, window=None,
-                        DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False):
+                        DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
+                        TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
     """dQ for BLOCK_M query rows of one (batch, query head): keys [0, start_m) unmasked,
     then the masked diagonal band (BLOCK_M % BLOCK_N == 0). Grid (B * H, cdiv(T, BLOCK_M)),
     last query blocks (the most keys) first. Document/window bounds as in the forward.
@@ -531,6 +590,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
+    K_head = _tile_source(K_head, stride_kt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    V_head = _tile_source(V_head, stride_vt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -572,8 +633,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
 
 # ------------------------------------------------------------- block sizes and tuning --
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+def _configs(shapes, tma=False):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
 
@@ -604,9 +665,19 @@ _DQ_CONFIGS = _configs([
     (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 2),
     (64, 64, 8, 2), (64, 32, 8, 3),
 ])
+# TMA candidates (``TMA``: Q/K/V/O/dO tiles through tensor descriptors, see _tile_source),
+# timed beside the pointer configs on the first GPU run. A few Hopper-shaped tiles per
+# kernel keep the search short; each compiles for sm_90 to wgmma + TMA without spills
+# wherever the pruner keeps it (TMA saves address registers, but some tiles the pointer
+# path fits spill with TMA: dK/dV BLOCK_N 128 with BLOCK_M 64, or 32 on the atomic path).
+_FWD_CONFIGS += _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 2)], tma=True)
+_DKDV_CONFIGS += _configs([(32, 64, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)], tma=True)
+_DQ_CONFIGS += _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)], tma=True)
 # Interpreter: small fixed tiles (fast on CPU) that still take every code path: the
 # diagonal band spans two steps, so masked and unmasked steps meet inside a band.
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+# The interpreter runs one data path: pointers, or tensor descriptors (tests switch it).
+_INTERPRET_TMA = False
 
 # H100: at most 227 KB of shared memory per block.
 _SMEM_BUDGET = 227 * 1024
@@ -617,12 +688,15 @@ _SMEM_BUDGET = 227 * 1024
 _FP32_PER_THREAD = {"fwd": 128, "dq": 128, "dkdv": 192, "dkdv_d256": 136}
 
 
-def _smem_estimate(kind, block_m, block_n, num_stages, block_d, itemsize, atomic_dq=False):
+def _smem_estimate(kind, block_m, block_n, num_stages, block_d, itemsize, atomic_dq=False,
+                   tma=False):
     """Shared memory (bytes) triton allocates for a config, as compiled for sm_90."""
+    # the TMA pipeline's mbarriers take up to 1 KB beside the tiles (forward, dQ)
+    barriers = 1024 if tma else 0
     if kind == "fwd":   # Q resident, K and V pipelined
-        return (block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize
+        return (block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize + barriers
     if kind == "dq":  # Q and dO resident, K and V pipelined
-        return (2 * block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize
+        return (2 * block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize + barriers
     # dK/dV: K and V resident, Q and dO pipelined, and the fp32 lse2/delta rows with them,
     # plus up to 1 KB of layout-conversion scratch
     tiles = 2 * block_n * block_d + num_stages * 2 * block_m * block_d
@@ -650,8 +724,9 @@ def _pruner(kind):
 
     Drops configs whose tiles exceed shared memory or whose fp32 accumulators exceed the
     registers (they would spill), oversized tiles for short sequences, and, on the atomic
-    dQ path, configs whose dQ product would have M < 64 (mma.sync instead of wgmma). If
-    nothing is left, the config with the smallest footprint.
+    dQ path, configs whose dQ product would have M < 64 (mma.sync instead of wgmma), and
+    the TMA configs where an input cannot be a tensor descriptor (``TMA_OK``, in the key).
+    If nothing is left, the config with the smallest footprint.
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -664,7 +739,8 @@ def _pruner(kind):
         def footprint(c):
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             return (_fp32_per_thread(kind, m, n, c.num_warps, block_d, atomic_dq),
-                    _smem_estimate(kind, m, n, c.num_stages, block_d, itemsize, atomic_dq))
+                    _smem_estimate(kind, m, n, c.num_stages, block_d, itemsize, atomic_dq,
+                                   c.kwargs.get("TMA", False)))
 
         def fits(c):
             regs, smem = footprint(c)
@@ -674,9 +750,20 @@ def _pruner(kind):
             # dim >= 128 its 64-row query steps spill on sm_90 (measured, triton 3.8).
             if kind == "dkdv" and atomic_dq and masked and block_d >= 128 and m >= 64:
                 return False
+            # The masked forward's 128 x 128 score tile reaches 255 registers at head dim >= 128
+            # (the pointer path spills 56 B on triton 3.6).
+            if kind == "fwd" and masked and block_d >= 128 and n >= 128:
+                return False
+            # The atomic dK/dV's 128-key blocks on the TMA path sit at 255 registers at head
+            # dim >= 128 (spilling 8 B with masks, triton 3.8).
+            if (kind == "dkdv" and atomic_dq and c.kwargs.get("TMA", False)
+                    and block_d >= 128 and n >= 128):
+                return False
             return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 
+        if not args.get("TMA_OK", False):
+            configs = [c for c in configs if not c.kwargs.get("TMA", False)]
         kept = [c for c in configs if fits(c)]
         if atomic_dq:
             on_wgmma = [c for c in kept if max(c.kwargs["BLOCK_M"], block_d) >= 64]
@@ -693,7 +780,7 @@ def _even_t(args):
 # key (with the T bucket and, added by the autotuner, the tensor dtypes): the atomic and
 # deterministic backward, or fp32 ieee and tf32, never share one tuned config.
 _TUNING_KEY = ("HEAD_DIM", "BLOCK_D", "T_BUCKET", "ATOMIC_DQ", "DOT_PRECISION",
-               "DOCUMENTS", "SLIDING")
+               "DOCUMENTS", "SLIDING", "TMA_OK")
 
 
 def _build(kernel, kind, configs, reset_to_zero=None):
@@ -713,11 +800,11 @@ _attn_bwd_dq = _build(_attn_bwd_dq_kernel, "dq", _DQ_CONFIGS)
 
 
 def _blocks(kind):
-    """Explicit tile sizes in the interpreter; the autotuner picks them on GPU."""
+    """Explicit tile sizes (and data path) in the interpreter; the autotuner picks them on GPU."""
     if not _INTERPRET:
         return {}
     block_m, block_n = _INTERPRET_BLOCKS[kind]
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": _INTERPRET_TMA}
 
 
 def _block_d(head_dim):
@@ -742,6 +829,36 @@ def _on_device(t):
 
 def _bhtd_strides(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _tma_ok(*tensors):
+    """Whether every (B, H, T, D) tensor's heads can be TMA descriptors (``_tile_source``):
+    contiguous head dim, and base, row stride and batch/head strides multiples of 16 bytes
+    (the stride of a size-1 batch or head dim is never used; the row stride goes into the
+    descriptor). Otherwise the kernels keep the pointer path."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or (t.shape[3] > 1 and t.stride(3) != 1) or t.stride(2) * size % 16:
+            return False
+        if any(t.shape[dim] > 1 and t.stride(dim) * size % 16 for dim in range(2)):
+            return False
+    return True
+
+
+def _tma_scratch(size, alignment, stream):
+    """Global memory for the descriptors the kernels build (128 B per descriptor and program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_allocator(tma_ok):
+    """Kernels that build tensor descriptors need triton's scratch allocator: set torch's
+    (on the current device and stream) unless the caller set one. It is per thread, and the
+    backward may run on autograd's device thread, so every launch checks."""
+    if not tma_ok or _INTERPRET:
+        return
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 def _empty_bthd(like, heads, dtype=None):
@@ -787,12 +904,14 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None):
     if o.numel() == 0:
         return o, lse2
     grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
+    tma_ok = _tma_ok(q, k, v, o)
     with _on_device(q):
+        _tma_allocator(tma_ok)
         _attn_fwd[grid](q, k, v, o, lse2,
                         *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v), *_bhtd_strides(o),
                         h, t, h // hkv, scale * LOG2E,
                         HEAD_DIM=d, BLOCK_D=_block_d(d), T_BUCKET=_t_bucket(t),
-                        DOT_PRECISION=_dot_precision(q.dtype), **_blocks("fwd"),
+                        DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, **_blocks("fwd"),
                         **_mask_args(document_ids, window, 0))
     return o, lse2
 
@@ -811,14 +930,17 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     block_d = _block_d(d)
+    atomic_dq = atomic_dq and block_d <= ATOMIC_DQ_MAX_BLOCK_D
     delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     block_t = 16 if _INTERPRET else max(16, min(128, 8192 // block_d))
     _bwd_delta_kernel[(b * h, triton.cdiv(t, block_t))](
         o, do, delta, *_bhtd_strides(o), *_bhtd_strides(do), h, t,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
 
+    tma_ok = _tma_ok(q, k, v, do)
+    _tma_allocator(tma_ok)
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, T_BUCKET=_t_bucket(t),
-                  DOT_PRECISION=_dot_precision(q.dtype))
+                  DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok)
     group, qk_scale = h // hkv, scale * LOG2E
     if atomic_dq:
         dq_accum = _empty_bthd(q, h, torch.float32).zero_()
@@ -852,7 +974,9 @@ def set_atomic_dq(enabled: bool) -> bool:
     """Use the atomic dQ backward (faster, not bitwise deterministic); returns the old value.
 
     Off by default. The setting in force when the forward runs decides its backward; under
-    torch.compile it is read when the graph is traced, so set it before compiling.
+    torch.compile it is read when the graph is traced, so set it before compiling. Head dims
+    above 128 run the deterministic backward whatever the setting (no atomic config fits
+    sm_90's registers without spilling there).
     """
     global _ATOMIC_DQ
     previous, _ATOMIC_DQ = _ATOMIC_DQ, bool(enabled)

@@ -140,6 +140,104 @@ def test_atomic_dq_path_matches_reference(triton_backend, monkeypatch, head_dim)
     assert attention.atomic_dq_enabled() is False
 
 
+def test_atomic_dq_above_head_dim_128_runs_the_deterministic_backward(triton_backend):
+    """No atomic dK/dV config fits sm_90's registers at BLOCK_D 256, so set_atomic_dq(True)
+    gives the deterministic kernels there: the same bits as with it off, and the reference."""
+    assert attention.ATOMIC_DQ_MAX_BLOCK_D == 128
+    q, k, v = make_qkv(1, 2, 1, 9, 136)
+    grad_out = torch.randn(q.shape)
+    previous = attention.set_atomic_dq(True)
+    try:
+        atomic = [g.clone() for g in run_kernel(q, k, v, grad_out)[1]]
+    finally:
+        attention.set_atomic_dq(previous)
+    deterministic = run_kernel(q, k, v, grad_out)[1]
+    for got, want in zip(atomic, deterministic):
+        assert torch.equal(got, want)
+    for got, want in zip(atomic, reference_fp64(q, k, v, grad_out)[1]):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def descriptors_made(monkeypatch):
+    """The kernels' data path set to tensor descriptors (TMA) in the interpreter; counts the
+    descriptors the interpreted kernels build."""
+    from triton.runtime import interpreter
+    made = []
+    build = interpreter.InterpreterBuilder.create_make_tensor_descriptor
+
+    def counting(self, *args, **kwargs):
+        made.append(args[0])
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_make_tensor_descriptor", counting)
+    monkeypatch.setattr(attention, "_INTERPRET_TMA", True)
+    return made
+
+
+TMA_CASES = ["B2-H3-T77-D32", "T1", "T130-D64", "T64-block-multiple", "D80-padded", "GQA-H4-Hkv2"]
+
+
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_tma_path_matches_reference(triton_backend, descriptors_made, case):
+    """Tensor-descriptor loads pad rows >= T and columns >= head dim with zeros, as the masks
+    of the pointer path do: the same answer, on every kernel."""
+    *shape, scale = CASES[case]
+    assert_matches_reference(*make_qkv(*shape), scale=scale)
+    assert descriptors_made, "the TMA path built no tensor descriptor"
+
+
+def test_tma_path_fp16_and_atomic_dq(triton_backend, descriptors_made):
+    assert_matches_reference(*make_qkv(1, 4, 2, 45, 32, dtype=torch.float16))
+    previous = attention.set_atomic_dq(True)
+    try:
+        assert_matches_reference(*make_qkv(1, 4, 2, 45, 32))
+    finally:
+        attention.set_atomic_dq(previous)
+
+
+def test_tma_path_reads_fused_projection_in_place(triton_backend, descriptors_made):
+    """q, k, v split from a (B, T, 3, H, D) tensor: row stride 3 H D elements, aligned."""
+    batch, seq, heads, head_dim = 2, 37, 2, 32
+    qkv = torch.randn(batch, seq, 3, heads, head_dim)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert attention._tma_ok(q, k, v)
+    assert_matches_reference(*(t.requires_grad_() for t in (q, k, v)))
+    assert descriptors_made
+
+
+def _misaligned(batch, heads, seq, head_dim, dtype=torch.float32):
+    """Leaves of shape (B, H, T, D) whose data starts one element past a 16-byte boundary."""
+    storage = torch.randn(batch * heads * seq * head_dim + 1, dtype=dtype)
+    return storage[1:].view(batch, heads, seq, head_dim).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("layout", ["misaligned-base", "row-stride-not-16-bytes",
+                                    "head-dim-strided"])
+def test_inputs_a_descriptor_cannot_take_fall_back_to_pointers(triton_backend,
+                                                               descriptors_made, layout):
+    if layout == "misaligned-base":
+        q, k, v = (_misaligned(1, 2, 33, 16) for _ in range(3))
+    elif layout == "row-stride-not-16-bytes":  # fp16, head dim 20: 40-byte rows
+        q, k, v = make_qkv(1, 2, 2, 33, 20, dtype=torch.float16)
+    else:  # (B, H, D, T) storage seen as (B, H, T, D): the head dim is not contiguous
+        q, k, v = (torch.randn(1, 2, 16, 33).transpose(2, 3).requires_grad_() for _ in range(3))
+    assert not attention._tma_ok(q, k, v)
+    assert_matches_reference(q, k, v)
+    assert descriptors_made == []
+
+
+def test_tma_ok_rules():
+    aligned = torch.empty(2, 3, 5, 8)
+    assert attention._tma_ok(aligned)
+    assert not attention._tma_ok(torch.empty(2, 3, 5, 9)[..., :8])  # 36-byte rows
+    assert not attention._tma_ok(torch.empty(2, 3, 5, 8).transpose(2, 3))
+    assert not attention._tma_ok(torch.empty(2 * 3 * 5 * 8 + 2)[2:].view(2, 3, 5, 8))
+    # a size-1 batch or head dim's stride is never used; the row stride always is
+    assert attention._tma_ok(torch.empty(1, 3, 5, 8).as_strided((1, 3, 5, 8), (7, 40, 8, 1)))
+    assert not attention._tma_ok(torch.empty(2, 3, 1, 8).as_strided((2, 3, 1, 8), (24, 8, 7, 1)))
+
+
 def test_empty_sequence(triton_backend):
     q, k, v = make_qkv(1, 2, 2, 0, 16)
     out = gptfast.causal_attention(q, k, v)
@@ -315,6 +413,52 @@ def test_gpu_backward_is_bitwise_deterministic():
         second = run_kernel(q, k, v, grad_out)[1]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _gpu_matches_reference(q, k, v):
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device="cuda")
+    with gptfast.use_backend("triton"):
+        out, grads = run_kernel(q, k, v, grad_out)
+    expected_out, expected_grads = reference_fp32(q, k, v, grad_out)
+    base_out, base_grads = sdpa_error_baseline(q, k, v, grad_out, expected_out, expected_grads)
+    assert (out.float() - expected_out).abs().max().item() <= 2 * base_out + 1e-3
+    for name, got, want, base in zip(("dq", "dk", "dv"), grads, expected_grads, base_grads):
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2 * base + 2e-3, f"{name}: max error {err:.3g}, SDPA's {base:.3g}"
+
+
+TUNERS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("case", ["T777-D80", "T1k-D128", "T333-D96-GQA", "T100-D256"])
+def test_gpu_each_data_path_matches_reference(monkeypatch, case, tma):
+    """Autotuning on one data path only: every TMA candidate that wins somewhere is right."""
+    for name in TUNERS:
+        tuner = getattr(attention, name)
+        monkeypatch.setattr(tuner, "configs", [c for c in tuner.configs if c.kwargs["TMA"] == tma])
+        monkeypatch.setattr(tuner, "cache", {})
+    q, k, v = make_qkv(*GPU_CASES[case], dtype=torch.bfloat16, device="cuda")
+    assert attention._tma_ok(q, k, v)
+    _gpu_matches_reference(q, k, v)
+    for name in TUNERS:
+        assert all(c.kwargs["TMA"] == tma for c in getattr(attention, name).cache.values())
+
+
+@pytest.mark.gpu
+@compiled_kernels
+def test_gpu_misaligned_inputs_take_the_pointer_configs(monkeypatch):
+    for name in TUNERS:
+        monkeypatch.setattr(getattr(attention, name), "cache", {})
+    storage = torch.randn(3, 2 * 4 * 300 * 64 + 1, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (s[1:].view(2, 4, 300, 64).requires_grad_() for s in storage)
+    assert not attention._tma_ok(q, k, v)
+    _gpu_matches_reference(q, k, v)
+    for name in TUNERS:
+        tuner = getattr(attention, name)  # its cache holds only this test's launches
+        assert tuner.cache and not any(c.kwargs["TMA"] for c in tuner.cache.values())
 
 
 @pytest.mark.gpu

@@ -398,3 +398,17 @@ def test_attention_module_applies_masks_with_attention_dropout():
         gptfast.nn.CausalSelfAttention(32, 2, window=0)
     with pytest.raises(ValueError, match="document_ids"):
         module(x, document_ids=ids[:, :5])
+
+
+@pytest.mark.parametrize("case", ["window-and-docs", "GQA-H4-Hkv2-docs-window"])
+def test_tma_path_matches_masked_reference(triton_backend, monkeypatch, case):
+    """The tensor-descriptor data path (interpreter) under document and window masks."""
+    from triton.runtime import interpreter
+    made = []
+    build = interpreter.InterpreterBuilder.create_make_tensor_descriptor
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_make_tensor_descriptor",
+                        lambda self, *a, **kw: made.append(a) or build(self, *a, **kw))
+    monkeypatch.setattr(attention, "_INTERPRET_TMA", True)
+    q, k, v, ids, window = case_inputs(CASES[case])
+    assert_matches_reference(q, k, v, ids, window)
+    assert made, "the TMA path built no tensor descriptor"

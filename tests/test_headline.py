@@ -338,6 +338,12 @@ def test_restrict_keeps_the_first_configs_and_the_clock_counts_candidate_runs(mo
     assert tuner.configs == configs[:2]
     assert autotune.restrict(0, {"k": tuner}) == {"k": (2, 2)}  # 0 keeps what is there
 
+    # the first tensor-descriptor candidate is kept too, so both data paths are timed
+    paths = [triton.Config({"BLOCK": b, "TMA": t}) for t in (False, True) for b in (16, 32, 64)]
+    two_paths = triton.autotune(configs=paths, key=[])(kernel)
+    assert autotune.restrict(2, {"k": two_paths}) == {"k": (3, 6)}
+    assert two_paths.configs == paths[:2] + paths[3:4]
+
     tuner._bench = lambda *args, **kwargs: [1.0]
     clock = autotune.AutotuneClock().install({"k": tuner})
     autotune.AutotuneClock().install({"k": tuner})  # a second clock does not wrap it again

@@ -74,6 +74,23 @@ def test_report_covers_every_kernel_and_both_dq_paths(report):
     assert all(r["triton"] == triton.__version__ for r in report)
 
 
+def test_tma_candidates_compile_to_tma(report):
+    """Each tuned attention kernel has tensor-descriptor candidates beside its pointer
+    configs, and the flag is what the PTX does: TMA copies exactly where TMA is set (the
+    spill, shared memory and wgmma gates below cover these configs too)."""
+    tuned = [r for r in report if r["kernel"] in
+             ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")]
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        paths = {r["constexprs"]["TMA"] for r in tuned if r["kernel"] == kernel}
+        assert paths == {True, False}, f"{kernel}: data paths compiled {paths}"
+    assert {r["constexprs"]["TMA_OK"] for r in tuned} == {True}
+    wrong = [f"{_where(r)}: TMA={r['constexprs']['TMA']} but tma in PTX {r['tma']}"
+             for r in tuned if r["tma"] != r["constexprs"]["TMA"]]
+    assert not wrong, "\n".join(wrong)
+    untuned = [_where(r) for r in report if r["tma"] and r not in tuned]
+    assert not untuned, "\n".join(untuned)
+
+
 def test_no_kept_config_spills(report):
     spills = [f"{_where(r)}: {r['spill_bytes']} B spill stores, {r['spill_loads']} B loads"
               for r in report if r["spill_bytes"] or r["spill_loads"]]
