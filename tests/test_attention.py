@@ -360,6 +360,19 @@ GPU_CASES = {
 }
 
 
+def _gpu_matches_reference(q, k, v):
+    """Triton output and grads within 2x SDPA's own error (same dtype) of the fp32 reference."""
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device="cuda")
+    with gptfast.use_backend("triton"):
+        out, grads = run_kernel(q, k, v, grad_out)
+    expected_out, expected_grads = reference_fp32(q, k, v, grad_out)
+    base_out, base_grads = sdpa_error_baseline(q, k, v, grad_out, expected_out, expected_grads)
+    assert (out.float() - expected_out).abs().max().item() <= 2 * base_out + 1e-3
+    for name, got, want, base in zip(("dq", "dk", "dv"), grads, expected_grads, base_grads):
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2 * base + 2e-3, f"{name}: max error {err:.3g}, SDPA's {base:.3g}"
+
+
 @pytest.mark.gpu
 @compiled_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -367,20 +380,11 @@ GPU_CASES = {
 @pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic-dq"])
 def test_gpu_half_precision_matches_reference(case, dtype, atomic_dq):
     q, k, v = make_qkv(*case, dtype=dtype, device="cuda")
-    grad_out = torch.randn(q.shape, dtype=dtype, device="cuda")
     previous = attention.set_atomic_dq(atomic_dq)
     try:
-        with gptfast.use_backend("triton"):
-            out, grads = run_kernel(q, k, v, grad_out)
+        _gpu_matches_reference(q, k, v)
     finally:
         attention.set_atomic_dq(previous)
-    expected_out, expected_grads = reference_fp32(q, k, v, grad_out)
-    base_out, base_grads = sdpa_error_baseline(q, k, v, grad_out, expected_out, expected_grads)
-    # Our error may exceed SDPA's own error in the same dtype by 2x plus a small floor.
-    assert (out.float() - expected_out).abs().max().item() <= 2 * base_out + 1e-3
-    for name, got, want, base in zip(("dq", "dk", "dv"), grads, expected_grads, base_grads):
-        err = (got.float() - want).abs().max().item()
-        assert err <= 2 * base + 2e-3, f"{name}: max error {err:.3g}, SDPA's {base:.3g}"
 
 
 @pytest.mark.gpu
@@ -413,18 +417,6 @@ def test_gpu_backward_is_bitwise_deterministic():
         second = run_kernel(q, k, v, grad_out)[1]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-
-
-def _gpu_matches_reference(q, k, v):
-    grad_out = torch.randn(q.shape, dtype=q.dtype, device="cuda")
-    with gptfast.use_backend("triton"):
-        out, grads = run_kernel(q, k, v, grad_out)
-    expected_out, expected_grads = reference_fp32(q, k, v, grad_out)
-    base_out, base_grads = sdpa_error_baseline(q, k, v, grad_out, expected_out, expected_grads)
-    assert (out.float() - expected_out).abs().max().item() <= 2 * base_out + 1e-3
-    for name, got, want, base in zip(("dq", "dk", "dv"), grads, expected_grads, base_grads):
-        err = (got.float() - want).abs().max().item()
-        assert err <= 2 * base + 2e-3, f"{name}: max error {err:.3g}, SDPA's {base:.3g}"
 
 
 TUNERS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
