@@ -1,14 +1,15 @@
 """Autotuning that fits a benchmark's time budget, without touching the kernels.
 
-The attention kernels are ``triton.autotune``d (16 forward, 14 dK/dV and 13 dQ configs in
-``gptfast.kernels.attention``, 3 of each on the TMA data path). A new key (head-dim bucket, T bucket, dtypes) compiles and times
+The attention kernels are ``triton.autotune``d (18 forward, 14 dK/dV and 13 dQ configs in
+``gptfast.kernels.attention``, 3 of each on the TMA data path, 2 persistent forward ones). A new key (head-dim bucket, T bucket, dtypes) compiles and times
 every config the kernel's own pruner keeps: a couple of seconds per config, so a run that visits
 a handful of keys spends minutes there. For a run on a lent GPU this module
 
 - keeps only the first ``keep`` configs of each autotuner (:func:`restrict`), in the order the
-  kernel lists them, plus the first tensor-descriptor (``TMA``) candidate when none of those
-  is one, so the run still times both data paths; the kernel's pruner still runs on what is
-  kept (and falls back to the smallest of them when it drops all);
+  kernel lists them, plus the first tensor-descriptor (``TMA``) and the first persistent-grid
+  (``PERSISTENT``) candidate when none of those is one, so the run still times each; the
+  kernel's pruner still runs on what is kept (and falls back to the smallest of them when it
+  drops all);
 - counts the seconds spent tuning, compilation of the candidates included, and the configs
   timed (:class:`AutotuneClock`), so a report can give them apart from the timings.
 
@@ -54,8 +55,8 @@ def keep_from_env() -> int:
 
 
 def restrict(keep: int, tuners: dict | None = None) -> dict:
-    """Keep the first ``keep`` configs of each autotuner (0: all) and its first TMA config
-    if they hold none; returns name -> (kept, listed). Call it before the first launch:
+    """Keep the first ``keep`` configs of each autotuner (0: all), and its first TMA and first
+    PERSISTENT config where they hold none; returns name -> (kept, listed). Call it before the first launch:
     keys tuned earlier keep their choice."""
     tuners = autotuners() if tuners is None else tuners
     counts = {}
@@ -63,9 +64,10 @@ def restrict(keep: int, tuners: dict | None = None) -> dict:
         listed = len(tuner.configs)
         if keep and listed > keep:
             kept = list(tuner.configs[:keep])
-            tma = [c for c in tuner.configs if c.kwargs.get("TMA", False)]
-            if tma and not any(c.kwargs.get("TMA", False) for c in kept):
-                kept.append(tma[0])
+            for flag in ("TMA", "PERSISTENT"):
+                flagged = [c for c in tuner.configs if c.kwargs.get(flag, False)]
+                if flagged and not any(c.kwargs.get(flag, False) for c in kept):
+                    kept.append(flagged[0])
             tuner.configs = kept
         counts[name] = (len(tuner.configs), listed)
     return counts

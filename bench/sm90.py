@@ -130,7 +130,8 @@ def resident_warps(regs: int, smem: int, num_warps: int) -> int:
 
 
 def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
-    blocks = [f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_")]
+    blocks = [f"{k}={v}" for k, v in constexprs.items()
+              if k.startswith("BLOCK_") or (k == "PERSISTENT" and v)]
     return " ".join(blocks + [f"w{num_warps}", f"s{num_stages}"])
 
 
@@ -441,7 +442,8 @@ def _attention_smem_estimators():
             return attn._smem_estimate(kind, constexprs["BLOCK_M"], constexprs["BLOCK_N"],
                                        num_stages, constexprs["BLOCK_D"], 2,
                                        bool(constexprs.get("ATOMIC_DQ", False)),
-                                       bool(constexprs.get("TMA", False)))
+                                       bool(constexprs.get("TMA", False)),
+                                       bool(constexprs.get("PERSISTENT", 0)))
         return estimate
     return {"_attn_fwd_kernel": estimator("fwd"), "_attn_bwd_dkdv_kernel": estimator("dkdv"),
             "_attn_bwd_dq_kernel": estimator("dq")}

@@ -62,6 +62,10 @@ and the forward's Q and O whole, padding rows past T and columns past the head d
 zeros). Descriptors need a contiguous head dim and 16-byte aligned bases and strides; where
 an input lacks them (``TMA_OK``, part of the key) only the pointer configs run. Their
 scratch memory comes from triton's allocator, set to torch's unless the caller set one.
+
+The forward has two grids, also chosen per config (``PERSISTENT``): a program per (batch *
+head, query block) tile, or (``PERSISTENT`` programs per SM) one program per SM looping
+over the same tiles in the same longest-first order, with the same tile body.
 """
 
 import contextlib
@@ -259,6 +263,19 @@ def _query_tile(H, GROUP, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _persistent_tile(tile, BH, n_blocks, H, GROUP, BLOCK_M: tl.constexpr):
+    """_query_tile's result for the tile-th program of the grid (BH, n_blocks), counted in
+    launch order (the first grid dim fastest), so a persistent loop keeps the longest-first
+    order."""
+    pid_bh = tile % BH
+    start_m = (n_blocks - 1 - tile // BH) * BLOCK_M
+    batch = (pid_bh // H).to(tl.int64)
+    head = pid_bh % H
+    kv_head = (head // GROUP).to(tl.int64)
+    return pid_bh, start_m, batch, head.to(tl.int64), kv_head
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      stride_qb, stride_qh, stride_qt, stride_qd,
                      stride_kb, stride_kh, stride_kt, stride_kd,
@@ -269,7 +286,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      EVEN_T: tl.constexpr, DOC_START=None, window=None,
                      DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
-                     TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
+                     TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+                     BH=1, PERSISTENT: tl.constexpr = 0):
     """O and lse2 for BLOCK_M query rows of one (batch, query head).
 
     Grid (B * H, cdiv(T, BLOCK_M)). Query blocks are taken last-first: the last blocks see
@@ -278,8 +296,43 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
     they run unmasked; keys [start_m, start_m + BLOCK_M) are the masked diagonal band.
     With ``DOCUMENTS``/``SLIDING`` the tile's keys before the diagonal begin at
     :func:`_visible_keys`' bounds: blocks before ``lo`` are skipped, [lo, full_lo) masked.
+    With ``PERSISTENT`` (programs per SM) the grid is min(tiles, SMs * PERSISTENT) programs,
+    each looping over the tiles of that grid (``BH`` = B * H) in the same order.
     """
-    pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
+    if PERSISTENT:  # a grid of PERSISTENT programs per SM walks the tiles in grid order
+        n_blocks = tl.cdiv(T, BLOCK_M)
+        for tile in range(tl.program_id(0), BH * n_blocks, tl.num_programs(0)):
+            pid_bh, start_m, batch, head, kv_head = _persistent_tile(tile, BH, n_blocks, H, GROUP,
+                                                                     BLOCK_M)
+            _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
+                           stride_qb, stride_qh, stride_qt, stride_qd,
+                           stride_kb, stride_kh, stride_kt, stride_kd,
+                           stride_vb, stride_vh, stride_vt, stride_vd,
+                           stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
+                           HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_T,
+                           DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+    else:
+        pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
+        _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
+                       stride_qb, stride_qh, stride_qt, stride_qd,
+                       stride_kb, stride_kh, stride_kt, stride_kd,
+                       stride_vb, stride_vh, stride_vt, stride_vd,
+                       stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
+                       HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_T,
+                       DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+
+
+@triton.jit
+def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
+                   stride_qb, stride_qh, stride_qt, stride_qd,
+                   stride_kb, stride_kh, stride_kt, stride_kd,
+                   stride_vb, stride_vh, stride_vt, stride_vd,
+                   stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
+                   DOC_START, window, DOCUMENTS: tl.constexpr, SLIDING: tl.constexpr,
+                   TMA: tl.constexpr, TMA_OK: tl.constexpr):
+    """The forward's work on one query tile (see _attn_fwd_kernel)."""
     Q_head = Q + batch * stride_qb + head * stride_qh
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
@@ -633,8 +686,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
 
 # ------------------------------------------------------------- block sizes and tuning --
 
-def _configs(shapes, tma=False):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma}, num_warps=w, num_stages=s)
+def _configs(shapes, tma=False, **persistent):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma, **persistent},
+                          num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
 
@@ -673,11 +727,19 @@ _DQ_CONFIGS = _configs([
 _FWD_CONFIGS += _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 2)], tma=True)
 _DKDV_CONFIGS += _configs([(32, 64, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)], tma=True)
 _DQ_CONFIGS += _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)], tma=True)
+# Persistent forward candidates (``PERSISTENT``: one program per SM looping over the query
+# tiles, longest first), on each data path, timed beside the one-tile-per-program grids.
+_FWD_CONFIGS += _configs([(128, 64, 8, 3)], PERSISTENT=1)
+_FWD_CONFIGS += _configs([(128, 64, 8, 3)], tma=True, PERSISTENT=1)
 # Interpreter: small fixed tiles (fast on CPU) that still take every code path: the
 # diagonal band spans two steps, so masked and unmasked steps meet inside a band.
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 # The interpreter runs one data path: pointers, or tensor descriptors (tests switch it).
 _INTERPRET_TMA = False
+# and one forward grid: a program per tile (0), or that many programs per SM (tests switch it)
+_INTERPRET_PERSISTENT = 0
+# SMs a persistent grid is sized for off a GPU (interpreter, meta tensors): an H100 SXM's
+_DEFAULT_SM_COUNT = 132
 
 # H100: at most 227 KB of shared memory per block.
 _SMEM_BUDGET = 227 * 1024
@@ -689,12 +751,16 @@ _FP32_PER_THREAD = {"fwd": 128, "dq": 128, "dkdv": 192, "dkdv_d256": 136}
 
 
 def _smem_estimate(kind, block_m, block_n, num_stages, block_d, itemsize, atomic_dq=False,
-                   tma=False):
+                   tma=False, persistent=False):
     """Shared memory (bytes) triton allocates for a config, as compiled for sm_90."""
     # the TMA pipeline's mbarriers take up to 1 KB beside the tiles (forward, dQ)
     barriers = 1024 if tma else 0
     if kind == "fwd":   # Q resident, K and V pipelined
-        return (block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize + barriers
+        # a persistent TMA loop takes one more Q-sized tile (measured on sm_90; presumably
+        # the O tile's TMA store, which no longer reuses Q's buffer)
+        staged_o = block_m * block_d if tma and persistent else 0
+        return ((block_m * block_d + num_stages * 2 * block_n * block_d + staged_o) * itemsize
+                + barriers)
     if kind == "dq":  # Q and dO resident, K and V pipelined
         return (2 * block_m * block_d + num_stages * 2 * block_n * block_d) * itemsize + barriers
     # dK/dV: K and V resident, Q and dO pipelined, and the fp32 lse2/delta rows with them,
@@ -740,7 +806,7 @@ def _pruner(kind):
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             return (_fp32_per_thread(kind, m, n, c.num_warps, block_d, atomic_dq),
                     _smem_estimate(kind, m, n, c.num_stages, block_d, itemsize, atomic_dq,
-                                   c.kwargs.get("TMA", False)))
+                                   c.kwargs.get("TMA", False), c.kwargs.get("PERSISTENT", 0)))
 
         def fits(c):
             regs, smem = footprint(c)
@@ -804,7 +870,25 @@ def _blocks(kind):
     if not _INTERPRET:
         return {}
     block_m, block_n = _INTERPRET_BLOCKS[kind]
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": _INTERPRET_TMA}
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": _INTERPRET_TMA}
+    if kind == "fwd":
+        blocks["PERSISTENT"] = _INTERPRET_PERSISTENT
+    return blocks
+
+
+def _sm_count(t):
+    """SMs of t's GPU, for persistent grids; a fixed count elsewhere."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _DEFAULT_SM_COUNT
+
+
+def _tile_grid(bh, t, block, programs_per_sm, sm_count):
+    """(bh, query blocks) programs, or with a persistent config, the programs that loop over them."""
+    tiles = triton.cdiv(t, block)
+    if programs_per_sm:
+        return (min(bh * tiles, sm_count * programs_per_sm),)
+    return (bh, tiles)
 
 
 def _block_d(head_dim):
@@ -903,7 +987,9 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None):
     lse2 = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse2
-    grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
+    sm_count = _sm_count(q)
+    grid = lambda meta: _tile_grid(b * h, t, meta["BLOCK_M"], meta.get("PERSISTENT", 0),  # noqa: E731
+                                   sm_count)
     tma_ok = _tma_ok(q, k, v, o)
     with _on_device(q):
         _tma_allocator(tma_ok)
@@ -911,7 +997,8 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None):
                         *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v), *_bhtd_strides(o),
                         h, t, h // hkv, scale * LOG2E,
                         HEAD_DIM=d, BLOCK_D=_block_d(d), T_BUCKET=_t_bucket(t),
-                        DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, **_blocks("fwd"),
+                        DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, BH=b * h,
+                        **_blocks("fwd"),
                         **_mask_args(document_ids, window, 0))
     return o, lse2
 

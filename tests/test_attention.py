@@ -238,6 +238,69 @@ def test_tma_ok_rules():
     assert not attention._tma_ok(torch.empty(2, 3, 1, 8).as_strided((2, 3, 1, 8), (24, 8, 7, 1)))
 
 
+@pytest.fixture
+def persistent_grids(monkeypatch):
+    """The forward set to its persistent grid in the interpreter, sized for 2 SMs (so every
+    program loops over several tiles); records the grids launched."""
+    grids = []
+    tile_grid = attention._tile_grid
+
+    def recording(*args):
+        grids.append(tile_grid(*args))
+        return grids[-1]
+
+    monkeypatch.setattr(attention, "_tile_grid", recording)
+    monkeypatch.setattr(attention, "_INTERPRET_PERSISTENT", 1)
+    monkeypatch.setattr(attention, "_DEFAULT_SM_COUNT", 2)
+    return grids
+
+
+def _forward(q, k, v, document_ids=None, window=None):
+    return attention.attention_forward(q.detach(), k.detach(), v.detach(), q.shape[-1] ** -0.5,
+                                       document_ids=document_ids, window=window)
+
+
+PERSISTENT_CASES = {  # (batch, heads, kv_heads, seq, head_dim, dtype, document starts, window)
+    "B2-H3-T77-D32": (2, 3, 3, 77, 32, torch.float32, None, None),
+    "GQA-H4-Hkv2-T45-fp16": (1, 4, 2, 45, 32, torch.float16, None, None),
+    "D80-padded": (1, 2, 2, 45, 80, torch.float32, None, None),
+    "docs-window-GQA": (2, 4, 2, 75, 16, torch.float32, [7, 30, 31], 13),
+}
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("case", PERSISTENT_CASES.values(), ids=PERSISTENT_CASES.keys())
+def test_persistent_forward_matches_reference_and_tiled_grid(triton_backend, monkeypatch,
+                                                             persistent_grids, case, tma):
+    """Two programs loop over all (batch * head, query block) tiles: the fp64 reference's
+    answer, and bit for bit the one-program-per-tile grid's (the same tile body)."""
+    batch, heads, kv_heads, seq, head_dim, dtype, starts, window = case
+    monkeypatch.setattr(attention, "_INTERPRET_TMA", tma)
+    q, k, v = make_qkv(batch, heads, kv_heads, seq, head_dim, dtype=dtype)
+    ids = None
+    if starts is not None:
+        begins = torch.zeros(seq, dtype=torch.long)
+        begins[starts] = 1
+        ids = torch.cumsum(begins, 0).expand(batch, seq).clone()
+    out, lse2 = _forward(q, k, v, ids, window)
+    tiles = batch * heads * -(-seq // attention._INTERPRET_BLOCKS["fwd"][0])
+    assert persistent_grids == [(2,)] and tiles > 2
+    expected = reference.causal_attention_math(q.double(), k.double(), v.double(), None, ids,
+                                               window)
+    tol = TOLERANCE[dtype][0]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    monkeypatch.setattr(attention, "_INTERPRET_PERSISTENT", 0)
+    tiled_out, tiled_lse2 = _forward(q, k, v, ids, window)
+    assert persistent_grids[-1] == (batch * heads, tiles // (batch * heads))
+    assert torch.equal(out, tiled_out) and torch.equal(lse2, tiled_lse2)
+
+
+def test_persistent_grid_is_at_most_the_tiles():
+    assert attention._tile_grid(6, 77, 32, 1, 132) == (18,)
+    assert attention._tile_grid(6, 770, 32, 2, 4) == (8,)
+    assert attention._tile_grid(6, 77, 32, 0, 132) == (6, 3)
+
+
 def test_empty_sequence(triton_backend):
     q, k, v = make_qkv(1, 2, 2, 0, 16)
     out = gptfast.causal_attention(q, k, v)

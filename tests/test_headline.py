@@ -343,6 +343,12 @@ def test_restrict_keeps_the_first_configs_and_the_clock_counts_candidate_runs(mo
     two_paths = triton.autotune(configs=paths, key=[])(kernel)
     assert autotune.restrict(2, {"k": two_paths}) == {"k": (3, 6)}
     assert two_paths.configs == paths[:2] + paths[3:4]
+    # and the first persistent-grid candidate
+    grids = [triton.Config({"BLOCK": 16, "TMA": t, "PERSISTENT": p}) for p in (0, 1)
+             for t in (False, True)]
+    three = triton.autotune(configs=grids, key=[])(kernel)
+    assert autotune.restrict(1, {"k": three}) == {"k": (3, 4)}
+    assert three.configs == [grids[0], grids[1], grids[2]]
 
     tuner._bench = lambda *args, **kwargs: [1.0]
     clock = autotune.AutotuneClock().install({"k": tuner})
