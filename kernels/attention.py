@@ -489,7 +489,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                           DOC_END=None, window=None,
                           DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
-                          TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
+                          TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+                          BHKV=1, PERSISTENT: tl.constexpr = 0):
     """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
 
     Grid (B * HKV, cdiv(T, BLOCK_N)). The first key blocks are seen by the most queries,
@@ -501,12 +502,61 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
     last_j = min(doc_end_j, j + window), which never decreases with j: queries before the
     first key's bound see every key of the block (unmasked), queries from there up to the
     last key's bound are masked (with the bounds check), and later ones are skipped.
+    With ``PERSISTENT`` (programs per SM) the grid is min(tiles, SMs * PERSISTENT) programs,
+    each looping over the tiles of that grid (``BHKV`` = B * HKV) in the same order.
     """
-    pid_bh = tl.program_id(0)
-    start_n = tl.program_id(1) * BLOCK_N
-    batch = (pid_bh // HKV).to(tl.int64)
-    kv_head = (pid_bh % HKV).to(tl.int64)
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), BHKV * tl.cdiv(T, BLOCK_N), tl.num_programs(0)):
+            pid_bh = tile % BHKV
+            start_n = tile // BHKV * BLOCK_N
+            batch = (pid_bh // HKV).to(tl.int64)
+            kv_head = (pid_bh % HKV).to(tl.int64)
+            _attn_bwd_dkdv_tile(start_n, batch, kv_head,
+                                Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
+                                stride_qb, stride_qh, stride_qt, stride_qd,
+                                stride_kb, stride_kh, stride_kt, stride_kd,
+                                stride_vb, stride_vh, stride_vt, stride_vd,
+                                stride_dob, stride_doh, stride_dot, stride_dod,
+                                stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                                stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                                stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                                H, T, GROUP, qk_scale, sm_scale,
+                                HEAD_DIM, BLOCK_D, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                                EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+    else:
+        pid_bh = tl.program_id(0)
+        start_n = tl.program_id(1) * BLOCK_N
+        batch = (pid_bh // HKV).to(tl.int64)
+        kv_head = (pid_bh % HKV).to(tl.int64)
+        _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
+                            stride_qb, stride_qh, stride_qt, stride_qd,
+                            stride_kb, stride_kh, stride_kt, stride_kd,
+                            stride_vb, stride_vh, stride_vt, stride_vd,
+                            stride_dob, stride_doh, stride_dot, stride_dod,
+                            stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                            stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                            stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                            H, T, GROUP, qk_scale, sm_scale,
+                            HEAD_DIM, BLOCK_D, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                            EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
 
+
+@triton.jit
+def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
+                        stride_qb, stride_qh, stride_qt, stride_qd,
+                        stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd,
+                        stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                        stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                        H, T, GROUP, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
+                        DOC_END, window, DOCUMENTS: tl.constexpr, SLIDING: tl.constexpr,
+                        TMA: tl.constexpr, TMA_OK: tl.constexpr):
+    """The dK/dV work on one key block (see _attn_bwd_dkdv_kernel)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + batch * stride_kb + kv_head * stride_kh
@@ -727,16 +777,19 @@ _DQ_CONFIGS = _configs([
 _FWD_CONFIGS += _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 2)], tma=True)
 _DKDV_CONFIGS += _configs([(32, 64, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)], tma=True)
 _DQ_CONFIGS += _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)], tma=True)
-# Persistent forward candidates (``PERSISTENT``: one program per SM looping over the query
-# tiles, longest first), on each data path, timed beside the one-tile-per-program grids.
+# Persistent forward and dK/dV candidates (``PERSISTENT``: one program per SM looping over
+# the tiles, longest first), on each data path, timed beside the one-tile-per-program grids.
 _FWD_CONFIGS += _configs([(128, 64, 8, 3)], PERSISTENT=1)
 _FWD_CONFIGS += _configs([(128, 64, 8, 3)], tma=True, PERSISTENT=1)
+_DKDV_CONFIGS += _configs([(32, 128, 8, 3)], PERSISTENT=1)
+_DKDV_CONFIGS += _configs([(32, 64, 8, 3)], tma=True, PERSISTENT=1)
 # Interpreter: small fixed tiles (fast on CPU) that still take every code path: the
 # diagonal band spans two steps, so masked and unmasked steps meet inside a band.
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 # The interpreter runs one data path: pointers, or tensor descriptors (tests switch it).
 _INTERPRET_TMA = False
-# and one forward grid: a program per tile (0), or that many programs per SM (tests switch it)
+# and one forward and dK/dV grid: a program per tile (0), or that many programs per SM (tests
+# switch it)
 _INTERPRET_PERSISTENT = 0
 # SMs a persistent grid is sized for off a GPU (interpreter, meta tensors): an H100 SXM's
 _DEFAULT_SM_COUNT = 132
@@ -825,6 +878,11 @@ def _pruner(kind):
             if (kind == "dkdv" and atomic_dq and c.kwargs.get("TMA", False)
                     and block_d >= 128 and n >= 128):
                 return False
+            # The persistent atomic dK/dV sits at 255 registers at head dim >= 128 and spills
+            # (4-52 B on triton 3.6 and 3.8) with 128-key blocks, or with masks.
+            if (kind == "dkdv" and atomic_dq and c.kwargs.get("PERSISTENT", 0)
+                    and block_d >= 128):
+                return False
             return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 
@@ -871,7 +929,7 @@ def _blocks(kind):
         return {}
     block_m, block_n = _INTERPRET_BLOCKS[kind]
     blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": _INTERPRET_TMA}
-    if kind == "fwd":
+    if kind in ("fwd", "dkdv"):
         blocks["PERSISTENT"] = _INTERPRET_PERSISTENT
     return blocks
 
@@ -884,7 +942,7 @@ def _sm_count(t):
 
 
 def _tile_grid(bh, t, block, programs_per_sm, sm_count):
-    """(bh, query blocks) programs, or with a persistent config, the programs that loop over them."""
+    """(bh, blocks of T) programs, or with a persistent config the programs that loop over them."""
     tiles = triton.cdiv(t, block)
     if programs_per_sm:
         return (min(bh * tiles, sm_count * programs_per_sm),)
@@ -988,8 +1046,8 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None):
     if o.numel() == 0:
         return o, lse2
     sm_count = _sm_count(q)
-    grid = lambda meta: _tile_grid(b * h, t, meta["BLOCK_M"], meta.get("PERSISTENT", 0),  # noqa: E731
-                                   sm_count)
+    grid = lambda meta: _tile_grid(b * h, t, meta["BLOCK_M"],  # noqa: E731
+                                   meta.get("PERSISTENT", 0), sm_count)
     tma_ok = _tma_ok(q, k, v, o)
     with _on_device(q):
         _tma_allocator(tma_ok)
@@ -1033,13 +1091,15 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
         dq_accum = _empty_bthd(q, h, torch.float32).zero_()
     else:
         dq_accum = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (b * hkv, triton.cdiv(t, meta["BLOCK_N"]))  # noqa: E731
+    sm_count = _sm_count(q)
+    grid = lambda meta: _tile_grid(b * hkv, t, meta["BLOCK_N"],  # noqa: E731
+                                   meta.get("PERSISTENT", 0), sm_count)
     _attn_bwd_dkdv[grid](q, k, v, do, lse2, delta, dk, dv, dq_accum,
                          *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
                          *_bhtd_strides(do), *_bhtd_strides(dk), *_bhtd_strides(dv),
                          *_bhtd_strides(dq_accum),
                          h, hkv, t, group, qk_scale, scale,
-                         ATOMIC_DQ=atomic_dq, **common, **_blocks("dkdv"),
+                         ATOMIC_DQ=atomic_dq, BHKV=b * hkv, **common, **_blocks("dkdv"),
                          **_mask_args(document_ids, window, 1))
     if atomic_dq:
         return dq_accum.to(q.dtype), dk, dv

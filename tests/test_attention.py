@@ -295,6 +295,20 @@ def test_persistent_forward_matches_reference_and_tiled_grid(triton_backend, mon
     assert torch.equal(out, tiled_out) and torch.equal(lse2, tiled_lse2)
 
 
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_persistent_backward_matches_reference(triton_backend, monkeypatch, persistent_grids,
+                                               tma, atomic_dq):
+    """dK/dV with two programs looping over the (batch * kv head, key block) tiles, ragged T."""
+    monkeypatch.setattr(attention, "_INTERPRET_TMA", tma)
+    previous = attention.set_atomic_dq(atomic_dq)
+    try:
+        assert_matches_reference(*make_qkv(2, 4, 2, 77, 32))
+    finally:
+        attention.set_atomic_dq(previous)
+    assert persistent_grids == [(2,), (2,)]  # forward (24 tiles), then dK/dV (12 tiles)
+
+
 def test_persistent_grid_is_at_most_the_tiles():
     assert attention._tile_grid(6, 77, 32, 1, 132) == (18,)
     assert attention._tile_grid(6, 770, 32, 2, 4) == (8,)
