@@ -377,7 +377,7 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
                                     row_start, window, DOCUMENTS, SLIDING)
 
-    if DOCUMENTS or SLIDING:  # padded rows >= T may see no key at all: keep them finite
+    if DOCUMENTS or SLIDING:  # padded rows >= T may see no key: l = 1 keeps their (unstored) O 0
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     lse2 = m_i + tl.math.log2(l_i)
     o = acc / l_i[:, None]
