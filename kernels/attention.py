@@ -190,7 +190,9 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
     ``CAUSAL_MASK`` (diagonal band only) drops keys after the query row; ``DOCUMENT_MASK``
     keys before the row's document start ``row_start``, ``WINDOW_MASK`` keys ``window`` or
     more positions back. With either, a row may see no key of a block before its first
-    visible one: its max stays -inf and is read as 0 so exp2 gives 0, not NaN.
+    visible one: its running max stays -inf (so the first key it does see sets the max,
+    however far below 0 its score is), and only the exp2 arguments read it as 0, so that
+    exp2(-inf - -inf) never makes a NaN: P and alpha come out 0 while the row has seen nothing.
     """
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -206,10 +208,11 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         if WINDOW_MASK:
             qk = tl.where(offs_m[:, None] - offs_n[None, :] < window, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_exp = m_new  # the max subtracted in the exp2 arguments: finite
         if DOCUMENT_MASK or WINDOW_MASK:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_exp[:, None])
+        alpha = tl.math.exp2(m_i - m_exp)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(V_head, start_n, stride_vt, stride_vd, offs_n, offs_d, T,
                        HEAD_DIM, BLOCK_D, CHECK_T)
@@ -374,7 +377,7 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
                                     row_start, window, DOCUMENTS, SLIDING)
 
-    if DOCUMENTS or SLIDING:  # padded rows >= T may see no key at all: keep them finite
+    if DOCUMENTS or SLIDING:  # padded rows >= T may see no key: l = 1 keeps their (unstored) O 0
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     lse2 = m_i + tl.math.log2(l_i)
     o = acc / l_i[:, None]

@@ -277,3 +277,66 @@ def _attention_program(kind, mode):
     for kind, mode in itertools.product(["leaves", "fused_projection", "expanded_kv", "gqa"], MODES)])
 def test_attention_programs(program):
     check_program(program, triton_may_raise=(NO_DOUBLE_BACKWARD,))
+
+
+# ------------------------------------------- attention: masks x score magnitude (issue 23) --
+# The masked forward once set a row's running max to 0 when its first visited key block was
+# entirely masked and kept it: once every score the row may see is far below 0, P underflowed
+# and the output came out scaled or 0 with no error. Generated as masks x magnitudes: each
+# program runs masked attention at T=40 with the interpreter's 32-row tiles, where rows 33..
+# of the last tile see nothing in key block [16, 32) (documents start at 21 and 33; a window
+# of 3 starts after 32), with scores near 0, far below it, far above it, or all equal.
+
+ATTENTION_MASKS = {
+    "causal": (None, None),
+    "documents": ([5, 18, 21, 33], None),
+    "window": (None, 3),
+    "documents_window": ([5, 18, 21, 33], 6),
+}
+# scores scale * q.k: "unit" N(0, 1); "far_below" -150 + N(0, 1.5^2); "far_above" +150 +
+# N(0, 1.5^2); "equal_far_below": every score -150 (uniform rows)
+ATTENTION_MAGNITUDES = ["unit", "far_below", "far_above", "equal_far_below"]
+
+
+def _scores_at(magnitude, q, k):
+    """q, k (B, H, T, D) rescaled in place so their scores sit where ``magnitude`` says."""
+    d = q.shape[-1]
+    if magnitude == "equal_far_below":
+        q.fill_(1.0)
+        k.fill_(-150.0 * d ** 0.5 / d)
+        return
+    if magnitude == "unit":
+        return
+    offset = 150.0 if magnitude == "far_above" else -150.0
+    spread = (1.5 / ((d - 1) ** 0.5 / d ** 0.5)) ** 0.5
+    q.mul_(spread)
+    k.mul_(spread)
+    c = (abs(offset) * d ** 0.5) ** 0.5
+    q[..., 0], k[..., 0] = c, c if offset > 0 else -c
+
+
+def _masked_attention_program(mask, magnitude):
+    starts, window = ATTENTION_MASKS[mask]
+
+    def program():
+        B, H, Hkv, T, D = 1, 2, 1, 40, 16
+        q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+        _scores_at(magnitude, q, k)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        ids = None
+        if starts is not None:
+            begins = torch.zeros(T, dtype=torch.long)
+            begins[starts] = 1
+            ids = torch.cumsum(begins, 0)[None]
+        out = gptfast.causal_attention(q, k, v, document_ids=ids, window=window)
+        loss = (out * torch.randn(out.shape)).sum() + out.square().mean()
+        return [out] + finish(loss, [q, k, v], "backward", None)
+    return program
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # masked P
+@pytest.mark.parametrize("program", [
+    pytest.param(_masked_attention_program(mask, magnitude), id=f"{mask}-{magnitude}")
+    for mask, magnitude in itertools.product(ATTENTION_MASKS, ATTENTION_MAGNITUDES)])
+def test_masked_attention_programs_at_any_magnitude(program):
+    check_program(program)
