@@ -172,11 +172,16 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     _, module = COMMANDS[args.command]
+    from .extras import MissingExtra
+
     try:
         return importlib.import_module(module).run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MissingExtra as missing:  # an optional dependency: one line, no traceback
+        print(f"gptfast {args.command}: error: {missing}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

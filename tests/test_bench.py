@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -315,3 +316,22 @@ def test_gpt_suite_attention_axis():
     row = gpt.run_cell(cells[-1], settings)
     assert row["status"] == "ok", row
     assert (row["impl"], row["attention"]) == ("gptfast-reference document", "document")
+
+
+def test_without_matplotlib_the_sweep_still_writes_results_and_says_why_no_plots(
+        tmp_path, monkeypatch, capsys):
+    import gptfast.bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "gptfast.bench.plots", raising=False)
+    monkeypatch.delattr(gptfast.bench, "plots", raising=False)
+    assert run_bench(tmp_path, "--suite", "gpt", "--modes", "infer", "--batch-sizes", "1",
+                     "--context-lengths", "16") == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.out.splitlines() if "plots skipped" in line]
+    assert skipped and all(line == skipped[0] for line in skipped), captured.out
+    assert 'pip install "gptfast-kernels[bench]"' in skipped[0]
+    assert "Traceback" not in captured.err
+    assert len(read_rows(tmp_path)) == 2  # two impls, one cell
+    assert "plots skipped" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
