@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,3 +336,22 @@ def test_without_matplotlib_the_sweep_still_writes_results_and_says_why_no_plots
     assert len(read_rows(tmp_path)) == 2  # two impls, one cell
     assert "plots skipped" in (tmp_path / "results.md").read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_microbenchmarks_without_pytest_benchmark_say_which_extra(tmp_path):
+    """README's `python -m pytest bench/test_microbench.py --benchmark-only`, plugin missing."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.modules['pytest_benchmark'] = None\n"  # as if not installed
+            "import pytest\n"
+            "raise SystemExit(pytest.main(['bench/test_microbench.py', '--benchmark-only', "
+            "'-p', 'no:cacheprovider']))")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # the plugin's entry point too
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 4, done.stdout + done.stderr
+    output = (done.stdout + done.stderr).strip()
+    assert output.count("\n") == 0 and "Traceback" not in output, output
+    assert 'needs pytest-benchmark' in output and 'pip install "gptfast-kernels[test]"' in output
