@@ -113,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=(*SUITES, "all", "headline"), default="all",
                         help="what to run (default all): the GPT step sweep, the kernel "
                              "benchmarks (CUDA only), the token loader; or headline: the "
-                             "whole GPU verdict against ANCHORS.md in one time-boxed run "
+                             "whole GPU verdict against bench/ANCHORS.md (the goals and "
+                             "figures, with their sources) in one time-boxed run "
                              "(its own options below; the sweep options do not apply)")
     parser.add_argument("--model", choices=gpt.MODELS, default=None,
                         help="GPT size for the gpt suite (default gpt2 on CUDA, tiny on CPU: "

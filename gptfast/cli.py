@@ -143,7 +143,8 @@ COMMANDS = {
                 "gptfast.prepare"),
     "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
               "context length; writes results.jsonl, results.md and PNG plots. "
-              "--suite headline: the whole GPU verdict against ANCHORS.md in one time-boxed run",
+              "--suite headline: the whole GPU verdict against bench/ANCHORS.md in one "
+              "time-boxed run",
               "gptfast.bench.sweep"),
     "train": ("train a GPT on token shards (nanoGPT's recipe; DDP under torchrun), with "
               "checkpoints that resume exactly", "gptfast.train"),

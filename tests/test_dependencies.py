@@ -65,7 +65,8 @@ def collect_imports(root: Path, dirs=SOURCE_DIRS) -> list[ImportPath]:
             where = path.relative_to(root).as_posix()
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):
-                    found += [ImportPath(alias.name, (), where, node.lineno) for alias in node.names]
+                    found += [ImportPath(alias.name, (), where, node.lineno)
+                              for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     found.append(ImportPath(node.module, tuple(a.name for a in node.names),
                                             where, node.lineno))
