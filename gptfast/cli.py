@@ -49,6 +49,15 @@ def _extension_info():
     return info
 
 
+def _optional_info() -> dict:
+    """Each optional dependency: its version or null, what it is for, how to install it."""
+    from .extras import OPTIONAL, install_hint, installed_versions
+
+    return {module: {"version": version, "for": OPTIONAL[module][2],
+                     "install": install_hint(module)}
+            for module, version in installed_versions().items()}
+
+
 def _cuda_version_string(version):
     """13000 -> '13.0' (CUDA encodes major*1000 + minor*10)."""
     return None if not version else f"{version // 1000}.{version % 1000 // 10}"
@@ -79,6 +88,7 @@ def collect_info() -> dict:
         "TRITON_INTERPRET": interpreter_enabled(),
         "extension": _extension_info(),
         "ops": {op: describe(op, device) for op in OPS},
+        "optional": _optional_info(),
         "notes": list(NOTES),
     }
     if cuda:
@@ -116,6 +126,11 @@ def format_info(info: dict) -> str:
     ]
     width = max(len(op) for op in info["ops"])
     lines += [f"  {op:<{width}}  {choice}" for op, choice in info["ops"].items()]
+    lines += ["", "optional dependencies:"]
+    width = max(len(module) for module in info["optional"])
+    lines += [f"  {module:<{width}}  "
+              + (entry["version"] if entry["version"] else f"not installed ({entry['install']})")
+              + f": {entry['for']}" for module, entry in info["optional"].items()]
     lines += ["", "notes:"] + [f"  - {note}" for note in info["notes"]]
     return "\n".join(lines)
 

@@ -12,27 +12,41 @@ against the installed versions)::
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 
 DISTRIBUTION = "gptfast-kernels"
 
-# top-level module -> (its distribution on PyPI, the extra of gptfast-kernels that installs it,
-# or None where no extra does: Liger is an optional peer of the benchmarks, never a dependency)
+# top-level module -> (its distribution on PyPI, the extra of gptfast-kernels that installs it
+# or None where no extra does, what gptfast uses it for). Liger is an optional peer of the
+# benchmarks, never a dependency.
 OPTIONAL = {
-    "matplotlib": ("matplotlib", "bench"),
-    "safetensors": ("safetensors", "hf"),
-    "transformers": ("transformers", "test"),
-    "huggingface_hub": ("huggingface-hub", None),
-    "pytest": ("pytest", "test"),
-    "pytest_benchmark": ("pytest-benchmark", "test"),
-    "liger_kernel": ("liger-kernel", None),
+    "matplotlib": ("matplotlib", "bench", "the PNG plots of gptfast bench"),
+    "safetensors": ("safetensors", "hf", "loading Hugging Face GPT-2 weights (model.safetensors)"),
+    "huggingface_hub": ("huggingface-hub", None, "GPT.from_pretrained('gpt2') downloads"),
+    "transformers": ("transformers", "test", "patching Hugging Face models; tests against them"),
+    "pytest": ("pytest", "test", "the tests and bench/test_microbench.py"),
+    "pytest_benchmark": ("pytest-benchmark", "test", "bench/test_microbench.py"),
+    "liger_kernel": ("liger-kernel", None, "Liger as a peer in the kernel benchmarks"),
 }
 
 
 def install_hint(module: str) -> str:
     """The pip command that installs ``module`` (a top-level module name of OPTIONAL)."""
-    distribution, extra = OPTIONAL[module]
+    distribution, extra, _ = OPTIONAL[module]
     return f'pip install "{DISTRIBUTION}[{extra}]"' if extra else f"pip install {distribution}"
+
+
+def installed_versions() -> dict:
+    """module -> the installed version of its distribution, or None (from the package
+    metadata; nothing is imported)."""
+    versions = {}
+    for module, (distribution, _, _) in OPTIONAL.items():
+        try:
+            versions[module] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[module] = None
+    return versions
 
 
 class MissingExtra(ImportError):

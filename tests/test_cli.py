@@ -86,3 +86,18 @@ def test_optional_import_converts_only_a_missing_package(monkeypatch):
     with pytest.raises(ValueError, match="not an optional dependency"):
         with optional_import("numpy", "arrays"):
             pass
+
+
+def test_info_lists_optional_dependencies_and_the_extra_for_each_missing_one(monkeypatch, capsys):
+    from gptfast import extras
+
+    assert cli.main(["info", "--json"]) == 0
+    optional = json.loads(capsys.readouterr().out)["optional"]
+    assert set(optional) == set(extras.OPTIONAL)
+    assert optional["pytest"]["version"] == pytest.__version__  # what runs this test
+    versions = {**extras.installed_versions(), "matplotlib": None}
+    monkeypatch.setattr(extras, "installed_versions", lambda: versions)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("matplotlib")]
+    assert 'not installed (pip install "gptfast-kernels[bench]")' in line and "plots" in line

@@ -121,7 +121,7 @@ def check_import_paths(paths: list[ImportPath], distribution: str) -> list[str]:
 
 
 OUR_IMPORTS = collect_imports(ROOT)
-CHECKED = {module: distribution for module, (distribution, _) in OPTIONAL.items()} | REQUIRED
+CHECKED = {module: entry[0] for module, entry in OPTIONAL.items()} | REQUIRED
 
 
 def _skip_reason(module: str) -> str:
@@ -156,7 +156,7 @@ def _requirement_names(requirements) -> set:
 def test_the_extras_named_in_errors_are_the_ones_pyproject_defines():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    for module, (distribution, extra) in OPTIONAL.items():
+    for module, (distribution, extra, _) in OPTIONAL.items():
         if extra is not None:
             assert extra in extras, f"{module}: pyproject has no extra [{extra}]"
             assert distribution in _requirement_names(extras[extra]), (
