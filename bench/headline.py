@@ -5,7 +5,8 @@
 
 Stages, in order: ``env`` (device, versions, the matmul and copy ceilings of this run),
 ``correct`` (every kernel at its headline shape in bf16 and fp16, forward and backward, against
-the reference in fp32), ``kernels`` (the ANCHORS.md kernel rows side by side with their peers),
+the reference in fp32), ``kernels`` (the bench/ANCHORS.md kernel rows side by side with their
+peers),
 ``gpt`` (the GPT-2 124M training step, gptfast and nanoGPT, eager and compiled), ``loader``.
 
 Each stage runs in its own process, inside a time box: its share of what is left of the budget.
@@ -20,7 +21,8 @@ in a re-run with ``--stages``. Autotuning keeps the first ``--autotune-keep`` co
 kernel (:mod:`.autotune`) and its seconds are reported apart from the timings.
 
 Outputs in DIR: ``headline.json`` (every row), ``headline.md`` (the verdict against the
-ANCHORS.md goals on top, one table per stage), ``headline.log`` (everything the stages printed).
+bench/ANCHORS.md goals on top, one table per stage), ``headline.log`` (everything the stages
+printed), ``ANCHORS.md`` (a copy of bench/ANCHORS.md, which headline.md links to).
 
 ``--dry-run``, and any run without CUDA: the same stages and functions on the CPU at tiny
 shapes, the kernels through the Triton interpreter in ``correct`` and ``kernels``, compiled
@@ -34,6 +36,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,7 +248,7 @@ def _stage_rows(out_dir: Path, stage: str) -> list:
 
 
 def _finish(plan: Plan, rows: list, stage_rows: list, elapsed: float, interrupted: bool) -> list:
-    from .headline_report import add_ceiling_ratios, markdown
+    from .headline_report import ANCHORS_FILE, add_ceiling_ratios, markdown
     from .headline_stages import add_gpt_ratios
 
     for stage_row in stage_rows:  # the autotune seconds a stage reported, on its stage row
@@ -260,7 +263,11 @@ def _finish(plan: Plan, rows: list, stage_rows: list, elapsed: float, interrupte
                    and r["metric"] == "device_name"), "unknown (env stage not run)")
     meta = {"started": plan.started.isoformat(timespec="seconds"), "device_name": device,
             "budget_s": plan.budget_s, "elapsed_s": elapsed, "stages": plan.stages,
-            "dry_run": plan.dry_run, "interrupted": interrupted, "command": plan.command}
+            "dry_run": plan.dry_run, "interrupted": interrupted, "command": plan.command,
+            "anchors_copy": None}
+    if ANCHORS_FILE.is_file():  # beside headline.md, so its link works wherever DIR goes
+        shutil.copyfile(ANCHORS_FILE, plan.out_dir / ANCHORS_FILE.name)
+        meta["anchors_copy"] = ANCHORS_FILE.name
     problems = validate(rows)
     if problems:  # never lose a run to a report bug: say so in the log and keep the rows
         print("headline: schema problems:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
@@ -324,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_sigterm)
     failed = [r for r in rows if r["status"] in ("fail", "error")]
     print(f"\n{len(rows)} rows; {len(failed)} failed or errored; wrote {plan.out_dir}/"
-          "headline.json, headline.md, headline.log")
+          "headline.json, headline.md, headline.log, ANCHORS.md")
     print("\n".join(_verdict_summary(rows)))
     return 130 if interrupted else 0
 

@@ -22,6 +22,7 @@ the compile and autotune seconds of a measurement, never part of its timing.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Optional
 
 from .common import markdown_table
@@ -32,7 +33,10 @@ STATUSES = ("ok", "fail", "oom", "error", "skipped-budget", "interrupted", "unav
 # metrics where less is better: a ratio to a peer or a ceiling is inverted for them
 LOWER_IS_BETTER = {"ms", "extra_mb", "peak_gb", "rel_err", "max_abs_err", "step_ms"}
 
-# ANCHORS.md (H100 80GB HBM3, torch 2.11, triton 3.6): the ceilings the goals were set against
+# bench/ANCHORS.md: the figures and goals with their sources; headline.md links to a copy of it
+ANCHORS_FILE = Path(__file__).with_name("ANCHORS.md")
+ANCHORS_IN_REPO = "bench/ANCHORS.md"
+# its ceilings (H100 80GB HBM3, torch 2.11, triton 3.6), which the absolute goals were set against
 ANCHOR_DEVICE = "H100"
 ANCHOR_COPY_TBPS = 3.02
 ANCHOR_MATMUL_TFLOPS = 767.0
@@ -272,8 +276,18 @@ def _ratio(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _verdict_lines(goals, dry_run) -> list[str]:
-    lines = ["## Verdict against ANCHORS.md goals", ""]
+def anchors_line(anchors_copy: Optional[str]) -> str:
+    """Where the goals and the figures behind them are: a link to the copy of bench/ANCHORS.md
+    beside the report (``anchors_copy``, relative to it), or the repository path alone."""
+    if anchors_copy:
+        return (f"The goals, the figures they are set against and where each figure comes "
+                f"from: [{ANCHORS_IN_REPO}]({anchors_copy}) (copied beside this report).")
+    return (f"The goals, the figures they are set against and where each figure comes from: "
+            f"{ANCHORS_IN_REPO} in the gptfast source tree (not found in this installation).")
+
+
+def _verdict_lines(goals, dry_run, anchors_copy=None) -> list[str]:
+    lines = ["## Verdict against the goals of bench/ANCHORS.md", "", anchors_line(anchors_copy), ""]
     if dry_run:
         lines += ["DRY RUN on a CPU at tiny shapes: the verdict below only exercises the report; "
                   "its numbers say nothing about the kernels.", ""]
@@ -325,7 +339,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
               + ("; INTERRUPTED (Ctrl-C): only the rows finished before it"
                  if meta.get("interrupted") else ""),
               f"- command: `{meta['command']}`", ""]
-    lines += _verdict_lines(verdict(rows, meta["device_name"]), meta.get("dry_run"))
+    lines += _verdict_lines(verdict(rows, meta["device_name"]), meta.get("dry_run"),
+                            meta.get("anchors_copy"))
     stage_rows = [r for r in rows if r["name"] == "stage"]
     if stage_rows:
         lines += ["## Stages", "", markdown_table(

@@ -25,7 +25,7 @@ from .headline_report import add_peer_ratios, row
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """Every size a headline run uses (GPU: the ANCHORS.md shapes; dry run: tiny ones)."""
+    """Every size a headline run uses (GPU: the bench/ANCHORS.md shapes; dry run: tiny ones)."""
 
     matmul_n: int                 # the bf16 n^3 matmul ceiling
     copy_bytes: int               # the device-to-device copy ceiling

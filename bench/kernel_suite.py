@@ -32,7 +32,7 @@ from . import document_attention
 from .gpt import DTYPES
 
 REQUIRES = "a CUDA device (the Triton kernels are timed on the GPU)"
-VOCAB = 50257          # GPT-2's vocabulary, as in ANCHORS.md
+VOCAB = 50257          # GPT-2's vocabulary, as in bench/ANCHORS.md
 HIDDEN = 768           # GPT-2 124M's width, for the fused linear + cross-entropy
 ATTENTION_TOKENS = 16384  # B * T per attention call
 

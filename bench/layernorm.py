@@ -5,7 +5,7 @@
 
 Prints one markdown table of GB/s (bytes moved / median time), every implementation and
 the device-to-device copy ceiling measured in the same run. Bytes are counted as in
-ANCHORS.md:
+bench/ANCHORS.md:
     fwd      = read x + write y + read w, b
     fwd+bwd  = fwd + read x, dy + write dx + write dw, db
 so the fwd+bwd figure is comparable across implementations that move more than that.

@@ -17,8 +17,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, NullLocator
+from gptfast.extras import optional_import
+
+with optional_import("matplotlib", "the PNG plots of gptfast bench"):
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, NullLocator
 
 PANEL_WIDTH, PANEL_HEIGHT, MAX_COLUMNS = 5.0, 3.6, 3
 
@@ -42,8 +46,6 @@ def _log2_x(ax, values, label):
 
 
 def _colours(names):
-    from matplotlib import colormaps
-
     palette = colormaps["tab10"].colors
     return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 

@@ -113,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=(*SUITES, "all", "headline"), default="all",
                         help="what to run (default all): the GPT step sweep, the kernel "
                              "benchmarks (CUDA only), the token loader; or headline: the "
-                             "whole GPU verdict against ANCHORS.md in one time-boxed run "
+                             "whole GPU verdict against bench/ANCHORS.md (the goals and "
+                             "figures, with their sources) in one time-boxed run "
                              "(its own options below; the sweep options do not apply)")
     parser.add_argument("--model", choices=gpt.MODELS, default=None,
                         help="GPT size for the gpt suite (default gpt2 on CUDA, tiny on CPU: "
@@ -306,9 +307,18 @@ def _usage_error(args: argparse.Namespace, err: Exception) -> int:
     return 2
 
 
-def run(args: argparse.Namespace) -> int:
-    from . import plots  # matplotlib: loaded only when a run writes figures
+def _plot_writer():
+    """(plots.write_plots, None), or (None, the one-line note) when matplotlib is missing."""
+    from gptfast.extras import MissingExtra
 
+    try:
+        from . import plots
+    except MissingExtra as missing:
+        return None, f"PNG plots skipped: matplotlib is not installed ({missing.hint} gives them)"
+    return plots.write_plots, None
+
+
+def run(args: argparse.Namespace) -> int:
     if args.suite == "headline":
         return headline.run(args)
     given = [f"--{name.replace('_', '-')}" for name in headline.HEADLINE_ONLY
@@ -320,6 +330,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as err:
         return _usage_error(args, err)
     units, notes = collect_units(plan)
+    write_plots, skipped = _plot_writer()
+    if skipped:
+        notes.append(skipped)
     context = report.run_context(plan.device, plan.dtype, plan.started)
     model = gpt.describe_model(plan.gpt.model) if "gpt" in plan.suites else None
     print(f"gptfast bench on {context['device_name']}, {plan.dtype}"
@@ -337,7 +350,10 @@ def run(args: argparse.Namespace) -> int:
             "elapsed_s": time.perf_counter() - start, "baseline": gpt.BASELINE,
             "impl_order": tuple(gpt.IMPLS)}
     written = [report.write_markdown(writer.rows, plan.out_dir / "results.md", meta)]
-    written += plots.write_plots(writer.rows, plan.out_dir, meta)
+    if write_plots is not None:
+        written += write_plots(writer.rows, plan.out_dir, meta)
+    else:
+        print(skipped)
     print(f"\n{len(writer.rows)} rows in {meta['elapsed_s']:.0f} s"
           + (" (interrupted)" if interrupted else "") + f"; wrote {plan.out_dir}/:")
     for path in [plan.out_dir / "results.jsonl", *written]:

@@ -49,6 +49,15 @@ def _extension_info():
     return info
 
 
+def _optional_info() -> dict:
+    """Each optional dependency: its version or null, what it is for, how to install it."""
+    from .extras import OPTIONAL, install_hint, installed_versions
+
+    return {module: {"version": version, "for": OPTIONAL[module][2],
+                     "install": install_hint(module)}
+            for module, version in installed_versions().items()}
+
+
 def _cuda_version_string(version):
     """13000 -> '13.0' (CUDA encodes major*1000 + minor*10)."""
     return None if not version else f"{version // 1000}.{version % 1000 // 10}"
@@ -79,6 +88,7 @@ def collect_info() -> dict:
         "TRITON_INTERPRET": interpreter_enabled(),
         "extension": _extension_info(),
         "ops": {op: describe(op, device) for op in OPS},
+        "optional": _optional_info(),
         "notes": list(NOTES),
     }
     if cuda:
@@ -116,6 +126,11 @@ def format_info(info: dict) -> str:
     ]
     width = max(len(op) for op in info["ops"])
     lines += [f"  {op:<{width}}  {choice}" for op, choice in info["ops"].items()]
+    lines += ["", "optional dependencies:"]
+    width = max(len(module) for module in info["optional"])
+    lines += [f"  {module:<{width}}  "
+              + (entry["version"] if entry["version"] else f"not installed ({entry['install']})")
+              + f": {entry['for']}" for module, entry in info["optional"].items()]
     lines += ["", "notes:"] + [f"  - {note}" for note in info["notes"]]
     return "\n".join(lines)
 
@@ -143,7 +158,8 @@ COMMANDS = {
                 "gptfast.prepare"),
     "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
               "context length; writes results.jsonl, results.md and PNG plots. "
-              "--suite headline: the whole GPU verdict against ANCHORS.md in one time-boxed run",
+              "--suite headline: the whole GPU verdict against bench/ANCHORS.md in one "
+              "time-boxed run",
               "gptfast.bench.sweep"),
     "train": ("train a GPT on token shards (nanoGPT's recipe; DDP under torchrun), with "
               "checkpoints that resume exactly", "gptfast.train"),
@@ -172,11 +188,16 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     _, module = COMMANDS[args.command]
+    from .extras import MissingExtra
+
     try:
         return importlib.import_module(module).run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MissingExtra as missing:  # an optional dependency: one line, no traceback
+        print(f"gptfast {args.command}: error: {missing}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
+from .extras import optional_import
 from .nn import CausalSelfAttention, KVCache, LayerNorm
 
 __all__ = ["GPTConfig", "GPT", "PEAK_BF16_FLOPS", "peak_flops_for_name", "device_peak_flops"]
@@ -433,13 +434,9 @@ def _dropout_override(dropout) -> float:
 
 def _download_hf_gpt2(model_type: str) -> str:
     """A local directory with the hub's ``model_type`` GPT-2 (config.json + weights)."""
-    try:
+    with optional_import("huggingface_hub", f"downloading {model_type!r} from the Hugging Face "
+                         "hub (GPT.from_pretrained of a name, not of a local directory)"):
         from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError(
-            f"GPT.from_pretrained({model_type!r}) fetches the weights from the Hugging Face hub "
-            "with huggingface_hub (pip install huggingface_hub), or pass a local directory"
-        ) from None
     return snapshot_download(model_type, allow_patterns=["config.json", "model.safetensors",
                                                          "pytorch_model.bin"])
 
@@ -514,10 +511,12 @@ def _read_hf_gpt2(directory):
 def _read_hf_weights(directory):
     names = os.listdir(directory)
     if "model.safetensors" in names:
-        from safetensors.torch import load_file
+        with optional_import("safetensors", f"reading {directory}/model.safetensors"):
+            from safetensors.torch import load_file
         return load_file(os.path.join(directory, "model.safetensors"))
     if "model.safetensors.index.json" in names:
-        from safetensors.torch import load_file
+        with optional_import("safetensors", f"reading {directory}'s sharded safetensors weights"):
+            from safetensors.torch import load_file
         with open(os.path.join(directory, "model.safetensors.index.json")) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         state = {}

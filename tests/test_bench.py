@@ -2,6 +2,8 @@
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +317,97 @@ def test_gpt_suite_attention_axis():
     row = gpt.run_cell(cells[-1], settings)
     assert row["status"] == "ok", row
     assert (row["impl"], row["attention"]) == ("gptfast-reference document", "document")
+
+
+def test_without_matplotlib_the_sweep_still_writes_results_and_says_why_no_plots(
+        tmp_path, monkeypatch, capsys):
+    import gptfast.bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "gptfast.bench.plots", raising=False)
+    monkeypatch.delattr(gptfast.bench, "plots", raising=False)
+    assert run_bench(tmp_path, "--suite", "gpt", "--modes", "infer", "--batch-sizes", "1",
+                     "--context-lengths", "16") == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.out.splitlines() if "plots skipped" in line]
+    assert skipped and all(line == skipped[0] for line in skipped), captured.out
+    assert 'pip install "gptfast-kernels[bench]"' in skipped[0]
+    assert "Traceback" not in captured.err
+    assert len(read_rows(tmp_path)) == 2  # two impls, one cell
+    assert "plots skipped" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_microbenchmarks_without_pytest_benchmark_say_which_extra(tmp_path):
+    """README's `python -m pytest bench/test_microbench.py --benchmark-only`, plugin missing."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.modules['pytest_benchmark'] = None\n"  # as if not installed
+            "import pytest\n"
+            "raise SystemExit(pytest.main(['bench/test_microbench.py', '--benchmark-only', "
+            "'-p', 'no:cacheprovider']))")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # the plugin's entry point too
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 4, done.stdout + done.stderr
+    output = (done.stdout + done.stderr).strip()
+    assert output.count("\n") == 0 and "Traceback" not in output, output
+    assert 'needs pytest-benchmark' in output and 'pip install "gptfast-kernels[test]"' in output
+
+
+# ------------------------------------------------- bench/ANCHORS.md and the paths we point to --
+
+ROOT = Path(__file__).resolve().parents[1]
+# a path in the repository: one of its top-level folders, then a file name with an extension
+REPO_PATH = re.compile(r"(?<![\w./-])(?:bench|tests|gptfast|kernels|csrc|\.ci)/[\w./-]*\w\.\w+")
+ANCHORS_MENTION = re.compile(r"(?<![\w./-])[\w./-]*ANCHORS\.md")
+
+
+def _missing_paths(text, root=ROOT):
+    mentioned = set(REPO_PATH.findall(text)) | set(ANCHORS_MENTION.findall(text))
+    return sorted(path for path in mentioned if not (root / path).exists())
+
+
+def test_anchors_holds_the_report_ceilings_and_every_goal_it_checks():
+    from gptfast.bench import headline_report
+
+    anchors = (ROOT / "bench" / "ANCHORS.md").read_text()
+    assert headline_report.ANCHORS_FILE == ROOT / "bench" / "ANCHORS.md"
+    assert f"| {headline_report.ANCHOR_COPY_TBPS:g} TB/s |" in anchors
+    assert f"| {headline_report.ANCHOR_MATMUL_TFLOPS:g} TFLOP/s " in anchors
+    for goal in headline_report.verdict([], "NVIDIA H100 80GB HBM3"):
+        assert f"| {goal['goal']} |" in anchors, goal["goal"]
+    assert "## Where the figures come from" in anchors
+
+
+def test_every_path_readme_and_help_mention_exists(capsys):
+    readme = (ROOT / "README.md").read_text()
+    assert "bench/ANCHORS.md" in readme
+    assert _missing_paths(readme) == []
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        help_text = capsys.readouterr().out
+        assert "bench/ANCHORS.md" in help_text, argv
+        assert _missing_paths(help_text) == [], argv
+
+
+def test_the_headline_report_links_to_anchors(tmp_path):
+    import datetime
+
+    from gptfast.bench import headline
+
+    plan = headline.Plan(out_dir=tmp_path, budget_s=1.0, stages=("env",), dry_run=True,
+                         autotune_keep=3, triton_cache=str(tmp_path), command="gptfast bench",
+                         started=datetime.datetime.now())
+    headline._finish(plan, [], [], 0.0, False)
+    report = (tmp_path / "headline.md").read_text()
+    links = re.findall(r"\[([^\]]+)\]\(([^)]+)\)", report)
+    assert ("bench/ANCHORS.md", "ANCHORS.md") in links
+    for _, target in links:  # the links work from the report's folder
+        assert (tmp_path / target).is_file(), target
+    assert (tmp_path / "ANCHORS.md").read_text() == (ROOT / "bench" / "ANCHORS.md").read_text()
+    # every other mention is a path in the repository
+    assert _missing_paths(re.sub(r"\]\([^)]+\)", "]", report)) == []

@@ -83,7 +83,7 @@ def test_dry_run_runs_every_stage_and_writes_the_schema(tmp_path, capsys):
                                                                   "nanogpt-get_batch"}
 
     report = (out / "headline.md").read_text()
-    assert report.index("## Verdict against ANCHORS.md goals") < report.index("## Stages")
+    assert report.index("## Verdict against the goals of bench/ANCHORS.md") < report.index("## Stages")
     assert "DRY RUN" in report
     for stage in headline_report.STAGES:
         assert f"\n## {stage}\n" in report
