@@ -149,8 +149,9 @@ def _window_of(module, original, x, expected) -> tuple[Optional[int], Optional[s
     rows = (seen > _FP64_TOLERANCE * (expected.abs().max() + 1e-2)).tolist()
     window = rows.index(False) if False in rows else len(rows)
     if window == 0 or window == len(rows) or any(rows[window:]):
-        return None, (f"its mask is neither causal nor a sliding window: on a probe of "
-                      f"{len(rows)} tokens, key 0 is seen by rows {_ranges(rows)}")
+        return None, (f"its forward differs from nanoGPT's causal attention on a probe of "
+                      f"{len(rows)} tokens and its mask is neither causal nor a sliding window "
+                      f"(key 0 is seen by rows {_ranges(rows)}), so it is left alone")
     return window, None
 
 
