@@ -404,16 +404,6 @@ def test_patch_programs(mask, kept_as, dropout):
     _, report = gptfast.patch(nn.Sequential(module), return_report=True)
 
     patched = mask in PATCHABLE_MASKS and dropout != "misplaced"
-    if not patched:
-        assert report.replaced == [] and report.skipped["0"], report
-        assert type(module) is _PatchProgramAttention
-    else:
-        assert report.names("nanoGPT attention") == ["0"], report.skipped
-        if mask == "causal" or (mask == "window_block" and kept_as == "buffer"):
-            window = None  # a window as long as the block is causal attention within it
-        else:
-            window = PATCH_BLOCK if mask == "window_block" else int(mask.removeprefix("window"))
-        assert module._gptfast_window == window
     x = torch.randn(2, PATCH_BLOCK, PATCH_EMBD)
     want = _training_spread(original, x)
     got = _training_spread(module, x)
@@ -431,3 +421,13 @@ def test_patch_programs(mask, kept_as, dropout):
         torch.testing.assert_close(out, expected, **TOL)
         for got_grad, want_grad in zip(grads, expected_grads):
             torch.testing.assert_close(got_grad, want_grad, **TOL)
+    if not patched:
+        assert report.replaced == [] and report.skipped["0"], report
+        assert type(module) is _PatchProgramAttention
+    else:
+        assert report.names("nanoGPT attention") == ["0"], report.skipped
+        if mask == "causal" or (mask == "window_block" and kept_as == "buffer"):
+            window = None  # a window as long as the block is causal attention within it
+        else:
+            window = PATCH_BLOCK if mask == "window_block" else int(mask.removeprefix("window"))
+        assert module._gptfast_window == window
