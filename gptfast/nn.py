@@ -382,10 +382,18 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
       match (RMSNorm, GroupNorm...) is reported as skipped with the reason.
     - nanoGPT-style attention (a module with ``c_attn``/``c_proj`` Linears and ``n_head``,
       ``n_embd``, computing causal self-attention as nanoGPT's CausalSelfAttention) gets a
-      forward that runs ``gptfast.causal_attention``; in training with dropout > 0 it runs SDPA
-      with that dropout instead, as nanoGPT's flash path does. Before switching, the new
-      forward is checked against the module's own on a small probe input: a module whose
-      math differs (not causal, rotary embeddings, another scale...) is skipped.
+      forward that runs ``gptfast.causal_attention``; in training with attention dropout > 0
+      it runs SDPA with that dropout instead, as nanoGPT's flash path does. Before switching
+      (``gptfast.patch_probe``), the module runs in fp64 on a probe as long as its block size
+      (its ``bias`` buffer, else a ``block_size``/``n_positions``... on the module, its config,
+      the model or the model's config, else 1024 tokens; capped so the probe's scores stay
+      within 512 MiB): a sliding window in its mask becomes ``causal_attention(window=w)``, any
+      other mask or other math (rotary embeddings, another scale...) leaves it alone, and
+      sequences longer than the probe run the module's own forward. Every dropout its training
+      forward applies, under any name, is traced: dropout on the attention probabilities (or
+      SDPA's ``dropout_p``) and on ``c_proj``'s returned output is kept, read from the same
+      submodule or attribute at each call; any other dropout leaves the module alone.
+      ``report.checked`` says what the probe found.
     - Hugging Face ``GPT2Attention`` modules running the "sdpa" implementation (HF's default)
       run through the attention function "gptfast", registered in transformers'
       AttentionInterface: a pure causal call goes to ``gptfast.causal_attention``; any other call
