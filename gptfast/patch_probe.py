@@ -126,7 +126,8 @@ def probe_mask(module: nn.Module, length: int, original: Callable, replacement: 
                 window, reason = _window_of(module, original, x, expected)
                 if reason is not None:
                     return None, reason
-                difference = _difference(expected, replacement(module, x, window))
+                if window is not None:
+                    difference = _difference(expected, replacement(module, x, window))
             short = min(length, 7)  # a mask sliced from a buffer must agree at other lengths
             if difference is None and short < length:
                 difference = _difference(original(module, x[:, :short]),
@@ -141,14 +142,18 @@ def probe_mask(module: nn.Module, length: int, original: Callable, replacement: 
 
 
 def _window_of(module, original, x, expected) -> tuple[Optional[int], Optional[str]]:
-    """Moves token 0: under a sliding window w exactly rows 0..w-1 see key 0 and change."""
+    """Moves token 0: under a sliding window w exactly rows 0..w-1 see key 0 and change.
+    ``(w, None)``; ``(None, None)`` when every row sees key 0 (no window: the math differs in
+    another way); ``(None, why)`` when the rows that see key 0 are not a leading run."""
     moved = x.clone()
     generator = torch.Generator().manual_seed(1)
     moved[:, 0] += torch.randn(x.shape[-1], generator=generator, dtype=torch.float64).to(x)
     seen = (original(module, moved) - expected).abs().amax(-1)[0]
     rows = (seen > _FP64_TOLERANCE * (expected.abs().max() + 1e-2)).tolist()
     window = rows.index(False) if False in rows else len(rows)
-    if window == 0 or window == len(rows) or any(rows[window:]):
+    if window == len(rows):
+        return None, None
+    if window == 0 or any(rows[window:]):
         return None, (f"its forward differs from nanoGPT's causal attention on a probe of "
                       f"{len(rows)} tokens and its mask is neither causal nor a sliding window "
                       f"(key 0 is seen by rows {_ranges(rows)}), so it is left alone")

@@ -451,9 +451,9 @@ def one_key_hidden(block_size, row, key):
 
 
 @pytest.mark.parametrize("mask,why", [
-    (prefix_lm(48, 6), "neither causal nor a sliding window"),
+    (prefix_lm(48, 6), "differs from nanoGPT's causal attention on a probe of 48 tokens"),
     (random_mask(48), "neither causal nor a sliding window"),
-    (torch.ones(48, 48), "neither causal nor a sliding window"),  # bidirectional
+    (torch.ones(48, 48), "differs from nanoGPT's causal attention"),  # bidirectional
     (one_key_hidden(48, 40, 30), "differs from nanoGPT's causal attention"),  # beyond 7 tokens
     (band(48, 8) * one_key_hidden(48, 44, 40), "with a sliding window of 8"),
 ], ids=["prefix_lm", "random", "bidirectional", "one_key_hidden", "window_with_a_hole"])
@@ -632,3 +632,34 @@ def test_hf_gpt2_keeps_its_own_masks_and_its_dropout(attention_calls):
     patch(model)
     before, after = (spread(m, idx[:1, :12], output=lambda out: out.logits) for m in (reference, model))
     assert before > 0.05 and 0.7 < after / before < 1.4, (before, after)
+
+
+class ProbabilityFrom(FunctionalDropoutAttention):
+    """SDPA's dropout_p from ``how``: a literal, two attributes at once, or two SDPA calls."""
+
+    def __init__(self, how):
+        super().__init__(resid_p=0.0)
+        self.how, self.first_p, self.second_p = how, 0.5, 0.5
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        p = {"literal": 0.1, "product": self.first_p * self.second_p / 0.5,
+             "twice": self.attention_p}[self.how] if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        if self.how == "twice":
+            y = (y + F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)) / 2
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+@pytest.mark.parametrize("how,why", [
+    ("literal", "cannot tell which attribute its probability comes from"),
+    ("product", "follows several attributes (first_p, second_p)"),
+    ("twice", "more than one attention or residual dropout"),
+])
+def test_a_dropout_probability_gptfast_cannot_follow_leaves_the_module_alone(how, why):
+    module = ProbabilityFrom(how)
+    _, report = patch(nn.Sequential(module), return_report=True)
+    assert report.replaced == [] and why in report.skipped["0"], report.skipped
+    assert spread(module, torch.randn(2, 12, 32)) > 0.02
