@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, reference
+from . import functional, patch_probe, reference
 
 __all__ = [
     "LayerNorm", "CrossEntropyLoss", "LinearCrossEntropy", "CausalSelfAttention", "KVCache",
@@ -348,6 +348,7 @@ class PatchReport:
     skipped: dict = dataclasses.field(default_factory=dict)
     kinds: dict = dataclasses.field(default_factory=dict)
     already: list = dataclasses.field(default_factory=list)  # ran on gptfast before this call
+    checked: dict = dataclasses.field(default_factory=dict)  # attention name -> what the probe found
 
     def names(self, kind: str) -> list:
         """The replaced names of one kind, in module order."""
@@ -381,10 +382,18 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
       match (RMSNorm, GroupNorm...) is reported as skipped with the reason.
     - nanoGPT-style attention (a module with ``c_attn``/``c_proj`` Linears and ``n_head``,
       ``n_embd``, computing causal self-attention as nanoGPT's CausalSelfAttention) gets a
-      forward that runs ``gptfast.causal_attention``; in training with dropout > 0 it runs SDPA
-      with that dropout instead, as nanoGPT's flash path does. Before switching, the new
-      forward is checked against the module's own on a small probe input: a module whose
-      math differs (not causal, rotary embeddings, another scale...) is skipped.
+      forward that runs ``gptfast.causal_attention``; in training with attention dropout > 0
+      it runs SDPA with that dropout instead, as nanoGPT's flash path does. Before switching
+      (``gptfast.patch_probe``), the module runs in fp64 on a probe as long as its block size
+      (its ``bias`` buffer, else a ``block_size``/``n_positions``... on the module, its config,
+      the model or the model's config, else 1024 tokens; capped so the probe's scores stay
+      within 512 MiB): a sliding window in its mask becomes ``causal_attention(window=w)``, any
+      other mask or other math (rotary embeddings, another scale...) leaves it alone, and
+      sequences longer than the probe run the module's own forward. Every dropout its training
+      forward applies, under any name, is traced: dropout on the attention probabilities (or
+      SDPA's ``dropout_p``) and on ``c_proj``'s returned output is kept, read from the same
+      submodule or attribute at each call; any other dropout leaves the module alone.
+      ``report.checked`` says what the probe found.
     - Hugging Face ``GPT2Attention`` modules running the "sdpa" implementation (HF's default)
       run through the attention function "gptfast", registered in transformers'
       AttentionInterface: a pure causal call goes to ``gptfast.causal_attention``; any other call
@@ -410,7 +419,7 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
         elif layer_norm and _looks_like_layer_norm(module):
             _patch_layer_norm_like(name, module, report)
         elif attention:
-            _patch_attention(name, module, report)
+            _patch_attention(name, module, model, report)
     if verbose:
         print(report)
     return (model, report) if return_report else model
@@ -428,15 +437,18 @@ def _patch_layer_norm(name: str, module: nn.LayerNorm, report: PatchReport) -> N
         report._add(name, LAYER_NORM)
 
 
-def _patch_attention(name: str, module: nn.Module, report: PatchReport) -> None:
+def _patch_attention(name: str, module: nn.Module, root: nn.Module, report: PatchReport) -> None:
     if _is_hf_gpt2_attention(module):
-        kind, reason = HF_GPT2_ATTENTION, _patch_hf_attention(module)
+        kind, reason, found = HF_GPT2_ATTENTION, _patch_hf_attention(module), None
     elif _looks_like_nanogpt_attention(module):
-        kind, reason = NANOGPT_ATTENTION, _patch_nanogpt_attention(module)
+        kind = NANOGPT_ATTENTION
+        reason, found = _patch_nanogpt_attention(module, root)
     else:
         return
     if reason is None:
         report._add(name, kind)
+        if found is not None:
+            report.checked[name] = found
     else:
         report.skipped[name] = reason
 
@@ -467,33 +479,41 @@ def _nanogpt_shape_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _attention_dropout_p(module: nn.Module) -> float:
-    """nanoGPT keeps the attention dropout as ``self.dropout`` (flash path) and ``attn_dropout``."""
-    p = getattr(module, "dropout", None)
-    if isinstance(p, nn.Dropout):
-        return p.p
-    if isinstance(p, (int, float)) and not isinstance(p, bool):
-        return float(p)
-    attn_dropout = getattr(module, "attn_dropout", None)
-    return attn_dropout.p if isinstance(attn_dropout, nn.Dropout) else 0.0
-
-
 def _nanogpt_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """nanoGPT's CausalSelfAttention.forward on gptfast.causal_attention."""
+    """nanoGPT's CausalSelfAttention.forward on gptfast.causal_attention, with the mask and
+    dropouts ``patch`` found in the module (``_gptfast_window``, ``_gptfast_dropout``)."""
     batch, seq, channels = x.size()
-    head_dim = channels // self.n_head
+    if seq > self._gptfast_probe_length:  # longer than the probe proved: the module's own math
+        return type(self)._gptfast_original_class.forward(self, x)
     q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-    q = q.view(batch, seq, self.n_head, head_dim).transpose(1, 2)
-    k = k.view(batch, seq, self.n_head, head_dim).transpose(1, 2)
-    v = v.view(batch, seq, self.n_head, head_dim).transpose(1, 2)
-    dropout_p = _attention_dropout_p(self) if self.training else 0.0
-    if dropout_p > 0.0:
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    else:
-        y = functional.causal_attention(q, k, v)
+    q, k, v = (t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
+               for t in (q, k, v))
+    y = _nanogpt_attend(self, q, k, v, self._gptfast_window)
     y = self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
-    resid_dropout = getattr(self, "resid_dropout", None)
-    return resid_dropout(y) if isinstance(resid_dropout, nn.Module) else y
+    residual = self._gptfast_dropout.residual
+    return y if residual is None else residual.apply(self, y)
+
+
+def _nanogpt_attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
+    attention = self._gptfast_dropout.attention
+    dropout_p = 0.0 if attention is None else attention.probability(self)
+    if dropout_p == 0.0:
+        return functional.causal_attention(q, k, v, window=window)
+    # SDPA applies the attention dropout, as nanoGPT's flash path does
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    visible = reference.attention_mask(q.shape[-2], k.shape[-2], window=window, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+
+
+def _probe_replacement(self, x: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """The patched forward's math in eval mode with ``window``, for the mask probe."""
+    batch, seq, channels = x.size()
+    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+    q, k, v = (t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
+               for t in (q, k, v))
+    y = functional.causal_attention(q, k, v, window=window)
+    return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
 
 
 _PATCHED_CLASSES: dict = {}
@@ -535,33 +555,6 @@ def _runs_on_gptfast(module: nn.Module) -> bool:
             or bool(getattr(module, "_gptfast_attention", False)))
 
 
-def _probe_mismatch(module: nn.Module) -> Optional[str]:
-    """None when the patched forward reproduces the module's own on a small input, else why not."""
-    weight = module.c_attn.weight
-    if weight.device.type == "meta":
-        return "its parameters are on the meta device, so the patched forward cannot be checked"
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 7, module.n_embd, generator=generator).to(weight.device, weight.dtype)
-    modes = {m: m.training for m in module.modules()}
-    module.eval()  # no dropout in the comparison
-    try:
-        with torch.no_grad():
-            expected = type(module).forward(module, x)
-            actual = _nanogpt_attention_forward(module, x)
-    except Exception as err:  # a forward taking other arguments, or failing on the probe
-        return f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
-        return "its forward does not return nanoGPT's (batch, seq, n_embd) tensor"
-    difference = _probe_difference(expected, actual, full_precision_tolerance=1e-3)
-    if difference is not None:
-        return (f"its forward differs from nanoGPT's causal attention on a probe input (max "
-                f"difference {difference:.2e}), so it is left alone")
-    return None
-
-
 def _probe_difference(expected, actual, full_precision_tolerance) -> Optional[float]:
     """None when ``actual`` matches ``expected`` (relative to its scale), else the max difference.
 
@@ -573,11 +566,33 @@ def _probe_difference(expected, actual, full_precision_tolerance) -> Optional[fl
     return None if difference <= tolerance * (scale + 1e-2) else difference
 
 
-def _patch_nanogpt_attention(module: nn.Module) -> Optional[str]:
-    reason = _nanogpt_shape_problem(module) or _probe_mismatch(module)
-    if reason is None:
-        module.__class__ = _patched_class(type(module), NANOGPT_ATTENTION)
-    return reason
+def _patch_nanogpt_attention(module: nn.Module, root: nn.Module) -> tuple:
+    """(None, what was found) after switching the module, or (why not, None)."""
+    reason = _nanogpt_shape_problem(module)
+    if reason is None and module.c_attn.weight.device.type == "meta":
+        reason = "its parameters are on the meta device, so the patched forward cannot be checked"
+    if reason is not None:
+        return reason, None
+    original = type(module).forward
+    plan, reason = patch_probe.find_dropout_plan(module, original)
+    if reason is not None:
+        return reason, None
+    length = patch_probe.probe_length(module, root)
+    window, reason = patch_probe.probe_mask(module, length, original, _probe_replacement)
+    if reason is not None:
+        return reason, None
+    module._gptfast_window = window
+    module._gptfast_probe_length = length
+    module._gptfast_dropout = plan
+    module.__class__ = _patched_class(type(module), NANOGPT_ATTENTION)
+    mask = "causal" if window is None else f"sliding window {window}"
+    return None, f"{mask}, checked up to {length} tokens{_describe_dropout(plan)}"
+
+
+def _describe_dropout(plan) -> str:
+    kept = [f"{where} dropout from {source.name}" for where, source in
+            (("attention", plan.attention), ("residual", plan.residual)) if source is not None]
+    return "; keeps " + " and ".join(kept) if kept else ""
 
 
 # ------------------------------------------------------------ LayerNorm-like modules --

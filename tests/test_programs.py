@@ -340,3 +340,155 @@ def _masked_attention_program(mask, magnitude):
     for mask, magnitude in itertools.product(ATTENTION_MASKS, ATTENTION_MAGNITUDES)])
 def test_masked_attention_programs_at_any_magnitude(program):
     check_program(program)
+# ============================================================ patch(): masks, dropout ==
+# issue 23 (findings 3 and 4). The programs are attention modules a user can write: a mask
+# (causal, sliding windows, a window as long as the block, or anything else) kept as
+# nanoGPT's ``bias`` buffer or built in forward for SDPA, times a dropout layout (nanoGPT's
+# names, other names, probabilities in number attributes, a dropout gptfast cannot keep).
+# The contract: patch() switches exactly the causal and sliding-window modules whose dropouts
+# it can keep, and a switched module gives the module's own outputs and gradients in eval
+# mode on both backends and the same dropout spread in training; every other module is left
+# alone with a reason.
+
+import copy  # noqa: E402
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+PATCH_BLOCK, PATCH_EMBD, PATCH_HEADS = 24, 16, 2
+PATCHABLE_MASKS = ["causal", "window1", "window7", "window8", "window_block"]
+OTHER_MASKS = ["prefix_lm", "random", "bidirectional", "hidden_key"]
+DROPOUT_LAYOUTS = ["none", "nanogpt", "renamed", "functional", "misplaced"]
+
+
+def _patch_mask(kind, t):
+    """bool (t, t), True = attend."""
+    i = torch.arange(t)
+    causal = i[None, :] <= i[:, None]
+    if kind.startswith("window"):
+        window = PATCH_BLOCK if kind == "window_block" else int(kind.removeprefix("window"))
+        return causal & (i[None, :] > i[:, None] - window)
+    if kind == "prefix_lm":
+        return causal | ((i[:, None] < 5) & (i[None, :] < 5))
+    if kind == "random":
+        generator = torch.Generator().manual_seed(t)
+        return (causal & (torch.rand(t, t, generator=generator) < 0.7)) | torch.eye(t, dtype=torch.bool)
+    if kind == "bidirectional":
+        return torch.ones(t, t, dtype=torch.bool)
+    if kind == "hidden_key":  # causal but for one key, past the 7 tokens the old probe saw
+        mask = causal.clone()
+        if t > 20:
+            mask[20, 10] = False
+        return mask
+    assert kind == "causal", kind
+    return causal
+
+
+class _PatchProgramAttention(nn.Module):
+    def __init__(self, mask, kept_as, dropout):
+        super().__init__()
+        self.c_attn = nn.Linear(PATCH_EMBD, 3 * PATCH_EMBD)
+        self.c_proj = nn.Linear(PATCH_EMBD, PATCH_EMBD)
+        self.n_head, self.n_embd = PATCH_HEADS, PATCH_EMBD
+        self.mask_kind, self.kept_as, self.layout = mask, kept_as, dropout
+        if kept_as == "buffer":
+            self.register_buffer("bias", _patch_mask(mask, PATCH_BLOCK).float()[None, None])
+        p = 0.0 if dropout == "none" else 0.5
+        if dropout in ("none", "nanogpt"):
+            self.attn_dropout, self.resid_dropout, self.dropout = nn.Dropout(p), nn.Dropout(p), p
+        elif dropout == "renamed":
+            self.attn_drop, self.proj_drop = nn.Dropout(p), nn.Dropout(p)
+        elif dropout == "functional":
+            self.attention_p, self.residual_p = p, p
+        else:
+            self.v_drop = nn.Dropout(p)
+
+    def _attention_p(self):
+        return {"none": lambda: self.dropout, "nanogpt": lambda: self.dropout,
+                "renamed": lambda: self.attn_drop.p, "functional": lambda: self.attention_p,
+                "misplaced": lambda: 0.0}[self.layout]()
+
+    def _drop_probabilities(self, att):
+        if self.layout in ("none", "nanogpt"):
+            return self.attn_dropout(att)
+        if self.layout == "renamed":
+            return self.attn_drop(att)
+        return F.dropout(att, self.attention_p, self.training) if self.layout == "functional" else att
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        if self.layout == "misplaced":
+            v = self.v_drop(v)
+        if self.kept_as == "buffer":
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = F.softmax(att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf")), dim=-1)
+            y = self._drop_probabilities(att) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_patch_mask(self.mask_kind, T),
+                                               dropout_p=self._attention_p() if self.training else 0.0)
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        if self.layout in ("none", "nanogpt"):
+            return self.resid_dropout(y)
+        if self.layout == "renamed":
+            return self.proj_drop(y)
+        return F.dropout(y, self.residual_p, self.training) if self.layout == "functional" else y
+
+
+def _training_spread(module, x, calls=8):
+    module.train()
+    with torch.no_grad():
+        spread = torch.stack([module(x) for _ in range(calls)]).std(0).mean().item()
+    module.eval()
+    return spread
+
+
+def _patch_cases():
+    """Every mask x where it is kept x dropout layout. By default: every mask in a buffer and
+    every patchable one built in forward, without dropout; every dropout layout with a
+    window of 7 in a buffer. The whole product runs with ``pytest -m slow``."""
+    for mask, kept_as, dropout in itertools.product(PATCHABLE_MASKS + OTHER_MASKS,
+                                                    ["buffer", "built_in_forward"], DROPOUT_LAYOUTS):
+        default = ((dropout == "none" and (kept_as == "buffer" or mask in PATCHABLE_MASKS))
+                   or (mask == "window7" and kept_as == "buffer"))
+        yield pytest.param(mask, kept_as, dropout, id=f"{mask}-{kept_as}-{dropout}",
+                           marks=() if default else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("mask,kept_as,dropout", list(_patch_cases()))
+def test_patch_programs(mask, kept_as, dropout):
+    torch.manual_seed(0)
+    module = _PatchProgramAttention(mask, kept_as, dropout).eval()
+    original = copy.deepcopy(module)
+    _, report = gptfast.patch(nn.Sequential(module), return_report=True)
+
+    patched = mask in PATCHABLE_MASKS and dropout != "misplaced"
+    x = torch.randn(2, PATCH_BLOCK, PATCH_EMBD)
+    want = _training_spread(original, x)
+    got = _training_spread(module, x)
+    assert (want == 0.0) == (got == 0.0) and (want == 0.0 or 0.6 < got / want < 1.6), (want, got)
+    runs = [("reference", PATCH_BLOCK), ("reference", 9)] + [("triton", PATCH_BLOCK)] * patched
+    for backend, seq in runs:
+        inputs = x[:, :seq].clone().requires_grad_()
+        with gptfast.use_backend(backend):
+            out = module(inputs)
+            grads = torch.autograd.grad(out.square().sum(), [inputs, *module.parameters()])
+        expected_inputs = x[:, :seq].clone().requires_grad_()
+        expected = original(expected_inputs)
+        expected_grads = torch.autograd.grad(expected.square().sum(),
+                                             [expected_inputs, *original.parameters()])
+        torch.testing.assert_close(out, expected, **TOL)
+        for got_grad, want_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(got_grad, want_grad, **TOL)
+    if not patched:
+        assert report.replaced == [] and report.skipped["0"], report
+        assert type(module) is _PatchProgramAttention
+    else:
+        assert report.names("nanoGPT attention") == ["0"], report.skipped
+        if mask == "causal" or (mask == "window_block" and kept_as == "buffer"):
+            window = None  # a window as long as the block is causal attention within it
+        else:
+            window = PATCH_BLOCK if mask == "window_block" else int(mask.removeprefix("window"))
+        assert module._gptfast_window == window
