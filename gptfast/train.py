@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -793,10 +794,14 @@ class Trainer:
     def _make_loaders(self):
         cfg, files = self.cfg, self.data
         try:
-            train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device,
-                                align=cfg.align, eot=eot_token(self.meta))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device,
+                                    align=cfg.align, eot=eot_token(self.meta))
         except ValueError as err:
             raise TrainError(f"train shards: {err}") from None
+        for warning in caught:  # the loader's warnings (short shards, --align eot coverage)
+            self._note(f"warning: train shards: {warning.message}")
         val = None
         if files.val:
             try:

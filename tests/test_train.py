@@ -565,3 +565,18 @@ def test_train_help_lists_the_attention_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--attention", "--window", "--align"):
         assert flag in text
+
+
+def test_align_eot_on_few_long_documents_warns_with_the_numbers(tmp_path, documents, capsys):
+    data = write_corpus(tmp_path / "data")
+    path = data / "train_000000.bin"
+    header, tokens = path.read_bytes()[:1024], np.fromfile(path, "<u2", offset=1024)
+    tokens[[10_000, 20_000]] = EOT  # three documents of 40,000 tokens: the stream start, two EOTs
+    path.write_bytes(header + tokens.tobytes())
+    assert train(data, tmp_path / "few", max_iters=1, align="eot") == 0
+    percent = 100 * 3 * (TINY["block_size"] + 1) / 40_000
+    assert (f"warning: train shards: align='eot': usable windows cover {percent:.1f}% of the "
+            f"40,000 tokens (3 documents, block 32): the model trains on document openings "
+            f"only") in capsys.readouterr().err
+    assert train(documents, tmp_path / "many", max_iters=1, align="eot") == 0
+    assert "usable windows cover" not in capsys.readouterr().err
