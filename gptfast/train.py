@@ -65,6 +65,10 @@ class TrainingDiverged(TrainError):
     """The loss became NaN or infinite; the last good checkpoint was left in place."""
 
 
+class EvaluationInterrupted(Exception):
+    """Ctrl-C/SIGTERM arrived during an evaluation, which stops at its next batch."""
+
+
 # ----------------------------------------------------------------------------- settings --
 
 @dataclasses.dataclass
@@ -678,6 +682,49 @@ class Reporter:
             self.file.close()
 
 
+class EvalProgress:
+    """Progress of one evaluation on rank 0's stderr: a transient tqdm bar on a terminal;
+    otherwise plain lines, the first once the evaluation looks longer than QUIET_S (after its
+    first batch, with an estimate of the time left), then one every EVERY_S."""
+
+    QUIET_S = 5.0
+    EVERY_S = 30.0
+
+    def __init__(self, enabled: bool, it: int, total: int):
+        self.enabled, self.it, self.total = enabled, it, total
+        self.start = time.perf_counter()
+        self.last_line = None
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"eval iter {it}", unit="batch", leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        left = elapsed / done * (self.total - done)
+        if self.last_line is None:
+            if done == self.total or elapsed + left <= self.QUIET_S:
+                return
+        elif now - self.last_line < self.EVERY_S:
+            return
+        self.last_line = now
+        print(f"eval iter {self.it}: {done:,}/{self.total:,} val batches in {elapsed:.1f} s, "
+              f"about {left:.0f} s left (--eval-iters sets the batches; Ctrl-C stops and saves)",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _keep_metrics_before(path: Path, start_iter: int) -> None:
     """Drop what a resumed run will log again: train lines from start_iter, eval lines after it."""
     if not path.exists():
@@ -888,17 +935,26 @@ class Trainer:
     # -- evaluation, logging, checkpoints --
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean val loss over eval_iters batches (the same batches every time), over all ranks."""
+    def evaluate(self, it: int = 0, stop: Optional["StopRequest"] = None) -> float:
+        """Mean val loss over eval_iters batches (the same batches every time), over all ranks.
+        Shows progress (EvalProgress); raises EvaluationInterrupted at the next batch once any
+        rank's ``stop`` is requested."""
         self.eval_model.eval()
         self.val_loader.load_state_dict(self.val_start)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.eval_iters):
-            x, y = next(self.val_loader)
-            with self._autocast():
-                _, loss = self.eval_model(x, y, return_logits=False)
-            total += loss.float()
-        self.eval_model.train()
+        progress = EvalProgress(self.dist.is_main, it, self.cfg.eval_iters)
+        try:
+            for done in range(1, self.cfg.eval_iters + 1):
+                if stop is not None and self.dist.any(stop.requested):
+                    raise EvaluationInterrupted
+                x, y = next(self.val_loader)
+                with self._autocast():
+                    _, loss = self.eval_model(x, y, return_logits=False)
+                total += loss.float()
+                progress.update(done)
+        finally:
+            progress.close()
+            self.eval_model.train()
         return (self.dist.all_sum(total) / (self.cfg.eval_iters * self.dist.world_size)).item()
 
     def _diverged(self, it: int, what: str) -> TrainingDiverged:
@@ -942,11 +998,12 @@ class Trainer:
         if self.dist.any(bool(self.nonfinite.item())):
             raise self._diverged(it, "a NaN/inf loss appeared")
 
-    def evaluate_and_save(self, it: int, reporter: Reporter, save: bool = True) -> None:
+    def evaluate_and_save(self, it: int, reporter: Reporter, stop: Optional["StopRequest"] = None,
+                          save: bool = True) -> None:
         self._check_finite(it)
         if self.val_loader is not None:
             start = time.perf_counter()
-            self.val_loss = self.evaluate()
+            self.val_loss = self.evaluate(it, stop)
             if not math.isfinite(self.val_loss):
                 raise self._diverged(it, f"the val loss became {self.val_loss}")
             self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
@@ -999,10 +1056,10 @@ class Trainer:
         it = self.start_iter
         last_loss = None
         self._take_snapshot(it)
-        if it == 0 and self.val_loader is not None:
-            self.evaluate_and_save(it, reporter, save=False)
-        clock = {"start": time.perf_counter(), "time": time.perf_counter(), "iter": it}
         try:
+            if it == 0 and self.val_loader is not None:
+                self.evaluate_and_save(it, reporter, stop, save=False)
+            clock = {"start": time.perf_counter(), "time": time.perf_counter(), "iter": it}
             while it < cfg.max_iters:
                 if self.dist.any(stop.requested):
                     return self._interrupted(it, reporter, last_loss)
@@ -1013,9 +1070,14 @@ class Trainer:
                 if (it - 1) % cfg.log_interval == 0 or it == cfg.max_iters:
                     last_loss = self.log_train(it - 1, loss, reporter, clock)
                 if it % cfg.eval_interval == 0 and it < cfg.max_iters:
-                    self.evaluate_and_save(it, reporter)
+                    self.evaluate_and_save(it, reporter, stop)
                     clock.update(iter=it, time=time.perf_counter())  # eval time is not step time
                     self.data_wait = 0.0
+            if it > self.start_iter or not self.checkpoint_path.exists():
+                self.evaluate_and_save(it, reporter, stop)
+        except EvaluationInterrupted:
+            reporter.message(f"evaluation at iteration {it} stopped")
+            return self._interrupted(it, reporter, last_loss)
         except KeyboardInterrupt:
             # A second Ctrl-C means now; under DDP the other ranks could not join a save; and
             # mid-update the weights are half-stepped: in each case no consistent state to save.
@@ -1023,8 +1085,6 @@ class Trainer:
                 reporter.message("interrupted: no checkpoint written")
                 raise
             return self._interrupted(self.snapshot["iter_num"], reporter, last_loss)
-        if it > self.start_iter or not self.checkpoint_path.exists():
-            self.evaluate_and_save(it, reporter)
         reporter.message(f"done: {it} iterations, checkpoint {self.checkpoint_path}")
         return TrainResult(it, last_loss, self.val_loss, False, str(self.checkpoint_path))
 

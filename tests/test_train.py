@@ -191,6 +191,86 @@ def test_keyboard_interrupt_mid_step_saves_the_last_complete_step(
     assert losses(out) == losses(uninterrupted)
 
 
+class Trainer:
+    """`python -m gptfast ARGV` in a subprocess, its stderr lines collected by a thread."""
+
+    def __init__(self, argv):
+        import queue
+        import threading
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "gptfast", *argv], env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.stderr = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, text, deadline_s=300):
+        """The first stderr line holding text; fails if the process ends or deadline_s passes
+        first (a generous bound against a hang, not a speed requirement)."""
+        import queue
+
+        try:
+            while (line := self.lines.get(timeout=deadline_s)) is not None:
+                if text in line:
+                    return line
+        except queue.Empty:
+            pass
+        pytest.fail(f"no stderr line with {text!r}; stderr so far:\n{''.join(self.stderr)[-3000:]}")
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_saves_and_progress_is_shown(data, tmp_path):
+    """A million val batches take far longer than the wait below: the run can only exit within
+    it by stopping the evaluation midway."""
+    out = tmp_path / "run"
+    run = Trainer(flags(data, out, max_iters=5, eval_iters=1_000_000))
+    try:
+        progress = run.wait_for_line("val batches")
+        assert progress.startswith("eval iter 0: ") and "/1,000,000 val batches in" in progress
+        assert "s left" in progress
+        run.process.send_signal(signal.SIGTERM)
+        stdout, _ = run.process.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.process.returncode == 130, "".join(run.stderr)[-3000:]
+    assert "evaluation at iteration 0 stopped" in stdout
+    assert "interrupted: checkpoint of iteration 0 written" in stdout
+    state = checkpoint(out)
+    assert state["iter_num"] == 0 and state["loader"]["position"] == 0
+    assert val_losses(out) == []  # the stopped evaluation logged nothing
+    assert cli.main(["train", "--out", str(out), "--init", "resume", "--eval-iters", "2"]) == 0
+    assert [it for it, _ in losses(out)] == [0, 1, 2, 3, 4]
+
+
+def test_an_interrupt_during_a_periodic_evaluation_saves_that_iteration(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = trainer.Trainer.evaluate
+
+    def evaluate(self, it=0, stop=None):
+        if it == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the evaluation after step 4
+        return original(self, it, stop)
+
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
+    assert train(data, out, max_iters=8, eval_interval=2, eval_iters=50) == 130
+    printed = capsys.readouterr().out
+    assert "evaluation at iteration 4 stopped" in printed
+    assert "interrupted: checkpoint of iteration 4 written" in printed
+    assert checkpoint(out)["iter_num"] == 4
+    assert [it for it, _ in val_losses(out)] == [0, 2]
+
+
 # -------------------------------------------------------------------------- failure --
 
 def times(factor):
