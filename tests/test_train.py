@@ -346,7 +346,8 @@ def test_two_gloo_ranks_match_one_process_with_doubled_grad_accum(data, tmp_path
 def test_config_file_then_flags_override(tmp_path, data):
     toml = tmp_path / "run.toml"
     toml.write_text('batch-size = 5\nlr = 1\nsampler = "shuffle"\ncompile = true\n')
-    cfg, resumed = trainer.resolve_config({"data": str(data), "out": "o", "lr": 0.5}, toml)
+    gpu = {"data": str(data), "out": "o", "device": "cuda"}  # a GPU run: nanoGPT's defaults
+    cfg, resumed = trainer.resolve_config({**gpu, "lr": 0.5}, toml)
     assert resumed is None
     assert (cfg.batch_size, cfg.lr, cfg.sampler, cfg.compile) == (5, 0.5, "shuffle", True)
     assert cfg.out == os.path.abspath("o") and cfg.grad_accum == 40  # nanoGPT's default
@@ -358,6 +359,47 @@ def test_config_file_then_flags_override(tmp_path, data):
         trainer.resolve_config({"data": "d", "out": "o"}, toml)
     with pytest.raises(trainer.TrainError, match="dtype must be one of"):
         trainer.resolve_config({"data": "d", "out": "o", "dtype": "float8"})
+
+
+def test_cpu_defaults_fill_only_what_the_run_does_not_set(tmp_path, data):
+    base = {"data": str(data), "out": str(tmp_path / "o"), "device": "cpu"}
+    cfg, _, applied = trainer.resolve(base)
+    assert applied == trainer.CPU_DEFAULTS
+    assert {k: getattr(cfg, k) for k in applied} == trainer.CPU_DEFAULTS
+    toml = tmp_path / "run.toml"
+    toml.write_text("eval_iters = 7\n")
+    cfg, _, applied = trainer.resolve({**base, "batch_size": 3, "max_iters": 500}, toml)
+    assert (cfg.batch_size, cfg.eval_iters, cfg.max_iters) == (3, 7, 500)  # set: they win
+    assert not {"batch_size", "eval_iters", "max_iters"} & set(applied)
+    assert cfg.lr_decay_iters == applied["lr_decay_iters"] == 500  # follows the given max_iters
+    assert cfg.n_layer == 4 and cfg.eval_interval == 250
+    cfg, _, applied = trainer.resolve({**base, "lr_decay_iters": 30})
+    assert cfg.warmup_iters == 30 and "lr_decay_iters" not in applied
+    for decided in ({"model": "gpt2-medium"}, {"init": str(tmp_path / "hf")}):
+        cfg, _, applied = trainer.resolve({**base, **decided})
+        assert not set(trainer.ARCHITECTURE) & set(applied) and cfg.n_layer is None
+        assert cfg.block_size == 1024 and applied["eval_iters"] == 20
+    cfg, _, applied = trainer.resolve({**base, "device": "cuda"})
+    assert applied == {} and (cfg.eval_iters, cfg.batch_size) == (200, 12)
+
+
+def test_cpu_defaults_give_a_first_log_line_that_names_them(tmp_path, data):
+    out = tmp_path / "run"
+    run = Trainer(["train", "--data", str(data), "--out", str(out), "--device", "cpu",
+                   "--max-iters", "3"])
+    try:
+        stdout, _ = run.process.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.process.returncode == 0, "".join(run.stderr)[-3000:]
+    lines = stdout.splitlines()
+    assert lines[0].startswith("gptfast train: ") and "(n_layer 4, n_head 4, n_embd 128" in lines[0]
+    assert lines[1] == ("CPU defaults (no GPU; a flag or --config setting overrides each): "
+                        "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 "
+                        "--grad-accum 1 --lr-decay-iters 3 --warmup-iters 3 --eval-interval 250 "
+                        "--eval-iters 20 --log-interval 10")
+    assert lines[2].startswith("eval iter 0: val loss") and lines[3].startswith("iter 0 | loss")
+    assert checkpoint(out)["config"]["eval_iters"] == 20  # saved: a resume keeps them
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, data, capsys):
