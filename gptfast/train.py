@@ -830,6 +830,18 @@ class StopRequest:
         self.requested = False
         self.second_interrupt_quits = second_interrupt_quits
         self._previous = {}
+        self._raise = None
+
+    @contextlib.contextmanager
+    def raising(self, error: type):
+        """Within it, a stop request also raises `error` at once, from wherever the main thread
+        is (between two torch ops, or in the loader's wait): for work that may stop midway
+        without losing anything, like an evaluation."""
+        self._raise = error
+        try:
+            yield
+        finally:
+            self._raise = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -841,6 +853,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT and self.second_interrupt_quits:
             raise KeyboardInterrupt
         self.requested = True
+        if self._raise is not None:
+            error, self._raise = self._raise, None
+            raise error
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -996,21 +1011,25 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, it: int = 0, stop: Optional["StopRequest"] = None) -> float:
         """Mean val loss over eval_iters batches (the same batches every time), over all ranks.
-        Shows progress (EvalProgress); raises EvaluationInterrupted at the next batch once any
-        rank's ``stop`` is requested."""
-        self.eval_model.eval()
+        Shows progress (EvalProgress). Raises EvaluationInterrupted once ``stop`` is requested:
+        at once in a single process (nothing of an evaluation needs to be kept), at the next
+        batch under DDP (every rank must leave at the same batch)."""
         self.val_loader.load_state_dict(self.val_start)
         total = torch.zeros((), device=self.device)
         progress = EvalProgress(self.dist.is_main, it, self.cfg.eval_iters)
+        at_once = (stop.raising(EvaluationInterrupted) if stop is not None and not self.dist.enabled
+                   else contextlib.nullcontext())
+        self.eval_model.eval()
         try:
-            for done in range(1, self.cfg.eval_iters + 1):
-                if stop is not None and self.dist.any(stop.requested):
-                    raise EvaluationInterrupted
-                x, y = next(self.val_loader)
-                with self._autocast():
-                    _, loss = self.eval_model(x, y, return_logits=False)
-                total += loss.float()
-                progress.update(done)
+            with at_once:
+                for done in range(1, self.cfg.eval_iters + 1):
+                    if stop is not None and self.dist.any(stop.requested):
+                        raise EvaluationInterrupted
+                    x, y = next(self.val_loader)
+                    with self._autocast():
+                        _, loss = self.eval_model(x, y, return_logits=False)
+                    total += loss.float()
+                    progress.update(done)
         finally:
             progress.close()
             self.eval_model.train()

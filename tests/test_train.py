@@ -271,6 +271,30 @@ def test_an_interrupt_during_a_periodic_evaluation_saves_that_iteration(data, tm
     assert [it for it, _ in val_losses(out)] == [0, 2]
 
 
+def test_a_signal_mid_batch_stops_the_evaluation_inside_that_batch(data, tmp_path, monkeypatch, capsys):
+    """A single process drops the evaluation at once: a long val batch is not finished."""
+    out = tmp_path / "run"
+    original = GPT.forward
+    started, finished = [], []
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            return original(self, *args, **kwargs)
+        started.append(None)
+        if len(started) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+        result = original(self, *args, **kwargs)
+        finished.append(None)
+        return result
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    assert train(data, out, max_iters=4, eval_iters=50) == 130
+    assert (len(started), len(finished)) == (3, 2)
+    assert "interrupted: checkpoint of iteration 0 written" in capsys.readouterr().out
+    assert checkpoint(out)["iter_num"] == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
 # -------------------------------------------------------------------------- failure --
 
 def times(factor):
