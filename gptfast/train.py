@@ -162,7 +162,8 @@ HELP = {
               "included (combines with --attention document; 0: no window)",
     "align": "none, or eot: every train window starts at a document start (an end-of-text "
              "token, or the start of the data) so no window opens mid-document; evaluation "
-             "stays sequential and unaligned",
+             "stays sequential and unaligned. Warns when the aligned windows can read less "
+             "than half of the train tokens (few, long documents)",
     "seed": "random seed (model init, data order, dropout)",
     "device": "auto, cuda, cuda:N or cpu (under torchrun: cuda:LOCAL_RANK)",
 }
