@@ -333,9 +333,8 @@ def test_char_writes_nanogpts_train_val_and_meta_pkl(tmp_path, capsys):
     with open(tmp_path / "b.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"text": "Second document."}) + "\n")
     out = tmp_path / "out"
-    write_shard_dir = out / "train_000000.bin"  # a previous tiktoken run in the same directory
-    out.mkdir()
-    prep.write_shard(write_shard_dir, np.arange(10, dtype=np.uint16))
+    out.mkdir()  # holding a previous tiktoken run's files
+    prep.write_shard(out / "train_000000.bin", np.arange(10, dtype=np.uint16))
     (out / "meta.json").write_text("{}")
     assert cli.main(["prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(out),
                      "--tokenizer", "char"]) == 0
