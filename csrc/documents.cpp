@@ -9,15 +9,20 @@ namespace gptfast {
 namespace {
 
 template <typename Token>
-void scan(const Token* tokens, uint64_t last_start, uint64_t eot_token, bool stream_start,
-          DocumentStarts& out) {
-  if (stream_start && tokens[0] != eot_token) out.starts.push_back(0);
+void scan(const Token* tokens, uint64_t n, uint64_t last_start, uint64_t eot_token,
+          bool stream_start, DocumentStarts& out) {
+  if (stream_start && tokens[0] != eot_token) {
+    out.starts.push_back(0);
+    ++out.documents;
+  }
   for (uint64_t p = 0; p <= last_start; ++p) {
     if (tokens[p] == eot_token) {
       out.starts.push_back(p);
       ++out.eot_starts;
     }
   }
+  out.documents += out.eot_starts;
+  for (uint64_t p = last_start + 1; p < n; ++p) out.documents += tokens[p] == eot_token;
 }
 
 template <typename Visit>
@@ -43,9 +48,9 @@ DocumentStarts find_document_starts(const Shard& shard, uint64_t eot_token, uint
   const uint64_t last_start = n - block_size - 1;
   shard.advise(MADV_SEQUENTIAL);
   if (shard.token_bytes() == 2) {
-    scan(static_cast<const uint16_t*>(shard.tokens()), last_start, eot_token, stream_start, out);
+    scan(static_cast<const uint16_t*>(shard.tokens()), n, last_start, eot_token, stream_start, out);
   } else {
-    scan(static_cast<const uint32_t*>(shard.tokens()), last_start, eot_token, stream_start, out);
+    scan(static_cast<const uint32_t*>(shard.tokens()), n, last_start, eot_token, stream_start, out);
   }
   shard.release_pages();  // the scan read the whole shard; keep resident memory low
   out.starts.shrink_to_fit();
@@ -63,6 +68,15 @@ uint64_t count_aligned_windows(const OffsetList& starts, uint64_t block_size) {
   uint64_t count = 0;
   visit_aligned_windows(starts, block_size, [&](uint64_t) { ++count; });
   return count;
+}
+
+uint64_t covered_tokens(const OffsetList& offsets, uint64_t window_tokens) {
+  uint64_t covered = 0;
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    const uint64_t gap = i + 1 < offsets.size() ? offsets[i + 1] - offsets[i] : window_tokens;
+    covered += gap < window_tokens ? gap : window_tokens;
+  }
+  return covered;
 }
 
 }  // namespace gptfast

@@ -58,6 +58,7 @@ class OffsetList {
 struct DocumentStarts {
   OffsetList starts;          // usable document starts, ascending
   uint64_t eot_starts = 0;    // how many of them are end-of-text tokens (not the stream start)
+  uint64_t documents = 0;     // every document start in the shard, usable or not
 };
 
 // One sequential scan of `shard` (madvise sequential, pages released afterwards).
@@ -67,5 +68,10 @@ DocumentStarts find_document_starts(const Shard& shard, uint64_t eot_token, uint
 // The greedy aligned windows over `starts` (see above).
 OffsetList aligned_windows(const OffsetList& starts, uint64_t block_size);
 uint64_t count_aligned_windows(const OffsetList& starts, uint64_t block_size);
+
+// Tokens read by windows of `window_tokens` tokens at `offsets` (ascending): the length of the
+// union of [offset, offset + window_tokens). With the usable starts (random) or the aligned
+// windows (sequential, shuffle) and block_size + 1, the tokens an aligned loader can ever read.
+uint64_t covered_tokens(const OffsetList& offsets, uint64_t window_tokens);
 
 }  // namespace gptfast

@@ -63,7 +63,9 @@ void advise_reads(const LoaderConfig& config, const std::vector<Shard>& shards) 
 // (sequential, shuffle), found by scanning the shards on up to num_threads threads. Throws
 // std::invalid_argument naming the shard when one has no usable document start, and when no
 // end-of-text token starts a window anywhere (wrong eot_token, or data without separators).
-std::vector<OffsetList> document_index(const LoaderConfig& config, const std::vector<Shard>& shards) {
+// Fills `stats` (documents found, tokens the windows cover).
+std::vector<OffsetList> document_index(const LoaderConfig& config, const std::vector<Shard>& shards,
+                                       AlignStats& stats) {
   std::vector<OffsetList> index;
   if (!config.sampler.align_eot) return index;
   const uint64_t T = config.sampler.block_size, eot = config.sampler.eot_token;
@@ -105,12 +107,14 @@ std::vector<OffsetList> document_index(const LoaderConfig& config, const std::ve
         " shard(s); check eot_token (GPT-2's is 50256) or use align=None");
   }
   for (DocumentStarts& shard : found) {
+    stats.documents += shard.documents;
     if (config.sampler.kind == SamplerKind::Random) {
       index.push_back(std::move(shard.starts));
     } else {
       index.push_back(aligned_windows(shard.starts, T));
       shard.starts = OffsetList();  // free the starts now
     }
+    stats.covered_tokens += covered_tokens(index.back(), T + 1);
   }
   return index;
 }
@@ -152,7 +156,7 @@ TokenLoaderCore::TokenLoaderCore(LoaderConfig config)
     : config_((validate(config), std::move(config))),
       shards_(open_usable_shards(config_, skipped_paths_)),
       narrow_token_bytes_(widest_token_bytes(shards_)),
-      sampler_(config_.sampler, token_counts(shards_), document_index(config_, shards_)),
+      sampler_(config_.sampler, token_counts(shards_), document_index(config_, shards_, align_stats_)),
       slots_(config_.prefetch) {
   config_.num_threads = std::min(config_.num_threads, config_.prefetch);
   advise_reads(config_, shards_);

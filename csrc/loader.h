@@ -46,6 +46,12 @@ struct LoaderConfig {
   uint64_t release_bytes = 0;
 };
 
+// align="eot" only: what the document index covers (zeros without align).
+struct AlignStats {
+  uint64_t documents = 0;       // document starts in the usable shards, usable or not
+  uint64_t covered_tokens = 0;  // tokens inside some window the sampler can produce
+};
+
 class TokenLoaderCore {
  public:
   // Opens and validates every shard. Shards shorter than block_size + 1 tokens are skipped
@@ -60,6 +66,7 @@ class TokenLoaderCore {
   const Sampler& sampler() const { return sampler_; }
   const std::vector<Shard>& shards() const { return shards_; }
   const std::vector<std::string>& skipped_paths() const { return skipped_paths_; }
+  const AlignStats& align_stats() const { return align_stats_; }
   size_t prefetch() const { return slots_.size(); }
 
   // Gives slot `slot` its buffer (at least buffer_bytes()); only while the workers are stopped.
@@ -104,6 +111,7 @@ class TokenLoaderCore {
   std::vector<std::string> skipped_paths_;  // before shards_: filled while opening them
   std::vector<Shard> shards_;
   int narrow_token_bytes_ = 2;
+  AlignStats align_stats_;  // before sampler_: filled while building its document index
   Sampler sampler_;
 
   mutable std::mutex mutex_;

@@ -185,6 +185,10 @@ void register_loader(py::module_& m) {
                              [](PyLoaderCore& self) { return self.core().narrow_token_bytes(); })
       .def_property_readonly("num_windows", [](PyLoaderCore& self) { return self.core().sampler().num_windows(); })
       .def_property_readonly("index_bytes", [](PyLoaderCore& self) { return self.core().sampler().index_bytes(); })
+      .def_property_readonly("num_documents",
+                             [](PyLoaderCore& self) { return self.core().align_stats().documents; })
+      .def_property_readonly("covered_tokens",
+                             [](PyLoaderCore& self) { return self.core().align_stats().covered_tokens; })
       .def_property_readonly("prefetch", [](PyLoaderCore& self) { return self.core().prefetch(); })
       .def_property_readonly("skipped_paths", [](PyLoaderCore& self) { return self.core().skipped_paths(); })
       .def_property_readonly("shard_paths",

@@ -154,7 +154,8 @@ def run(args) -> int:
 COMMANDS = {
     "info": ("versions, device, compiled extension, and which backend each op uses",
              "gptfast.cli"),
-    "prepare": ("tokenize .txt/.jsonl documents with tiktoken into llm.c token shards",
+    "prepare": ("tokenize .txt/.jsonl documents (tiktoken, UTF-8 bytes or nanoGPT's characters) "
+                "into token shards",
                 "gptfast.prepare"),
     "bench": ("benchmark the GPT step, the kernels and the token loader over batch size x "
               "context length; writes results.jsonl, results.md and PNG plots. "

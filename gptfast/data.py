@@ -50,6 +50,11 @@ num_workers threads; the shard's pages are released afterwards) and kept compact
 4 bytes per usable start (random) or aligned window (sequential, shuffle), 8 for shards of
 2^32 tokens or more. A shard with no usable document start, or data where no end-of-text token
 starts a window at all (wrong ``eot_token``), is a ``ValueError``.
+
+Coverage: the tokens the aligned windows can ever read (the union of the block_size + 1 tokens
+at every usable start, or at every aligned window) are ``covered_tokens``. When they are less
+than half of the tokens (few, long documents: only their openings are read), opening the
+loader warns with the numbers (:class:`DocumentCoverageWarning`).
 """
 
 from __future__ import annotations
@@ -83,6 +88,13 @@ LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
 RSS_RELEASE_BYTES = 256 << 20
 
 STATE_VERSION = 1
+
+# align="eot" warns when its windows can read less than this fraction of the tokens
+MIN_ALIGNED_COVERAGE = 0.5
+
+
+class DocumentCoverageWarning(UserWarning):
+    """align="eot": the document-aligned windows cover little of the data (few, long documents)."""
 
 
 # ------------------------------------------------------------------------------ files --
@@ -394,11 +406,24 @@ class TokenLoader:
             warnings.warn(f"TokenLoader: skipping {len(self._core.skipped_paths)} shard(s) shorter "
                           f"than block_size + 1 = {self.block_size + 1} tokens: "
                           f"{', '.join(self._core.skipped_paths)}", stacklevel=2)
+        if self.align == "eot":
+            self._warn_if_poorly_covered()
         self._narrow_dtype = torch.int16 if self._core.narrow_token_bytes == 2 else torch.int32
         self._in_flight: deque = deque()  # (CUDA event, pinned buffer) of copies not yet done
         self._pid = os.getpid()
         self._core.start([self._new_buffer() for _ in range(self.prefetch)], 0)
         _OPEN_LOADERS.add(self)
+
+    def _warn_if_poorly_covered(self) -> None:
+        total = sum(self._core.shard_tokens)
+        covered = self._core.covered_tokens
+        if covered >= MIN_ALIGNED_COVERAGE * total:
+            return
+        warnings.warn(f"align='eot': usable windows cover {100 * covered / total:.1f}% of the "
+                      f"{total:,} tokens ({self._core.num_documents:,} documents, block "
+                      f"{self.block_size}): the model trains on document openings only; use "
+                      f"shorter documents, a smaller block_size, or no align",
+                      DocumentCoverageWarning, stacklevel=3)
 
     # -- iteration --
 
@@ -458,6 +483,16 @@ class TokenLoader:
     def index_bytes(self) -> int:
         """Host memory held by the align="eot" document index (0 without align)."""
         return self._core.index_bytes
+
+    @property
+    def num_documents(self) -> int:
+        """align="eot": document starts in the shards in use (0 without align)."""
+        return self._core.num_documents
+
+    @property
+    def covered_tokens(self) -> int:
+        """align="eot": tokens inside some window this sampler can produce (0 without align)."""
+        return self._core.covered_tokens
 
     @property
     def shard_paths(self) -> list[str]:

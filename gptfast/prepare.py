@@ -22,7 +22,24 @@ split is deterministic and spread over the corpus. The last document is the exce
 keeps both splits non-empty: it goes to train if train is still empty, else to val if val is
 still empty and val_fraction > 0 (so with >= 2 documents and val_fraction > 0 both exist).
 
-Tokenizer: ``--encoding NAME`` is ``tiktoken.get_encoding(NAME)``, which downloads the rank file
+Tokenizers (``--tokenizer``, default gpt2):
+
+- a tiktoken encoding name (``gpt2``, ``r50k_base``, ...; the same as ``--encoding NAME``);
+- a path to a local ``.tiktoken`` rank file (the same as ``--tokenizer-file PATH``, see below);
+- ``byte``: token b (0..255) is byte b of the text's UTF-8 encoding and 256 is
+  ``<|endoftext|>`` (vocab_size 257; gptfast/byte_vocab.py); shards and meta.json as above;
+- ``char``: nanoGPT's character-level data (its ``data/shakespeare_char/prepare.py``): the
+  documents concatenated as they are, in input order, with no end-of-text token; the
+  vocabulary is the sorted set of their characters; the first 1 - val_fraction of the
+  characters (default 0.9) go to ``train.bin``, the rest to ``val.bin``, raw uint16 without a
+  header, and ``meta.pkl`` holds ``{"vocab_size", "itos", "stoi"}``, so nanoGPT's train.py and
+  sample.py read the directory as they read shakespeare_char. The whole text is held in memory.
+
+A name wins over a file of the same name (``./char`` names the file). Each kind removes the
+other kind's files from DIR (train_*.bin, val_*.bin, meta.json / train.bin, val.bin, meta.pkl),
+so ``gptfast train`` never reads a stale mix.
+
+``--encoding NAME`` is ``tiktoken.get_encoding(NAME)``, which downloads the rank file
 on first use. Offline, ``--tokenizer-file PATH`` reads a local ``.tiktoken`` rank file (one
 "base64(token bytes) rank" per line) and builds a GPT-2-family encoding from it: GPT-2's
 pre-tokenizer pattern and ``<|endoftext|>`` = n_vocab of the file (max rank + 1), as gpt2,
@@ -38,6 +55,7 @@ import binascii
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import sys
 import time
@@ -46,6 +64,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .byte_vocab import ByteEncoding
+from .char_vocab import META_PKL
 from .data import LLMC_HEADER_INTS, LLMC_MAGIC_UINT16, LLMC_MAGIC_UINT32, LLMC_VERSION, splitmix64
 
 ENDOFTEXT = "<|endoftext|>"
@@ -54,6 +74,10 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 GPT2_FAMILY = ("gpt2", "r50k_base", "p50k_base")
 SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
 DOCUMENT_SUFFIXES = (".txt", ".jsonl")
+TOKENIZER_KINDS = ("char", "byte")  # besides tiktoken names and rank files
+DEFAULT_VAL_FRACTION = 0.0005
+CHAR_VAL_FRACTION = 0.1  # nanoGPT's shakespeare_char split
+NANOGPT_FILES = ("train.bin", "val.bin", META_PKL)
 
 
 # --------------------------------------------------------------------------- tokenizer --
@@ -285,16 +309,108 @@ def encode_documents(documents: Iterator[str], encoder, eot: int, dtype: np.dtyp
 
 # ----------------------------------------------------------------------------- prepare --
 
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.endswith(".tiktoken")
+
+
+def resolve_tokenizer(tokenizer: str | None, encoding: str | None,
+                      tokenizer_file: str | os.PathLike | None) -> tuple[str, str | None, str | None]:
+    """(kind, tiktoken encoding name, rank file) from --tokenizer, --encoding and
+    --tokenizer-file: kind is "char", "byte" or "tiktoken". Conflicting choices are a ValueError."""
+    if tokenizer is None:
+        return "tiktoken", encoding or "gpt2", tokenizer_file
+    if tokenizer in TOKENIZER_KINDS:
+        if encoding is not None or tokenizer_file is not None:
+            raise ValueError(f"--tokenizer {tokenizer} takes no --encoding or --tokenizer-file")
+        return tokenizer, None, None
+    if os.path.isfile(tokenizer):
+        if tokenizer_file is not None:
+            raise ValueError("--tokenizer FILE and --tokenizer-file: pass one of them")
+        return "tiktoken", encoding or "gpt2", tokenizer
+    if _looks_like_path(tokenizer):
+        raise ValueError(f"--tokenizer {tokenizer}: no such rank file")
+    if encoding is not None:
+        raise ValueError(f"--tokenizer {tokenizer} and --encoding {encoding}: pass one of them")
+    return "tiktoken", tokenizer, tokenizer_file
+
+
+def _remove(out: Path, names) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temp = _atomic_path(path)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def prepare_char(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
+                 val_fraction: float = CHAR_VAL_FRACTION) -> dict:
+    """nanoGPT's character-level data in `out_dir` (train.bin, val.bin, meta.pkl; see the
+    module docstring); returns a summary (``format``, ``encoding``, ``vocab_size``,
+    ``train_tokens``, ``val_tokens``, ``documents``)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = find_document_files(inputs)
+    if not files:
+        raise ValueError(f"no .txt or .jsonl files in {[os.fspath(i) for i in inputs]}")
+    texts = list(iter_documents(files))
+    text = "".join(texts)
+    code_points = np.frombuffer(text.encode("utf-32-le"), "<u4")
+    # sorted code points = nanoGPT's sorted(set(text)); ids index them
+    vocabulary, ids = np.unique(code_points, return_inverse=True)
+    if len(vocabulary) > 1 << 16:
+        raise ValueError(f"{len(vocabulary):,} distinct characters do not fit nanoGPT's uint16 "
+                         "tokens; use --tokenizer byte or a tiktoken encoding")
+    split = int(len(ids) * (1 - val_fraction))  # nanoGPT: data[:int(n*0.9)], data[int(n*0.9):]
+    if split == 0:
+        raise ValueError(f"{len(ids)} character(s) of text leave nothing to train on")
+    ids = ids.astype("<u2")
+    itos = {i: chr(c) for i, c in enumerate(vocabulary.tolist())}
+    meta = {"vocab_size": len(itos), "itos": itos, "stoi": {c: i for i, c in itos.items()}}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove(out, [META_PKL, "meta.json"])  # meta.pkl present only once this run is complete
+    _remove(out, [p.name for p in out.iterdir() if SHARD_NAME.match(p.name)])
+    _write_atomically(out / "train.bin", ids[:split].tobytes())
+    if split < len(ids):
+        _write_atomically(out / "val.bin", ids[split:].tobytes())
+    else:
+        _remove(out, ["val.bin"])
+    _write_atomically(out / META_PKL, pickle.dumps(meta))
+    return {"format": "nanogpt", "encoding": "char", "vocab_size": len(itos),
+            "train_tokens": split, "val_tokens": len(ids) - split, "documents": len(texts)}
+
+
 def prepare(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
-            encoding: str = "gpt2", tokenizer_file: str | os.PathLike | None = None,
-            encoder=None, val_fraction: float = 0.0005, shard_tokens: int = 100_000_000,
+            tokenizer: str | None = None, encoding: str | None = None,
+            tokenizer_file: str | os.PathLike | None = None,
+            encoder=None, val_fraction: float | None = None, shard_tokens: int = 100_000_000,
             workers: int | None = None, progress: bool = True, eot: str = "prepend") -> dict:
     """Tokenizes `inputs` into llm.c shards in `out_dir`; returns the meta.json contents.
 
-    `encoder`: a ready tiktoken.Encoding (overrides `encoding`/`tokenizer_file`); it needs
+    `tokenizer`: see the module docstring (``"char"`` delegates to :func:`prepare_char` and
+    returns its summary). `encoder`: a ready tiktoken.Encoding (overrides the rest); it needs
     the special token <|endoftext|>. `eot`: "prepend" (llm.c) or "append" <|endoftext|> to
-    every document.
+    every document. `val_fraction`: default 0.0005 of the documents (0.1 of the characters
+    for char).
     """
+    kind, encoding, tokenizer_file = resolve_tokenizer(tokenizer, encoding, tokenizer_file)
+    if kind == "char" and encoder is None:
+        return prepare_char(inputs, out_dir, val_fraction=CHAR_VAL_FRACTION
+                            if val_fraction is None else val_fraction)
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
+    if kind == "byte" and encoder is None:
+        encoder = ByteEncoding()
     if eot not in EOT_PLACEMENTS:
         raise ValueError(f"eot must be one of {', '.join(EOT_PLACEMENTS)}, got {eot!r}")
     if not 0.0 <= val_fraction < 1.0:
@@ -317,6 +433,7 @@ def prepare(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # present only once this run is complete
+    _remove(out, NANOGPT_FILES)  # a char run's files
     writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
     documents = {"train": 0, "val": 0}
 
@@ -398,16 +515,23 @@ def add_arguments(parser) -> None:
                         help=".txt files (one document each), .jsonl files (a \"text\" field per "
                              "line) or directories of them")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--encoding", default="gpt2",
+    parser.add_argument("--tokenizer", metavar="char|byte|NAME|FILE",
+                        help="char: nanoGPT's character-level train.bin, val.bin and meta.pkl; "
+                             "byte: UTF-8 bytes 0-255 and <|endoftext|> = 256 (vocab 257) in "
+                             "llm.c shards; NAME: a tiktoken encoding (default gpt2); FILE: a "
+                             "local .tiktoken rank file (as --tokenizer-file)")
+    parser.add_argument("--encoding", default=None,
                         help="tiktoken encoding name (default gpt2); with --tokenizer-file, the "
                              "GPT-2 family it belongs to")
     parser.add_argument("--tokenizer-file", metavar="PATH",
                         help="local .tiktoken rank file, for offline use")
-    parser.add_argument("--val-fraction", type=float, default=0.0005,
-                        help="fraction of documents for validation (default 0.0005)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000,
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help=f"fraction of documents for validation (default "
+                             f"{DEFAULT_VAL_FRACTION}); with --tokenizer char the last fraction "
+                             f"of the characters (default {CHAR_VAL_FRACTION}, nanoGPT's split)")
+    parser.add_argument("--shard-tokens", type=int, default=None,
                         help="tokens per shard (default 100000000)")
-    parser.add_argument("--eot", choices=EOT_PLACEMENTS, default="prepend",
+    parser.add_argument("--eot", choices=EOT_PLACEMENTS, default=None,
                         help="where <|endoftext|> goes: before every document (prepend, default: "
                              "llm.c's token stream) or after it (append)")
     parser.add_argument("--workers", type=int, default=None,
@@ -416,12 +540,24 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     try:
-        meta = prepare(args.inputs, args.out, encoding=args.encoding,
+        if args.tokenizer == "char":
+            given = [flag for flag, value in (("--eot", args.eot), ("--shard-tokens", args.shard_tokens))
+                     if value is not None]
+            if given:
+                raise ValueError(f"--tokenizer char writes one train.bin and no end-of-text "
+                                 f"token: {' and '.join(given)} do not apply")
+        meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, encoding=args.encoding,
                        tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction,
-                       shard_tokens=args.shard_tokens, workers=args.workers, eot=args.eot)
+                       shard_tokens=args.shard_tokens or 100_000_000, workers=args.workers,
+                       eot=args.eot or "prepend")
     except (ValueError, OSError, RuntimeError) as err:
         print(f"gptfast prepare: error: {err}", file=sys.stderr)
         return 1
+    if meta["format"] == "nanogpt":
+        print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val characters "
+              f"({meta['vocab_size']} distinct) of {meta['documents']:,} documents to {args.out}: "
+              f"train.bin, val.bin and meta.pkl (nanoGPT's char-level format)")
+        return 0
     print(f"wrote {meta['train_tokens']:,} train tokens ({meta['train_documents']:,} documents, "
           f"{len(meta['train_shards'])} shards) and {meta['val_tokens']:,} val tokens "
           f"({meta['val_documents']:,} documents, {len(meta['val_shards'])} shards) of "

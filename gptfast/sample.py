@@ -6,7 +6,8 @@ GPT-2 directory (anything :meth:`gptfast.GPT.from_pretrained` loads). The tokeni
 1. ``--meta PATH``: a nanoGPT char-level ``meta.pkl`` (read as plain data only);
 2. ``--tokenizer-file PATH``: a local tiktoken rank file (offline);
 3. the tokenizer a gptfast training checkpoint recorded: its data's tiktoken encoding (with
-   its local rank file), or the characters of its data's nanoGPT ``meta.pkl``;
+   its local rank file), the bytes of ``gptfast prepare --tokenizer byte``, or the characters
+   of its data's nanoGPT ``meta.pkl``;
 4. for a nanoGPT checkpoint whose ``config`` names a ``dataset``: ``data/<dataset>/meta.pkl``
    relative to the working directory, where it exists (nanoGPT's sample.py rule);
 5. tiktoken's gpt2.
@@ -22,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from .byte_vocab import ENCODING_NAME as BYTE_ENCODING
+from .byte_vocab import ByteEncoding
 from .char_vocab import ENCODING_NAME as CHAR_ENCODING
 from .char_vocab import META_PKL, CharEncoding, MetaPickleError
 
@@ -83,12 +86,14 @@ def load_tokenizer(ckpt, tokenizer_file=None, meta=None):
     if tokenizer_file is None:
         if info.get("encoding") == CHAR_ENCODING:
             return CharEncoding.from_tokenizer_info(info)
+        if info.get("encoding") == BYTE_ENCODING:
+            return ByteEncoding()
         meta_path = None if info else nanogpt_meta_path(checkpoint)
         if meta_path is not None:
             return _char_encoding(meta_path)
     encoding = info.get("encoding") or "gpt2"
-    if encoding == CHAR_ENCODING:
-        encoding = "gpt2"  # --tokenizer-file given for a char-level checkpoint: the user's call
+    if encoding in (CHAR_ENCODING, BYTE_ENCODING):
+        encoding = "gpt2"  # --tokenizer-file given for a char/byte checkpoint: the user's call
     if tokenizer_file is None:
         recorded = info.get("tokenizer_file")
         if recorded and not os.path.exists(recorded):

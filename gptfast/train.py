@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,10 @@ class TrainError(RuntimeError):
 
 class TrainingDiverged(TrainError):
     """The loss became NaN or infinite; the last good checkpoint was left in place."""
+
+
+class EvaluationInterrupted(Exception):
+    """Ctrl-C/SIGTERM arrived during an evaluation, which stops at its next batch."""
 
 
 # ----------------------------------------------------------------------------- settings --
@@ -157,7 +162,8 @@ HELP = {
               "included (combines with --attention document; 0: no window)",
     "align": "none, or eot: every train window starts at a document start (an end-of-text "
              "token, or the start of the data) so no window opens mid-document; evaluation "
-             "stays sequential and unaligned",
+             "stays sequential and unaligned. Warns when the aligned windows can read less "
+             "than half of the train tokens (few, long documents)",
     "seed": "random seed (model init, data order, dropout)",
     "device": "auto, cuda, cuda:N or cpu (under torchrun: cuda:LOCAL_RANK)",
 }
@@ -249,23 +255,81 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def resolve_config(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[dict]]:
-    """(settings, checkpoint to resume or None): defaults < checkpoint < config file < overrides."""
+# A run on a CPU gets nanoGPT's own CPU recipe (its README's shakespeare_char command and
+# config: a 0.8M-parameter model, 20 eval batches) for every one of these it does not set, so
+# the first log line comes in seconds rather than after GPT-2 124M's 200-batch evaluation.
+CPU_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12,
+                "grad_accum": 1, "max_iters": 2000, "lr_decay_iters": 2000, "warmup_iters": 100,
+                "eval_interval": 250, "eval_iters": 20, "log_interval": 10}
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+def runs_on_cpu(device_setting: str) -> bool:
+    if device_setting == "auto":
+        return not torch.cuda.is_available()
+    return torch.device(device_setting).type == "cpu"
+
+
+def cpu_defaults(given: dict) -> dict:
+    """The CPU_DEFAULTS for the settings not in `given` (a config file's and the command
+    line's). The architecture ones only for a scratch model of the default preset (--model or
+    --init PATH decide the architecture otherwise); lr_decay_iters follows a given max_iters."""
+    chosen = {}
+    for name, value in CPU_DEFAULTS.items():
+        if name in given:
+            continue
+        if name in ARCHITECTURE and (given.get("init", "scratch") != "scratch" or "model" in given):
+            continue
+        chosen[name] = value
+    if "lr_decay_iters" in chosen and "max_iters" in given:
+        chosen["lr_decay_iters"] = given["max_iters"]
+    if "warmup_iters" in chosen:
+        decay = chosen.get("lr_decay_iters", given.get("lr_decay_iters"))
+        chosen["warmup_iters"] = min(chosen["warmup_iters"], decay)
+    return chosen
+
+
+def resolve(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[dict], dict]:
+    """(settings, checkpoint to resume or None, the CPU defaults applied): defaults (CPU
+    defaults on a CPU, see cpu_defaults) < checkpoint < config file < overrides. A resumed
+    run takes every setting it does not override from its checkpoint."""
     given = read_config_file(config_file) if config_file else {}
     given.update({k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
     base = dataclasses.asdict(TrainConfig())
     checkpoint = None
+    applied = {}
     if given.get("init") == "resume":
         if not given.get("out"):
             raise TrainError("--init resume needs --out DIR holding ckpt.pt")
         checkpoint = load_checkpoint(Path(given["out"]) / CHECKPOINT_NAME)
         saved = {k: v for k, v in checkpoint["config"].items() if k in base}
         base.update(saved)
+    elif _device_is_cpu(given.get("device", base["device"])):
+        applied = cpu_defaults(given)
+        base.update(applied)
     base.update(given)
     for name in ("data", "out", "train_files", "val_files"):
         if base[name]:
             base[name] = os.path.abspath(base[name])  # a resumed run may start elsewhere
-    return validate(TrainConfig(**base)), checkpoint
+    return validate(TrainConfig(**base)), checkpoint, applied
+
+
+def _device_is_cpu(setting: str) -> bool:
+    try:
+        return runs_on_cpu(setting)
+    except RuntimeError:
+        return False  # not a device: validate() reports it
+
+
+def resolve_config(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[dict]]:
+    """(settings, checkpoint to resume or None): see resolve()."""
+    cfg, checkpoint, _ = resolve(overrides, config_file)
+    return cfg, checkpoint
+
+
+def describe_cpu_defaults(applied: dict) -> str:
+    flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in applied.items())
+    return f"CPU defaults (no GPU; a flag or --config setting overrides each): {flags}"
 
 
 # ---------------------------------------------------------------------------- devices --
@@ -677,6 +741,49 @@ class Reporter:
             self.file.close()
 
 
+class EvalProgress:
+    """Progress of one evaluation on rank 0's stderr: a transient tqdm bar on a terminal;
+    otherwise plain lines, the first once the evaluation looks longer than QUIET_S (after its
+    first batch, with an estimate of the time left), then one every EVERY_S."""
+
+    QUIET_S = 5.0
+    EVERY_S = 30.0
+
+    def __init__(self, enabled: bool, it: int, total: int):
+        self.enabled, self.it, self.total = enabled, it, total
+        self.start = time.perf_counter()
+        self.last_line = None
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"eval iter {it}", unit="batch", leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        left = elapsed / done * (self.total - done)
+        if self.last_line is None:
+            if done == self.total or elapsed + left <= self.QUIET_S:
+                return
+        elif now - self.last_line < self.EVERY_S:
+            return
+        self.last_line = now
+        print(f"eval iter {self.it}: {done:,}/{self.total:,} val batches in {elapsed:.1f} s, "
+              f"about {left:.0f} s left (--eval-iters sets the batches; Ctrl-C stops and saves)",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _keep_metrics_before(path: Path, start_iter: int) -> None:
     """Drop what a resumed run will log again: train lines from start_iter, eval lines after it."""
     if not path.exists():
@@ -724,6 +831,18 @@ class StopRequest:
         self.requested = False
         self.second_interrupt_quits = second_interrupt_quits
         self._previous = {}
+        self._raise = None
+
+    @contextlib.contextmanager
+    def raising(self, error: type):
+        """Within it, a stop request also raises `error` at once, from wherever the main thread
+        is (between two torch ops, or in the loader's wait): for work that may stop midway
+        without losing anything, like an evaluation."""
+        self._raise = error
+        try:
+            yield
+        finally:
+            self._raise = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -735,6 +854,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT and self.second_interrupt_quits:
             raise KeyboardInterrupt
         self.requested = True
+        if self._raise is not None:
+            error, self._raise = self._raise, None
+            raise error
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -787,16 +909,21 @@ class Trainer:
         self.in_update = False
         self.data_wait = 0.0
         self.snapshot = None
+        self.notes: list[str] = []  # printed after the summary line
 
     # -- setup --
 
     def _make_loaders(self):
         cfg, files = self.cfg, self.data
         try:
-            train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device,
-                                align=cfg.align, eot=eot_token(self.meta))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train = make_loader(files.train, cfg, cfg.sampler, self.dist, self.device,
+                                    align=cfg.align, eot=eot_token(self.meta))
         except ValueError as err:
             raise TrainError(f"train shards: {err}") from None
+        for warning in caught:  # the loader's warnings (short shards, --align eot coverage)
+            self._note(f"warning: train shards: {warning.message}")
         val = None
         if files.val:
             try:
@@ -883,17 +1010,30 @@ class Trainer:
     # -- evaluation, logging, checkpoints --
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean val loss over eval_iters batches (the same batches every time), over all ranks."""
-        self.eval_model.eval()
+    def evaluate(self, it: int = 0, stop: Optional["StopRequest"] = None) -> float:
+        """Mean val loss over eval_iters batches (the same batches every time), over all ranks.
+        Shows progress (EvalProgress). Raises EvaluationInterrupted once ``stop`` is requested:
+        at once in a single process (nothing of an evaluation needs to be kept), at the next
+        batch under DDP (every rank must leave at the same batch)."""
         self.val_loader.load_state_dict(self.val_start)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.eval_iters):
-            x, y = next(self.val_loader)
-            with self._autocast():
-                _, loss = self.eval_model(x, y, return_logits=False)
-            total += loss.float()
-        self.eval_model.train()
+        progress = EvalProgress(self.dist.is_main, it, self.cfg.eval_iters)
+        at_once = (stop.raising(EvaluationInterrupted) if stop is not None and not self.dist.enabled
+                   else contextlib.nullcontext())
+        self.eval_model.eval()
+        try:
+            with at_once:
+                for done in range(1, self.cfg.eval_iters + 1):
+                    if stop is not None and self.dist.any(stop.requested):
+                        raise EvaluationInterrupted
+                    x, y = next(self.val_loader)
+                    with self._autocast():
+                        _, loss = self.eval_model(x, y, return_logits=False)
+                    total += loss.float()
+                    progress.update(done)
+        finally:
+            progress.close()
+            self.eval_model.train()
         return (self.dist.all_sum(total) / (self.cfg.eval_iters * self.dist.world_size)).item()
 
     def _diverged(self, it: int, what: str) -> TrainingDiverged:
@@ -937,11 +1077,12 @@ class Trainer:
         if self.dist.any(bool(self.nonfinite.item())):
             raise self._diverged(it, "a NaN/inf loss appeared")
 
-    def evaluate_and_save(self, it: int, reporter: Reporter, save: bool = True) -> None:
+    def evaluate_and_save(self, it: int, reporter: Reporter, stop: Optional["StopRequest"] = None,
+                          save: bool = True) -> None:
         self._check_finite(it)
         if self.val_loader is not None:
             start = time.perf_counter()
-            self.val_loss = self.evaluate()
+            self.val_loss = self.evaluate(it, stop)
             if not math.isfinite(self.val_loss):
                 raise self._diverged(it, f"the val loss became {self.val_loss}")
             self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
@@ -984,6 +1125,8 @@ class Trainer:
                             resuming=self.start_iter > 0)
         try:
             reporter.message(self._summary())
+            for note in self.notes:
+                reporter.message(note)
             with StopRequest(second_interrupt_quits=not self.dist.enabled) as stop:
                 return self._loop(reporter, stop)
         finally:
@@ -994,10 +1137,10 @@ class Trainer:
         it = self.start_iter
         last_loss = None
         self._take_snapshot(it)
-        if it == 0 and self.val_loader is not None:
-            self.evaluate_and_save(it, reporter, save=False)
-        clock = {"start": time.perf_counter(), "time": time.perf_counter(), "iter": it}
         try:
+            if it == 0 and self.val_loader is not None:
+                self.evaluate_and_save(it, reporter, stop, save=False)
+            clock = {"start": time.perf_counter(), "time": time.perf_counter(), "iter": it}
             while it < cfg.max_iters:
                 if self.dist.any(stop.requested):
                     return self._interrupted(it, reporter, last_loss)
@@ -1008,9 +1151,14 @@ class Trainer:
                 if (it - 1) % cfg.log_interval == 0 or it == cfg.max_iters:
                     last_loss = self.log_train(it - 1, loss, reporter, clock)
                 if it % cfg.eval_interval == 0 and it < cfg.max_iters:
-                    self.evaluate_and_save(it, reporter)
+                    self.evaluate_and_save(it, reporter, stop)
                     clock.update(iter=it, time=time.perf_counter())  # eval time is not step time
                     self.data_wait = 0.0
+            if it > self.start_iter or not self.checkpoint_path.exists():
+                self.evaluate_and_save(it, reporter, stop)
+        except EvaluationInterrupted:
+            reporter.message(f"evaluation at iteration {it} stopped")
+            return self._interrupted(it, reporter, last_loss)
         except KeyboardInterrupt:
             # A second Ctrl-C means now; under DDP the other ranks could not join a save; and
             # mid-update the weights are half-stepped: in each case no consistent state to save.
@@ -1018,8 +1166,6 @@ class Trainer:
                 reporter.message("interrupted: no checkpoint written")
                 raise
             return self._interrupted(self.snapshot["iter_num"], reporter, last_loss)
-        if it > self.start_iter or not self.checkpoint_path.exists():
-            self.evaluate_and_save(it, reporter)
         reporter.message(f"done: {it} iterations, checkpoint {self.checkpoint_path}")
         return TrainResult(it, last_loss, self.val_loss, False, str(self.checkpoint_path))
 
@@ -1088,8 +1234,10 @@ def _saved_config(cfg: TrainConfig, data: DataFiles, meta: Optional[dict]) -> di
     return config
 
 
-def train(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainResult:
-    """Run training as configured (under torchrun, on every rank)."""
+def train(cfg: TrainConfig, checkpoint: Optional[dict] = None,
+          cpu_defaults_applied: Optional[dict] = None) -> TrainResult:
+    """Run training as configured (under torchrun, on every rank); ``cpu_defaults_applied``
+    (from resolve()) is reported after the run's summary."""
     from .backend import use_backend
 
     dist, device = init_distributed(cfg.device)
@@ -1098,6 +1246,8 @@ def train(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainResult:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         with use_backend(cfg.backend):
             trainer = Trainer(cfg, checkpoint, dist, device)
+            if cpu_defaults_applied:
+                trainer.notes.append(describe_cpu_defaults(cpu_defaults_applied))
             try:
                 result = trainer.run()
             finally:
@@ -1112,6 +1262,11 @@ def train(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainResult:
 # -------------------------------------------------------------------------------- CLI --
 
 def add_arguments(parser) -> None:
+    parser.epilog = ("On a CPU (no CUDA, or --device cpu) a new run gets nanoGPT's CPU recipe "
+                     "for each of these it does not set: " +
+                     ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_DEFAULTS.items()) +
+                     " (the model sizes only for a scratch gpt2 preset); the log "
+                     "names the ones applied.")
     parser.add_argument("--config", metavar="FILE.toml",
                         help="settings file (TrainConfig keys); command-line flags override it")
     types = _field_types()
@@ -1132,8 +1287,8 @@ def run(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     try:
-        cfg, checkpoint = resolve_config(overrides, getattr(args, "config", None))
-        result = train(cfg, checkpoint)
+        cfg, checkpoint, applied = resolve(overrides, getattr(args, "config", None))
+        result = train(cfg, checkpoint, applied)
     except TrainError as err:
         print(f"gptfast train: error: {err}", file=sys.stderr)
         return 1

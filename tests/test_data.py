@@ -4,6 +4,7 @@ resumption, thread shutdown."""
 import itertools
 import os
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -674,5 +675,53 @@ def test_eot_bad_inputs_are_clear_errors(tmp_path, document_shards):
         TokenLoader([earlier, later], B, T, align="eot")
     with pytest.raises(ValueError, match="z_late.bin: align='eot' found no document start"):
         next(reference_batches([earlier, later], B, T, align="eot"))
-    with TokenLoader([earlier], 1, T, sampler="sequential", align="eot") as loader:
+    with pytest.warns(data.DocumentCoverageWarning, match="2 documents"):
+        loader = TokenLoader([earlier], 1, T, sampler="sequential", align="eot")
+    with loader:
         assert loader.num_windows == 2  # the stream start and token 40
+
+
+def covered(n_tokens, offsets, width):
+    """Tokens inside some window of `width` tokens at `offsets`, counted on a mask."""
+    mask = np.zeros(n_tokens, bool)
+    for offset in offsets:
+        mask[offset:offset + width] = True
+    return int(mask.sum())
+
+
+@pytest.mark.parametrize("sampler", ["random", "sequential", "shuffle"])
+def test_eot_coverage_of_many_short_documents_is_counted_and_not_warned(document_shards, sampler):
+    paths = data.resolve_paths(document_shards)
+    want_covered = want_documents = 0
+    for i, path in enumerate(paths):
+        tokens = data.open_shard(path)
+        starts = data.reference_document_starts(tokens, T, EOT, stream_start=i == 0)
+        offsets = starts if sampler == "random" else data.reference_aligned_windows(starts, T)
+        want_covered += covered(len(tokens), offsets.tolist(), T + 1)
+        want_documents += int((tokens == EOT).sum()) + (i == 0 and tokens[0] != EOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # many short documents: no coverage warning
+        with TokenLoader(document_shards, B, T, sampler=sampler, align="eot") as loader:
+            assert loader.covered_tokens == want_covered
+            assert loader.num_documents == want_documents
+            total = sum(len(data.open_shard(p)) for p in paths)
+            assert want_covered >= data.MIN_ALIGNED_COVERAGE * total
+    with TokenLoader(document_shards, B, T, sampler=sampler) as plain:
+        assert (plain.covered_tokens, plain.num_documents) == (0, 0)
+
+
+@pytest.mark.parametrize("sampler", ["random", "sequential"])
+def test_eot_warns_with_the_numbers_when_few_long_documents_leave_most_tokens_unread(tmp_path, sampler):
+    block, length = 64, 2000
+    tokens = np.arange(3 * length) % 1000
+    tokens[[length, 2 * length]] = EOT  # three documents: the stream start and two EOTs
+    path = write(tmp_path / "long.bin", llmc_bytes(tokens, MAGIC16))
+    with pytest.warns(data.DocumentCoverageWarning) as caught:
+        loader = TokenLoader(path, 2, block, sampler=sampler, align="eot")
+    with loader:
+        assert loader.covered_tokens == 3 * (block + 1) and loader.num_documents == 3
+    message = str(caught[0].message)
+    percent = 100 * 3 * (block + 1) / (3 * length)
+    assert (f"align='eot': usable windows cover {percent:.1f}% of the 6,000 tokens "
+            f"(3 documents, block 64): the model trains on document openings only") in message
+    assert caught[0].filename == __file__  # points at the caller's line

@@ -4,6 +4,7 @@ import base64
 import glob
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -307,3 +308,139 @@ def test_write_shard_is_atomic_and_readable(tmp_path):
     prep.write_shard(tmp_path / "s.bin", np.arange(5, dtype=np.uint16))
     assert os.listdir(tmp_path) == ["s.bin"]
     np.testing.assert_array_equal(open_shard(tmp_path / "s.bin"), np.arange(5))
+
+
+# ------------------------------------------------------------------ --tokenizer char|byte --
+
+CHAR_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. ü✓\n"
+
+
+def nanogpt_char_data(text):
+    """nanoGPT's data/shakespeare_char/prepare.py, restated: sorted characters, a 90/10 split."""
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = len(text)
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
+    return ids[:int(n * 0.9)], ids[int(n * 0.9):], meta
+
+
+def test_char_writes_nanogpts_train_val_and_meta_pkl(tmp_path, capsys):
+    from gptfast.char_vocab import read_meta_pkl
+    from gptfast.train import read_data_meta, shard_paths
+
+    (tmp_path / "a.txt").write_text(CHAR_TEXT * 3, encoding="utf-8")
+    with open(tmp_path / "b.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "Second document."}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()  # holding a previous tiktoken run's files
+    prep.write_shard(out / "train_000000.bin", np.arange(10, dtype=np.uint16))
+    (out / "meta.json").write_text("{}")
+    assert cli.main(["prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(out),
+                     "--tokenizer", "char"]) == 0
+    assert "train.bin, val.bin and meta.pkl" in capsys.readouterr().out
+    train, val, meta = nanogpt_char_data(CHAR_TEXT * 3 + "Second document.")
+    assert sorted(os.listdir(out)) == ["meta.pkl", "train.bin", "val.bin"]  # stale files gone
+    np.testing.assert_array_equal(np.fromfile(out / "train.bin", np.uint16), train)  # no header
+    np.testing.assert_array_equal(np.fromfile(out / "val.bin", np.uint16), val)
+    with open(out / "meta.pkl", "rb") as f:
+        assert pickle.load(f) == meta
+    assert read_meta_pkl(out / "meta.pkl")["itos"] == meta["itos"]  # the safe reader takes it
+    assert read_data_meta(out)["vocab_size"] == meta["vocab_size"]
+    assert shard_paths(out, "train") == [str(out / "train.bin")]
+    # and back: a tiktoken run removes the char run's files
+    prep.prepare([tmp_path / "a.txt"], out, encoder=make_encoding(), workers=1, progress=False)
+    assert sorted(os.listdir(out)) == ["meta.json", "train_000000.bin"]
+
+
+def test_char_val_fraction_and_errors(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("abcabcabca", encoding="utf-8")
+    out = tmp_path / "out"
+    meta = prep.prepare([tmp_path / "a.txt"], out, tokenizer="char", val_fraction=0.0)
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (10, 0, 3)
+    assert sorted(os.listdir(out)) == ["meta.pkl", "train.bin"]
+    assert prep.prepare([tmp_path / "a.txt"], out, tokenizer="char", val_fraction=0.5)["val_tokens"] == 5
+    with pytest.raises(ValueError, match="leave nothing to train on"):
+        (tmp_path / "one.txt").write_text("x")
+        prep.prepare([tmp_path / "one.txt"], out, tokenizer="char")
+    assert cli.main(["prepare", str(tmp_path / "a.txt"), "--out", str(out), "--tokenizer", "char",
+                     "--eot", "append"]) == 1
+    assert "--eot do not apply" in capsys.readouterr().err
+
+
+def test_byte_tokens_are_utf8_bytes_and_eot_256(corpus, tmp_path):
+    from gptfast.byte_vocab import ByteEncoding
+
+    out = tmp_path / "out"
+    meta = prep.prepare(corpus, out, tokenizer="byte", val_fraction=0.2, workers=2, progress=False)
+    assert (meta["encoding"], meta["vocab_size"], meta["eot_token"], meta["dtype"]) == (
+        "byte", 257, 256, "uint16")
+    splits = expected_split(len(DOCUMENTS), 0.2)
+    for split in ("train", "val"):
+        docs = [d for d, s in zip(DOCUMENTS, splits) if s == split]
+        want = [t for d in docs for t in [256, *d.encode("utf-8")]]
+        np.testing.assert_array_equal(split_tokens(out, split), want)
+        assert ByteEncoding().decode(want) == "".join(EOT + d for d in docs)
+
+
+def test_byte_encoding_round_trips_and_marks_bad_bytes():
+    from gptfast.byte_vocab import ByteEncoding
+
+    encoding = ByteEncoding()
+    text = "ünïcödé ✓ 🎉 and a literal <|endoftext|>"
+    assert encoding.encode_ordinary(text) == list(text.encode("utf-8"))
+    assert encoding.decode(encoding.encode_ordinary(text)) == text
+    assert encoding.encode("a<|endoftext|>b", allowed_special={EOT}) == [97, 256, 98]
+    assert encoding.encode("a<|endoftext|>b") == list(b"a<|endoftext|>b")
+    assert encoding.decode([0xF0, 0x9F, 104, 300]) == "\ufffdh\ufffd"  # cut UTF-8, beyond vocab
+    assert encoding.encode_single_token(EOT) == 256 and encoding.n_vocab == 257
+
+
+def test_tokenizer_flag_names_a_tiktoken_encoding_or_a_rank_file(corpus, tmp_path, monkeypatch, capsys):
+    rank_file = tmp_path / "test.tiktoken"
+    write_rank_file(rank_file, rank_table())
+    assert cli.main(["prepare", *corpus, "--out", str(tmp_path / "file"), "--tokenizer", str(rank_file),
+                     "--val-fraction", "0.1", "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "file" / "meta.json").read_text())
+    assert (meta["encoding"], meta["tokenizer_file"], meta["vocab_size"]) == ("gpt2", str(rank_file), 267)
+    asked = []
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: asked.append(name) or make_encoding())
+    assert cli.main(["prepare", *corpus, "--out", str(tmp_path / "named"), "--tokenizer", "gpt2",
+                     "--workers", "1"]) == 0
+    assert asked == ["gpt2"]
+    capsys.readouterr()
+    for argv, message in [
+        (["--tokenizer", "byte", "--encoding", "gpt2"], "--tokenizer byte takes no --encoding"),
+        (["--tokenizer", "gpt2", "--encoding", "r50k_base"], "pass one of them"),
+        (["--tokenizer", str(rank_file), "--tokenizer-file", str(rank_file)], "pass one of them"),
+        (["--tokenizer", str(tmp_path / "missing.tiktoken")], "no such rank file"),
+    ]:
+        assert cli.main(["prepare", *corpus, "--out", str(tmp_path / "x"), *argv]) == 1
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_char_and_byte_data_train_and_sample_decodes_them(tmp_path, kind, capsys):
+    (tmp_path / "input.txt").write_text(CHAR_TEXT * 40, encoding="utf-8")
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert cli.main(["prepare", str(tmp_path / "input.txt"), "--out", str(data), "--tokenizer", kind,
+                     "--workers", "1"] + (["--val-fraction", "0"] if kind == "byte" else [])) == 0
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head", "2",
+                     "--n-embd", "32", "--block-size", "16", "--batch-size", "4", "--max-iters", "3",
+                     "--device", "cpu", "--eval-iters", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", "--ckpt", str(out), "--start", "Speak", "--num-samples", "2",
+                     "--max-new-tokens", "30", "--device", "cpu"]) == 0
+    drawn = [s.strip("\n") for s in capsys.readouterr().out.split("---------------\n")[:-1]]
+    assert len(drawn) == 2 and all(s.startswith("Speak") for s in drawn)
+    if kind == "char":  # every id decodes to a character of the text
+        assert all(set(s) <= set(CHAR_TEXT) for s in drawn)
+        assert torch_vocab(out) == len(set(CHAR_TEXT))  # meta.pkl's vocab_size, exactly
+    else:
+        assert torch_vocab(out) == 320  # 257 padded to a multiple of 64
+
+
+def torch_vocab(out):
+    import torch
+
+    return torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model_args"]["vocab_size"]

@@ -191,6 +191,110 @@ def test_keyboard_interrupt_mid_step_saves_the_last_complete_step(
     assert losses(out) == losses(uninterrupted)
 
 
+class Trainer:
+    """`python -m gptfast ARGV` in a subprocess, its stderr lines collected by a thread."""
+
+    def __init__(self, argv):
+        import queue
+        import threading
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "gptfast", *argv], env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.stderr = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, text, deadline_s=300):
+        """The first stderr line holding text; fails if the process ends or deadline_s passes
+        first (a generous bound against a hang, not a speed requirement)."""
+        import queue
+
+        try:
+            while (line := self.lines.get(timeout=deadline_s)) is not None:
+                if text in line:
+                    return line
+        except queue.Empty:
+            pass
+        pytest.fail(f"no stderr line with {text!r}; stderr so far:\n{''.join(self.stderr)[-3000:]}")
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_saves_and_progress_is_shown(data, tmp_path):
+    """A million val batches take far longer than the wait below: the run can only exit within
+    it by stopping the evaluation midway."""
+    out = tmp_path / "run"
+    run = Trainer(flags(data, out, max_iters=5, eval_iters=1_000_000))
+    try:
+        progress = run.wait_for_line("val batches")
+        assert progress.startswith("eval iter 0: ") and "/1,000,000 val batches in" in progress
+        assert "s left" in progress
+        run.process.send_signal(signal.SIGTERM)
+        stdout, _ = run.process.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.process.returncode == 130, "".join(run.stderr)[-3000:]
+    assert "evaluation at iteration 0 stopped" in stdout
+    assert "interrupted: checkpoint of iteration 0 written" in stdout
+    state = checkpoint(out)
+    assert state["iter_num"] == 0 and state["loader"]["position"] == 0
+    assert val_losses(out) == []  # the stopped evaluation logged nothing
+    assert cli.main(["train", "--out", str(out), "--init", "resume", "--eval-iters", "2"]) == 0
+    assert [it for it, _ in losses(out)] == [0, 1, 2, 3, 4]
+
+
+def test_an_interrupt_during_a_periodic_evaluation_saves_that_iteration(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = trainer.Trainer.evaluate
+
+    def evaluate(self, it=0, stop=None):
+        if it == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the evaluation after step 4
+        return original(self, it, stop)
+
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
+    assert train(data, out, max_iters=8, eval_interval=2, eval_iters=50) == 130
+    printed = capsys.readouterr().out
+    assert "evaluation at iteration 4 stopped" in printed
+    assert "interrupted: checkpoint of iteration 4 written" in printed
+    assert checkpoint(out)["iter_num"] == 4
+    assert [it for it, _ in val_losses(out)] == [0, 2]
+
+
+def test_a_signal_mid_batch_stops_the_evaluation_inside_that_batch(data, tmp_path, monkeypatch, capsys):
+    """A single process drops the evaluation at once: a long val batch is not finished."""
+    out = tmp_path / "run"
+    original = GPT.forward
+    started, finished = [], []
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            return original(self, *args, **kwargs)
+        started.append(None)
+        if len(started) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+        result = original(self, *args, **kwargs)
+        finished.append(None)
+        return result
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    assert train(data, out, max_iters=4, eval_iters=50) == 130
+    assert (len(started), len(finished)) == (3, 2)
+    assert "interrupted: checkpoint of iteration 0 written" in capsys.readouterr().out
+    assert checkpoint(out)["iter_num"] == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
 # -------------------------------------------------------------------------- failure --
 
 def times(factor):
@@ -266,7 +370,8 @@ def test_two_gloo_ranks_match_one_process_with_doubled_grad_accum(data, tmp_path
 def test_config_file_then_flags_override(tmp_path, data):
     toml = tmp_path / "run.toml"
     toml.write_text('batch-size = 5\nlr = 1\nsampler = "shuffle"\ncompile = true\n')
-    cfg, resumed = trainer.resolve_config({"data": str(data), "out": "o", "lr": 0.5}, toml)
+    gpu = {"data": str(data), "out": "o", "device": "cuda"}  # a GPU run: nanoGPT's defaults
+    cfg, resumed = trainer.resolve_config({**gpu, "lr": 0.5}, toml)
     assert resumed is None
     assert (cfg.batch_size, cfg.lr, cfg.sampler, cfg.compile) == (5, 0.5, "shuffle", True)
     assert cfg.out == os.path.abspath("o") and cfg.grad_accum == 40  # nanoGPT's default
@@ -278,6 +383,47 @@ def test_config_file_then_flags_override(tmp_path, data):
         trainer.resolve_config({"data": "d", "out": "o"}, toml)
     with pytest.raises(trainer.TrainError, match="dtype must be one of"):
         trainer.resolve_config({"data": "d", "out": "o", "dtype": "float8"})
+
+
+def test_cpu_defaults_fill_only_what_the_run_does_not_set(tmp_path, data):
+    base = {"data": str(data), "out": str(tmp_path / "o"), "device": "cpu"}
+    cfg, _, applied = trainer.resolve(base)
+    assert applied == trainer.CPU_DEFAULTS
+    assert {k: getattr(cfg, k) for k in applied} == trainer.CPU_DEFAULTS
+    toml = tmp_path / "run.toml"
+    toml.write_text("eval_iters = 7\n")
+    cfg, _, applied = trainer.resolve({**base, "batch_size": 3, "max_iters": 500}, toml)
+    assert (cfg.batch_size, cfg.eval_iters, cfg.max_iters) == (3, 7, 500)  # set: they win
+    assert not {"batch_size", "eval_iters", "max_iters"} & set(applied)
+    assert cfg.lr_decay_iters == applied["lr_decay_iters"] == 500  # follows the given max_iters
+    assert cfg.n_layer == 4 and cfg.eval_interval == 250
+    cfg, _, applied = trainer.resolve({**base, "lr_decay_iters": 30})
+    assert cfg.warmup_iters == 30 and "lr_decay_iters" not in applied
+    for decided in ({"model": "gpt2-medium"}, {"init": str(tmp_path / "hf")}):
+        cfg, _, applied = trainer.resolve({**base, **decided})
+        assert not set(trainer.ARCHITECTURE) & set(applied) and cfg.n_layer is None
+        assert cfg.block_size == 1024 and applied["eval_iters"] == 20
+    cfg, _, applied = trainer.resolve({**base, "device": "cuda"})
+    assert applied == {} and (cfg.eval_iters, cfg.batch_size) == (200, 12)
+
+
+def test_cpu_defaults_give_a_first_log_line_that_names_them(tmp_path, data):
+    out = tmp_path / "run"
+    run = Trainer(["train", "--data", str(data), "--out", str(out), "--device", "cpu",
+                   "--max-iters", "3"])
+    try:
+        stdout, _ = run.process.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.process.returncode == 0, "".join(run.stderr)[-3000:]
+    lines = stdout.splitlines()
+    assert lines[0].startswith("gptfast train: ") and "(n_layer 4, n_head 4, n_embd 128" in lines[0]
+    assert lines[1] == ("CPU defaults (no GPU; a flag or --config setting overrides each): "
+                        "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 "
+                        "--grad-accum 1 --lr-decay-iters 3 --warmup-iters 3 --eval-interval 250 "
+                        "--eval-iters 20 --log-interval 10")
+    assert lines[2].startswith("eval iter 0: val loss") and lines[3].startswith("iter 0 | loss")
+    assert checkpoint(out)["config"]["eval_iters"] == 20  # saved: a resume keeps them
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, data, capsys):
@@ -565,3 +711,18 @@ def test_train_help_lists_the_attention_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--attention", "--window", "--align"):
         assert flag in text
+
+
+def test_align_eot_on_few_long_documents_warns_with_the_numbers(tmp_path, documents, capsys):
+    data = write_corpus(tmp_path / "data")
+    path = data / "train_000000.bin"
+    header, tokens = path.read_bytes()[:1024], np.fromfile(path, "<u2", offset=1024)
+    tokens[[10_000, 20_000]] = EOT  # three documents of 40,000 tokens: the stream start, two EOTs
+    path.write_bytes(header + tokens.tobytes())
+    assert train(data, tmp_path / "few", max_iters=1, align="eot") == 0
+    percent = 100 * 3 * (TINY["block_size"] + 1) / 40_000
+    assert (f"warning: train shards: align='eot': usable windows cover {percent:.1f}% of the "
+            f"40,000 tokens (3 documents, block 32): the model trains on document openings "
+            f"only") in capsys.readouterr().err
+    assert train(documents, tmp_path / "many", max_iters=1, align="eot") == 0
+    assert "usable windows cover" not in capsys.readouterr().err
