@@ -11,6 +11,7 @@ without CUDA.
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -48,3 +49,16 @@ def triton_backend():
     pytest.importorskip("triton")
     with gptfast.use_backend("triton"):
         yield
+
+
+@pytest.fixture
+def uninstall(monkeypatch):
+    """uninstall("pkg"): imports of pkg and of every submodule fail, as if it were not installed.
+
+    Submodules already imported by an earlier test are hidden too: ``import pkg.sub`` finds
+    ``sys.modules["pkg.sub"]`` without looking at its parent.
+    """
+    def hide(package):
+        for name in [package, *(m for m in sys.modules if m.startswith(package + "."))]:
+            monkeypatch.setitem(sys.modules, name, None)
+    return hide

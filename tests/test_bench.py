@@ -320,10 +320,10 @@ def test_gpt_suite_attention_axis():
 
 
 def test_without_matplotlib_the_sweep_still_writes_results_and_says_why_no_plots(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, uninstall, capsys):
     import gptfast.bench
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    uninstall("matplotlib")  # as if not installed
     monkeypatch.delitem(sys.modules, "gptfast.bench.plots", raising=False)
     monkeypatch.delattr(gptfast.bench, "plots", raising=False)
     assert run_bench(tmp_path, "--suite", "gpt", "--modes", "infer", "--batch-sizes", "1",

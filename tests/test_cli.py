@@ -49,7 +49,7 @@ def test_extension_build_info_is_consistent():
         assert _C.cuda_device_count() >= 0
 
 
-def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, uninstall, capsys):
     """A Hugging Face directory with model.safetensors and no safetensors installed."""
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -59,7 +59,7 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, mo
     (hf / "model.safetensors").write_bytes(b"")
     ranks = tmp_path / "bytes.tiktoken"
     ranks.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    uninstall("safetensors")  # as if not installed
     assert cli.main(["sample", "--ckpt", str(hf), "--tokenizer-file", str(ranks),
                      "--device", "cpu"]) == 1
     err = capsys.readouterr().err
@@ -68,10 +68,10 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, mo
     assert 'pip install "gptfast-kernels[hf]"' in err
 
 
-def test_optional_import_converts_only_a_missing_package(monkeypatch):
+def test_optional_import_converts_only_a_missing_package(monkeypatch, uninstall):
     from gptfast.extras import MissingExtra, optional_import
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    uninstall("matplotlib")
     with pytest.raises(MissingExtra, match=r'plots needs matplotlib, .*\[bench\]"$'):
         with optional_import("matplotlib", "plots"):
             from matplotlib.figure import Figure  # noqa: F401
