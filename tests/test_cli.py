@@ -68,7 +68,7 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, un
     assert 'pip install "gptfast-kernels[hf]"' in err
 
 
-def test_optional_import_converts_only_a_missing_package(monkeypatch, uninstall):
+def test_optional_import_converts_only_a_missing_package(uninstall):
     from gptfast.extras import MissingExtra, optional_import
 
     uninstall("matplotlib")
