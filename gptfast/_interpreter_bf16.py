@@ -81,7 +81,8 @@ def _interpreter_module(version):
     except Exception as err:
         raise RuntimeError(f"gptfast.testing.enable_interpreter_bf16: triton {version} has no "
                            f"importable triton.runtime.interpreter ({err})") from err
-    for name in ("TensorHandle", "InterpreterBuilder", "ReduceOps", "ScanOps", "_get_np_dtype"):
+    for name in ("TensorHandle", "InterpreterBuilder", "ReduceOps", "ScanOps", "_get_np_dtype",
+                 "_interpreter", "_ir"):
         if not hasattr(interpreter, name):
             raise RuntimeError(f"gptfast.testing.enable_interpreter_bf16: triton {version}'s "
                                f"triton.runtime.interpreter has no {name}")
@@ -158,7 +159,10 @@ def _patches(interp):
             return original(self, widen(src), dst_type)
         return cast_impl
 
+    numpy_floats = {tl.float16: np.float16, tl.float32: np.float32, tl.float64: np.float64}
+
     def fp_to_fp(original):
+        """Custom-rounding casts, fp8 casts, and (triton >= 3.9) fp16 <-> bf16."""
         def create_fp_to_fp(self, src, dst_type, rounding_mode):
             to_bf16 = dst_type.scalar == tl.bfloat16
             if not (is_bf16(src) or to_bf16):
@@ -166,10 +170,13 @@ def _patches(interp):
             if is_bf16(src):
                 src = widen(src)
                 if not to_bf16:
-                    if dst_type.scalar == tl.float32:
-                        return src
-                    return original(self, src, dst_type, rounding_mode)
-            elif src.dtype != tl.float32:  # fp8 / fp16 / fp64 -> bf16 goes through fp32
+                    if dst_type.scalar in numpy_floats:  # numpy rounds to nearest even
+                        return TensorHandle(src.data.astype(numpy_floats[dst_type.scalar]),
+                                            dst_type.scalar)
+                    return original(self, src, dst_type, rounding_mode)  # fp32 -> fp8
+            elif src.dtype in numpy_floats:
+                src = TensorHandle(src.data.astype(np.float32), tl.float32)
+            else:  # fp8 -> fp32 is exact
                 src = original(self, src, tl.float32, rounding_mode)
             toward_zero = "RTZ" in str(rounding_mode).upper()
             return TensorHandle(fp32_to_bf16_bits(src.data, toward_zero), tl.bfloat16)
@@ -186,11 +193,13 @@ def _patches(interp):
                     f"gptfast.testing.enable_interpreter_bf16: bf16 atomic {rmwOp} in the "
                     "interpreter (only atomic_add is emulated)")
             # The interpreter runs one program at a time: a plain read-modify-write is atomic.
-            old = self.create_masked_load(ptr, mask, None, None, None, False)
-            new = TensorHandle(fp32_to_bf16_bits(bf16_bits_to_fp32(old.data) + bf16_bits_to_fp32(val.data)),
-                               tl.bfloat16)
-            self.create_masked_store(ptr, new, mask, None, None)
-            return old
+            # (Through the interpreter's C++ load/store: the builder's load/store signatures
+            # change between triton versions.)
+            zeros = np.zeros(ptr.data.shape, dtype=np.uint16)
+            old = interp._interpreter.load(ptr.data, mask.data, zeros, np.dtype(np.uint16))
+            new = fp32_to_bf16_bits(bf16_bits_to_fp32(old) + bf16_bits_to_fp32(val.data))
+            interp._interpreter.store(ptr.data, np.broadcast_to(new, ptr.data.shape), mask.data)
+            return TensorHandle(old, tl.bfloat16)
         return create_atomic_rmw
 
     def reduction(original):

@@ -21,12 +21,22 @@ interpreter really computes bf16 by value. If this Triton's interpreter lacks wh
 relies on, or a probe fails, it raises RuntimeError naming the Triton version, never silently
 does nothing.
 
+``bf16_tolerance(fp16_tolerance)`` is the rule the kernel tests use to test bf16 wherever they
+test fp16: bf16 keeps 8 significant bits against fp16's 11, so its unit roundoff is 2^-8 against
+2^-11 and every rounding a kernel does (inputs of a ``tl.dot`` cast to the input dtype, results
+stored in it) errs 2^3 = 8 times more; a tolerance chosen for fp16 is scaled by 8. (bf16's range
+is fp32's, so no fp16 overflow margin is lost.)
+
 This module imports neither triton nor numpy until ``enable_interpreter_bf16()`` runs.
 """
 
 from __future__ import annotations
 
-__all__ = ["enable_interpreter_bf16", "interpreter_bf16_enabled"]
+__all__ = ["enable_interpreter_bf16", "interpreter_bf16_enabled", "bf16_tolerance",
+           "BF16_ROUNDOFF_OVER_FP16"]
+
+# unit roundoff of bf16 (2^-8) over that of fp16 (2^-11)
+BF16_ROUNDOFF_OVER_FP16 = 8
 
 _STATE = {"enabled": False}
 # (owner class, attribute name) -> the interpreter's own attribute, before the shim
@@ -60,3 +70,19 @@ def enable_interpreter_bf16() -> bool:
     _interpreter_bf16.install(_ORIGINALS, triton.__version__)
     _STATE["enabled"] = True
     return True
+
+
+def bf16_tolerance(fp16_tolerance):
+    """A tolerance chosen for float16 results, scaled for bfloat16 (times 8, see the module doc).
+
+    Takes a number, a tuple/list of numbers (e.g. ``(atol, rtol)``) or a dict of them (e.g.
+    ``dict(atol=..., rtol=...)``) and returns the same shape.
+    """
+    if isinstance(fp16_tolerance, dict):
+        return {key: bf16_tolerance(value) for key, value in fp16_tolerance.items()}
+    if isinstance(fp16_tolerance, (tuple, list)):
+        return type(fp16_tolerance)(bf16_tolerance(value) for value in fp16_tolerance)
+    if isinstance(fp16_tolerance, bool) or not isinstance(fp16_tolerance, (int, float)):
+        raise TypeError(f"fp16_tolerance must be a number, a tuple/list or a dict of numbers, "
+                        f"got {type(fp16_tolerance).__name__}")
+    return fp16_tolerance * BF16_ROUNDOFF_OVER_FP16
