@@ -12,10 +12,12 @@ from torch.utils._pytree import tree_leaves
 
 import gptfast
 from gptfast import reference
+from gptfast.testing import bf16_tolerance
 
 ce = pytest.importorskip("gptfast.kernels.cross_entropy")
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL[torch.bfloat16] = bf16_tolerance(TOL[torch.float16])
 N, V = 29, 1003
 
 
@@ -55,7 +57,8 @@ def assert_close(got, want, dtype, scale=1.0):
 
 # --------------------------------------------------------------------- cross_entropy --
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-2)])
 @pytest.mark.parametrize("keep_logits", [False, True])
@@ -329,7 +332,8 @@ def linear_triton(x, weight, bias, target, grad, **options):
     return loss, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_cross_entropy_matches_reference(monkeypatch, dtype, reduction, with_bias):
@@ -428,7 +432,7 @@ def test_linear_without_grad_only_computes_the_loss():
 
 
 @pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
-                                             (torch.float16, "sum")])
+                                             (torch.float16, "sum"), (torch.bfloat16, "mean")])
 @pytest.mark.parametrize("edited", ["x", "weight", "bias"])
 def test_linear_in_place_edit_before_backward_raises(dtype, reduction, edited):
     """As on the reference backend (F.linear saves x, W): never the stale or the new values."""
@@ -445,7 +449,7 @@ def test_linear_in_place_edit_before_backward_raises(dtype, reduction, edited):
 
 
 @pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
-                                             (torch.float16, "mean")])
+                                             (torch.float16, "mean"), (torch.bfloat16, "sum")])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_retain_graph_second_backward_matches_reference(monkeypatch, dtype, reduction,
                                                                with_bias):
