@@ -367,25 +367,28 @@ def test_linear_chunks_never_hold_rows_by_vocab(monkeypatch):
     assert mode.ops == []
 
 
-def test_linear_weight_gradient_accumulates_in_fp32(monkeypatch):
-    """fp16 inputs in 96 chunks: rounding the running dW to fp16 after each chunk would show."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_linear_weight_gradient_accumulates_in_fp32(monkeypatch, dtype):
+    """Half-precision inputs in 96 chunks: rounding the running dW to the input dtype after each
+    chunk would show."""
     rows, chunk, hidden, vocab = 384, 4, 8, 16
     monkeypatch.setattr(ce, "CHUNK_ROWS", chunk)
-    x = torch.randn(rows, hidden).half()
-    weight = (torch.randn(vocab, hidden) / 4).half()
+    x = torch.randn(rows, hidden).to(dtype)
+    weight = (torch.randn(vocab, hidden) / 4).to(dtype)
     target = torch.randint(0, vocab, (rows,))
     _, (_, want) = linear_reference(x, weight, None, target, torch.tensor(1.0), reduction="sum")
     _, (_, got) = linear_triton(x, weight, None, target, torch.tensor(1.0), reduction="sum")
     error = ((got.double() - want).abs().max() / want.abs().max()).item()
 
     logits = x.double() @ weight.double().t()
-    dlogits = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(target, vocab)).half()
-    running = torch.zeros(vocab, hidden, dtype=torch.float16)
-    for start in range(0, rows, chunk):  # what an fp16 accumulator would do
+    dlogits = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(target, vocab)).to(dtype)
+    running = torch.zeros(vocab, hidden, dtype=dtype)
+    for start in range(0, rows, chunk):  # what a half-precision accumulator would do
         partial = dlogits[start:start + chunk].t().float() @ x[start:start + chunk].float()
-        running = (running.float() + partial).half()
-    fp16_error = ((running.double() - want).abs().max() / want.abs().max()).item()
-    assert error < 6e-4 < 1.5e-3 < fp16_error, (error, fp16_error)
+        running = (running.float() + partial).to(dtype)
+    half_error = ((running.double() - want).abs().max() / want.abs().max()).item()
+    bound, above = (6e-4, 1.5e-3) if dtype == torch.float16 else bf16_tolerance((6e-4, 1.5e-3))
+    assert error < bound < above < half_error, (error, half_error)
 
 
 def test_linear_fp16_keeps_small_gradients_under_a_loss_scale(monkeypatch):
