@@ -1,8 +1,9 @@
 """Cross-entropy kernels against gptfast.reference in fp64.
 
 CPU tests run the real kernels through the Triton interpreter (conftest sets TRITON_INTERPRET=1)
-in fp32 and fp16 at small shapes; bf16 (whose tl.dot the interpreter gets wrong) and full-size
-shapes are in the GPU tests at the end (`pytest -m gpu` on a CUDA machine).
+in fp32, fp16 and bf16 (by value, through the conftest's gptfast.testing.enable_interpreter_bf16)
+at small shapes; full-size shapes are in the GPU tests at the end (`pytest -m gpu` on a CUDA
+machine).
 """
 
 import pytest
