@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import gptfast
-from gptfast.testing import enable_interpreter_bf16, interpreter_bf16_enabled
+from gptfast.testing import bf16_tolerance, enable_interpreter_bf16, interpreter_bf16_enabled
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -155,6 +155,14 @@ def test_enable_is_idempotent_and_public():
     assert enable_interpreter_bf16() is True
     assert enable_interpreter_bf16() is True
     assert interpreter_bf16_enabled()
+
+
+def test_bf16_tolerance_scales_fp16_tolerances_by_the_roundoff_ratio():
+    assert bf16_tolerance(1e-3) == pytest.approx(8e-3)
+    assert bf16_tolerance((3e-3, 1e-2)) == pytest.approx((2.4e-2, 8e-2))
+    assert bf16_tolerance(dict(atol=2e-3, rtol=1e-3)) == pytest.approx(dict(atol=1.6e-2, rtol=8e-3))
+    with pytest.raises(TypeError, match="fp16_tolerance"):
+        bf16_tolerance("1e-3")
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 32), (32, 16, 64)])
@@ -308,7 +316,7 @@ _FRESH_PROCESS = textwrap.dedent("""
     import os, sys
     import gptfast
     assert "triton" not in sys.modules and "gptfast.testing" not in sys.modules
-    from gptfast.testing import enable_interpreter_bf16, interpreter_bf16_enabled
+    from gptfast.testing import bf16_tolerance, enable_interpreter_bf16, interpreter_bf16_enabled
     print("noop", enable_interpreter_bf16(), interpreter_bf16_enabled(), "triton" in sys.modules)
 
     os.environ["TRITON_INTERPRET"] = "1"
