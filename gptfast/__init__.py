@@ -31,6 +31,7 @@ _LAZY = {
     "reference": "gptfast.reference",
     "functional": "gptfast.functional",
     "backend": "gptfast.backend",
+    "testing": "gptfast.testing",
 }
 
 __all__ = [

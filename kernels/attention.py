@@ -78,6 +78,7 @@ import triton.language as tl
 
 from gptfast.backend import interpreter_enabled
 from gptfast.double_backward import creating_graph, raise_if_differentiated
+from gptfast.testing import interpreter_bf16_enabled
 
 # triton.jit decides at definition time whether kernels run in the interpreter.
 _INTERPRET = interpreter_enabled()
@@ -1244,8 +1245,9 @@ def causal_attention_unsupported(q, k, v, scale=None, document_ids=None, window=
         return f"dtype {q.dtype} (the attention kernel takes float16, bfloat16 or float32)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return "bfloat16 tl.dot is wrong in the Triton CPU interpreter"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not interpreter_bf16_enabled():
+        return ("bfloat16 tl.dot is wrong in the Triton CPU interpreter (unless "
+                "gptfast.testing.enable_interpreter_bf16() was called)")
     if q.device.type == "cuda" and _INTERPRET:
         return ("the kernels were defined for the CPU interpreter (TRITON_INTERPRET=1 when "
                 "gptfast.kernels.attention was imported)")

@@ -7,9 +7,12 @@ a kernel is defined), so it is set in pytest_configure, before collection:
 - a run that selects the ``gpu`` marker (``pytest -m gpu``) on a machine with CUDA leaves it
   off, so the kernels are compiled for the GPU.
 An explicit TRITON_INTERPRET in the environment always wins. Tests marked ``gpu`` skip
-without CUDA.
+without CUDA. In interpreter mode gptfast.testing.enable_interpreter_bf16() then makes the
+interpreter compute bfloat16 by value (it is a no-op otherwise), so the kernel tests run bf16
+on CPU too.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -24,6 +27,8 @@ def pytest_configure(config):
     markexpr = config.getoption("markexpr", default="") or ""
     wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
     os.environ.setdefault("TRITON_INTERPRET", "0" if wants_gpu and torch.cuda.is_available() else "1")
+    if importlib.util.find_spec("triton") is not None:
+        gptfast.testing.enable_interpreter_bf16()
 
 
 def pytest_collection_modifyitems(config, items):

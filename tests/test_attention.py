@@ -1,7 +1,8 @@
 """The Triton causal attention kernels against gptfast.reference in fp64.
 
-CPU tests run the real kernels through the Triton interpreter (fp32 and fp16: bf16 tl.dot
-is wrong there); bf16, large shapes and the tuned GPU configs are in the ``gpu`` tests.
+CPU tests run the real kernels through the Triton interpreter (fp32, fp16, and bf16 by value
+through gptfast.testing.enable_interpreter_bf16, which tests/conftest.py turns on); large
+shapes and the tuned GPU configs are in the ``gpu`` tests.
 """
 
 import pytest
@@ -9,11 +10,14 @@ import torch
 
 import gptfast
 from gptfast import reference
+from gptfast.testing import bf16_tolerance
 
 attention = pytest.importorskip("gptfast.kernels.attention")
 
 # (output, gradients) tolerance, used as both atol and rtol, by input dtype
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (3e-3, 8e-3)}
+TOLERANCE[torch.bfloat16] = bf16_tolerance(TOLERANCE[torch.float16])
+HALF = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 
 
 def make_qkv(batch, heads, kv_heads, seq, head_dim, dtype=torch.float32, device="cpu"):
@@ -74,10 +78,11 @@ def test_fp32_matches_reference(triton_backend, case):
 FP16_CASES = ["B2-H3-T77-D32", "T1", "D80-padded", "GQA-H4-Hkv2", "custom-scale"]
 
 
+@HALF
 @pytest.mark.parametrize("case", FP16_CASES)
-def test_fp16_matches_reference(triton_backend, case):
+def test_half_precision_matches_reference(triton_backend, case, dtype):
     *shape, scale = CASES[case]
-    assert_matches_reference(*make_qkv(*shape, dtype=torch.float16), scale=scale)
+    assert_matches_reference(*make_qkv(*shape, dtype=dtype), scale=scale)
 
 
 def test_noncontiguous_qkv_from_fused_projection(triton_backend):
@@ -187,8 +192,9 @@ def test_tma_path_matches_reference(triton_backend, descriptors_made, case):
     assert descriptors_made, "the TMA path built no tensor descriptor"
 
 
-def test_tma_path_fp16_and_atomic_dq(triton_backend, descriptors_made):
-    assert_matches_reference(*make_qkv(1, 4, 2, 45, 32, dtype=torch.float16))
+@HALF
+def test_tma_path_half_precision_and_atomic_dq(triton_backend, descriptors_made, dtype):
+    assert_matches_reference(*make_qkv(1, 4, 2, 45, 32, dtype=dtype))
     previous = attention.set_atomic_dq(True)
     try:
         assert_matches_reference(*make_qkv(1, 4, 2, 45, 32))
@@ -263,6 +269,7 @@ def _forward(q, k, v, document_ids=None, window=None):
 PERSISTENT_CASES = {  # (batch, heads, kv_heads, seq, head_dim, dtype, document starts, window)
     "B2-H3-T77-D32": (2, 3, 3, 77, 32, torch.float32, None, None),
     "GQA-H4-Hkv2-T45-fp16": (1, 4, 2, 45, 32, torch.float16, None, None),
+    "GQA-H4-Hkv2-T45-bf16": (1, 4, 2, 45, 32, torch.bfloat16, None, None),
     "D80-padded": (1, 2, 2, 45, 80, torch.float32, None, None),
     "docs-window-GQA": (2, 4, 2, 75, 16, torch.float32, [7, 30, 31], 13),
 }
@@ -376,14 +383,16 @@ def test_double_backward_raises_instead_of_dropping_second_order_terms(triton_ba
         sum(g.square().sum() for g in grads).backward()
 
 
-def test_unsupported_cases_have_reasons():
+def test_unsupported_cases_have_reasons(monkeypatch):
     unsupported = attention.causal_attention_unsupported
     big = torch.empty(1, 1, 4, 512)
     assert "512" in unsupported(big, big, big)
     wide = torch.empty(1, 1, 4, 8, dtype=torch.float64)
     assert "float64" in unsupported(wide, wide, wide)
     brain = torch.empty(1, 1, 4, 8, dtype=torch.bfloat16)
-    assert "interpreter" in unsupported(brain, brain, brain)
+    assert unsupported(brain, brain, brain) is None  # the conftest's bf16 shim is on
+    monkeypatch.setitem(gptfast.testing._STATE, "enabled", False)
+    assert "enable_interpreter_bf16" in unsupported(brain, brain, brain)
     ok = torch.empty(1, 1, 4, 256)
     assert unsupported(ok, ok, ok) is None
 

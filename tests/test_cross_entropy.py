@@ -1,8 +1,9 @@
 """Cross-entropy kernels against gptfast.reference in fp64.
 
 CPU tests run the real kernels through the Triton interpreter (conftest sets TRITON_INTERPRET=1)
-in fp32 and fp16 at small shapes; bf16 (whose tl.dot the interpreter gets wrong) and full-size
-shapes are in the GPU tests at the end (`pytest -m gpu` on a CUDA machine).
+in fp32, fp16 and bf16 (by value, through the conftest's gptfast.testing.enable_interpreter_bf16)
+at small shapes; full-size shapes are in the GPU tests at the end (`pytest -m gpu` on a CUDA
+machine).
 """
 
 import pytest
@@ -12,10 +13,12 @@ from torch.utils._pytree import tree_leaves
 
 import gptfast
 from gptfast import reference
+from gptfast.testing import bf16_tolerance
 
 ce = pytest.importorskip("gptfast.kernels.cross_entropy")
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL[torch.bfloat16] = bf16_tolerance(TOL[torch.float16])
 N, V = 29, 1003
 
 
@@ -55,7 +58,8 @@ def assert_close(got, want, dtype, scale=1.0):
 
 # --------------------------------------------------------------------- cross_entropy --
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-2)])
 @pytest.mark.parametrize("keep_logits", [False, True])
@@ -329,7 +333,8 @@ def linear_triton(x, weight, bias, target, grad, **options):
     return loss, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_cross_entropy_matches_reference(monkeypatch, dtype, reduction, with_bias):
@@ -363,25 +368,28 @@ def test_linear_chunks_never_hold_rows_by_vocab(monkeypatch):
     assert mode.ops == []
 
 
-def test_linear_weight_gradient_accumulates_in_fp32(monkeypatch):
-    """fp16 inputs in 96 chunks: rounding the running dW to fp16 after each chunk would show."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_linear_weight_gradient_accumulates_in_fp32(monkeypatch, dtype):
+    """Half-precision inputs in 96 chunks: rounding the running dW to the input dtype after each
+    chunk would show."""
     rows, chunk, hidden, vocab = 384, 4, 8, 16
     monkeypatch.setattr(ce, "CHUNK_ROWS", chunk)
-    x = torch.randn(rows, hidden).half()
-    weight = (torch.randn(vocab, hidden) / 4).half()
+    x = torch.randn(rows, hidden).to(dtype)
+    weight = (torch.randn(vocab, hidden) / 4).to(dtype)
     target = torch.randint(0, vocab, (rows,))
     _, (_, want) = linear_reference(x, weight, None, target, torch.tensor(1.0), reduction="sum")
     _, (_, got) = linear_triton(x, weight, None, target, torch.tensor(1.0), reduction="sum")
     error = ((got.double() - want).abs().max() / want.abs().max()).item()
 
     logits = x.double() @ weight.double().t()
-    dlogits = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(target, vocab)).half()
-    running = torch.zeros(vocab, hidden, dtype=torch.float16)
-    for start in range(0, rows, chunk):  # what an fp16 accumulator would do
+    dlogits = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(target, vocab)).to(dtype)
+    running = torch.zeros(vocab, hidden, dtype=dtype)
+    for start in range(0, rows, chunk):  # what a half-precision accumulator would do
         partial = dlogits[start:start + chunk].t().float() @ x[start:start + chunk].float()
-        running = (running.float() + partial).half()
-    fp16_error = ((running.double() - want).abs().max() / want.abs().max()).item()
-    assert error < 6e-4 < 1.5e-3 < fp16_error, (error, fp16_error)
+        running = (running.float() + partial).to(dtype)
+    half_error = ((running.double() - want).abs().max() / want.abs().max()).item()
+    bound, above = (6e-4, 1.5e-3) if dtype == torch.float16 else bf16_tolerance((6e-4, 1.5e-3))
+    assert error < bound < above < half_error, (error, half_error)
 
 
 def test_linear_fp16_keeps_small_gradients_under_a_loss_scale(monkeypatch):
@@ -428,7 +436,7 @@ def test_linear_without_grad_only_computes_the_loss():
 
 
 @pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
-                                             (torch.float16, "sum")])
+                                             (torch.float16, "sum"), (torch.bfloat16, "mean")])
 @pytest.mark.parametrize("edited", ["x", "weight", "bias"])
 def test_linear_in_place_edit_before_backward_raises(dtype, reduction, edited):
     """As on the reference backend (F.linear saves x, W): never the stale or the new values."""
@@ -445,7 +453,7 @@ def test_linear_in_place_edit_before_backward_raises(dtype, reduction, edited):
 
 
 @pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
-                                             (torch.float16, "mean")])
+                                             (torch.float16, "mean"), (torch.bfloat16, "sum")])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_retain_graph_second_backward_matches_reference(monkeypatch, dtype, reduction,
                                                                with_bias):

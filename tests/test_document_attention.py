@@ -1,6 +1,6 @@
 """Document-masked and sliding-window causal attention (``document_ids``, ``window``).
 
-The kernels run through the Triton interpreter on CPU (fp32 and fp16) against
+The kernels run through the Triton interpreter on CPU (fp32, fp16 and bf16) against
 ``gptfast.reference`` in fp64 with the explicit boolean mask; the model's "document" attention
 and its KV-cache generation against full recomputation with the same ids.
 """
@@ -11,10 +11,12 @@ import torch._dynamo
 
 import gptfast
 from gptfast import GPT, GPTConfig, reference
+from gptfast.testing import bf16_tolerance
 
 attention = pytest.importorskip("gptfast.kernels.attention")
 
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (3e-3, 8e-3)}
+TOLERANCE[torch.bfloat16] = bf16_tolerance(TOLERANCE[torch.float16])
 
 
 def make_qkv(batch, heads, kv_heads, seq, head_dim, dtype=torch.float32):
@@ -96,8 +98,9 @@ def test_fp32_matches_masked_reference(triton_backend, case):
 
 @pytest.mark.parametrize("case", [CASES["random-docs"], CASES["window-and-docs"]],
                          ids=["random-docs", "window-and-docs"])
-def test_fp16_matches_masked_reference(triton_backend, case):
-    q, k, v, ids, window = case_inputs(case, torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_matches_masked_reference(triton_backend, case, dtype):
+    q, k, v, ids, window = case_inputs(case, dtype)
     assert_matches_reference(q, k, v, ids, window)
 
 

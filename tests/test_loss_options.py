@@ -14,10 +14,12 @@ import torch.nn.functional as F
 import gptfast
 from gptfast import reference
 from gptfast.nn import CrossEntropyLoss, LinearCrossEntropy
+from gptfast.testing import bf16_tolerance
 
 ce = pytest.importorskip("gptfast.kernels.cross_entropy")
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+TOL[torch.bfloat16] = bf16_tolerance(TOL[torch.float16])
 N, V = 13, 37  # odd, not a multiple of any block
 
 
@@ -159,7 +161,8 @@ def test_cross_entropy_options_match_reference(name, reduction, keep_logits):
     assert_close(got_grad, want_grad, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 def test_options_combined_above_one_block(dtype):
     """softcap + smoothing + weight + ignore_index + z-loss at V above the interpreter's 2048."""
     rows, vocab = 5, 2053
@@ -244,15 +247,18 @@ def linear_run(backend, x, weight, bias, target, grad, **options):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("x_dtype,weight_dtype", [(torch.float32, torch.float32),
                                                   (torch.float16, torch.float32),
-                                                  (torch.float16, torch.float16)])
+                                                  (torch.float16, torch.float16),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
 def test_linear_cross_entropy_options_match_reference(monkeypatch, reduction, x_dtype,
                                                       weight_dtype):
     monkeypatch.setattr(ce, "CHUNK_ROWS", 8)  # 29 rows: 3 full chunks and one of 5
     rows, hidden, vocab = 29, 12, 41
-    # values exact in fp16, so casting the weight for the GEMM rounds nothing
-    x = torch.randn(rows, hidden).half().to(x_dtype)
-    weight = (torch.randn(vocab, hidden) / 3).half().to(weight_dtype)
-    bias = torch.randn(vocab).half().to(weight_dtype)
+    # values exact in the half dtype, so casting the weight for the GEMM rounds nothing
+    half = torch.bfloat16 if x_dtype == torch.bfloat16 else torch.float16
+    x = torch.randn(rows, hidden).to(half).to(x_dtype)
+    weight = (torch.randn(vocab, hidden) / 3).to(half).to(weight_dtype)
+    bias = torch.randn(vocab).to(half).to(weight_dtype)
     target = make_target(rows, vocab)
     options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=2.5,
                    ce_weight=class_weights(vocab), return_z_loss=True)
