@@ -900,7 +900,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
         raise RuntimeError(OVERWRITTEN_LOGITS)
     vocab = logits.shape[-1]
     rows = _unit_stride_rows(logits.reshape(-1, vocab))
-    flat_target = target.reshape(-1).contiguous()
+    flat_target = reference.class_indices(target).reshape(-1).contiguous()
     check_targets = compiling  # eager callers were checked by functional
     class_weight = _class_weight(weight)
     split_z = bool(return_z_loss) or (class_weight is not None and z_loss > 0)
@@ -928,7 +928,7 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduct
                          return_z_loss=False):
     """Triton fused linear + cross-entropy, == ``gptfast.reference.linear_cross_entropy``."""
     rows = x.reshape(-1, x.shape[-1])
-    flat_target = target.reshape(-1).contiguous()
+    flat_target = reference.class_indices(target).reshape(-1).contiguous()
     check_targets = torch.compiler.is_compiling()
     class_weight = _class_weight(ce_weight)
     split_z = bool(return_z_loss) or (class_weight is not None and z_loss > 0)
