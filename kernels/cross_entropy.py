@@ -170,7 +170,7 @@ def _cross_entropy_kernel(
         sum_exp = sum_exp * 2^((m - m') log2 e) + sum(2^((x - m') log2 e)),
     so each logit costs one exp2; lse = m + log(sum_exp). lse itself is only good to the ulp of
     the logits (1e-3 at 1e4), so the loss uses lse - x_t = (m - x_t) + log(sum_exp), the
-    smoothing sums are taken relative to x_t, and p_j = exp2(((x_j - m) - log(sum_exp)) log2 e):
+    smoothing sums are taken relative to x_t, and p_j = exp2((x_j - m) log2 e - log2(sum_exp)):
     differences that are exact near the maximum, as torch's log_softmax.
     Pass 2 writes p_j * (1 + 2 z lse) - (1 - s) [j == t] - s / V, times the row's scale, to
     grad (which may be the logits buffer itself: every block is read before it is written).
@@ -198,7 +198,7 @@ def _cross_entropy_kernel(
         # The target logit first: the smoothing sums are taken relative to it (c below).
         target_logit = tl.load(logits_row + target).to(tl.float32)
         if HAS_SOFTCAP:
-            target_tanh, _ = _tanh_and_slope(target_logit / softcap)
+            target_tanh, _target_slope = _tanh_and_slope(target_logit / softcap)
             target_logit = softcap * target_tanh
         c = tl.where(tl.abs(target_logit) < float("inf"), target_logit, 0.0)
         row_max = tl.full((), float("-inf"), tl.float32)
@@ -265,13 +265,14 @@ def _cross_entropy_kernel(
                 prob_weight = (1.0 + 2.0 * z_loss * lse) * scale
                 target_weight = (1.0 - label_smoothing) * scale
             uniform_weight = label_smoothing / vocab * scale
+            log_sum_log2 = log_sum * LOG2E
             num_blocks = tl.cdiv(vocab, BLOCK_V)
             for block in range(0, num_blocks):
                 cols = (num_blocks - 1 - block) * BLOCK_V + offsets
                 mask = cols < vocab
                 x, slope = _load_logits(logits_row, cols, mask, softcap, HAS_SOFTCAP,
                                         "evict_first")
-                prob = tl.exp2(((x - row_max) - log_sum) * LOG2E)
+                prob = tl.exp2((x - row_max) * LOG2E - log_sum_log2)
                 if HAS_CLASS_WEIGHT and HAS_SMOOTHING:
                     w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                     grad = prob * prob_weight - uniform_weight * w
