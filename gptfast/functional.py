@@ -88,7 +88,7 @@ _UNSIGNED_WIDE = {getattr(torch, name) for name in ("uint16", "uint32", "uint64"
 _INT64 = torch.iinfo(torch.int64)
 
 
-def _check_target(target, rows, logits_name):
+def _checked_target(target, rows, logits_name):
     _tensor("target", target, floating=False)
     if target.dtype.is_complex or target.dtype == torch.bool or target.is_floating_point():
         raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
@@ -100,11 +100,15 @@ def _check_target(target, rows, logits_name):
             f"target must have one class index per row of {logits_name} ({rows} rows), "
             f"got shape {tuple(target.shape)}"
         )
+    # every backend compares class indices with ignore_index and V by value, in int64
+    return reference.class_indices(target)
 
 
 def _check_target_range(target, vocab, ignore_index):
-    """Data-dependent range check; skipped while torch.compile traces (kernels check inside)
-    and for meta tensors (no values to check; the reference ops run on them for shapes)."""
+    """Data-dependent range check of int64 ``target`` (see ``reference.class_indices``: a
+    narrower dtype would wrap ignore_index and vocab into its range); skipped while
+    torch.compile traces (kernels check inside) and for meta tensors (no values to check; the
+    reference ops run on them for shapes)."""
     if target.numel() == 0 or target.is_meta or torch.compiler.is_compiling():
         return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
@@ -273,6 +277,10 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
                   return_z_loss=False, keep_logits=True):
     """Cross-entropy of logits (..., V) against class indices target (...), like F.cross_entropy.
 
+    ``target``: int64, int32, int16, int8 or uint8, compared with ``ignore_index`` and V by
+    value (an ignore_index outside the target dtype's range never matches); bool and the wide
+    unsigned dtypes raise TypeError.
+
     ``reduction``: "mean" over non-ignored rows (0 if all are ignored), "sum", or "none"
     (per-row losses in target's shape, 0 at ignored rows). ``z_loss`` adds
     ``z_loss * logsumexp^2`` per row (Liger's ``lse_square_scale``). The loss is fp32 (fp64
@@ -301,7 +309,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
     if logits.dim() < 2 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be (N, V) or (..., V) with V >= 1, got shape {tuple(logits.shape)}")
     vocab = logits.shape[-1]
-    _check_target(target, logits.numel() // vocab, "logits")
+    target = _checked_target(target, logits.numel() // vocab, "logits")
     _same_device("logits", logits, target=target)
     _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
     _check_class_weight("weight", weight, vocab, logits.device)
@@ -350,7 +358,7 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduct
             raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    _check_target(target, x.numel() // x.shape[-1], "x")
+    target = _checked_target(target, x.numel() // x.shape[-1], "x")
     _same_device("x", x, weight=weight, bias=bias, target=target)
     _check_loss_options(ignore_index, reduction, label_smoothing, z_loss)
     _check_class_weight("ce_weight", ce_weight, vocab, x.device)

@@ -168,7 +168,10 @@ def _cross_entropy_kernel(
 
     Pass 1, online logsumexp in fp32: per block, m' = max(m, max(x)),
         sum_exp = sum_exp * 2^((m - m') log2 e) + sum(2^((x - m') log2 e)),
-    so each logit costs one exp2; lse = m + log(sum_exp).
+    so each logit costs one exp2; lse = m + log(sum_exp). lse itself is only good to the ulp of
+    the logits (1e-3 at 1e4), so the loss uses lse - x_t = (m - x_t) + log(sum_exp), the
+    smoothing sums are taken relative to x_t, and p_j = exp2((x_j - m) log2 e - log2(sum_exp)):
+    differences that are exact near the maximum, as torch's log_softmax.
     Pass 2 writes p_j * (1 + 2 z lse) - (1 - s) [j == t] - s / V, times the row's scale, to
     grad (which may be the logits buffer itself: every block is read before it is written).
     It walks the blocks last to first, so the first blocks it re-reads are the ones pass 1
@@ -192,9 +195,15 @@ def _cross_entropy_kernel(
     in_range = (target >= 0) & (target < vocab)
 
     if in_range & (~ignored):
+        # The target logit first: the smoothing sums are taken relative to it (c below).
+        target_logit = tl.load(logits_row + target).to(tl.float32)
+        if HAS_SOFTCAP:
+            target_tanh, _target_slope = _tanh_and_slope(target_logit / softcap)
+            target_logit = softcap * target_tanh
+        c = tl.where(tl.abs(target_logit) < float("inf"), target_logit, 0.0)
         row_max = tl.full((), float("-inf"), tl.float32)
         sum_exp = tl.zeros((), tl.float32)
-        row_sum = tl.zeros((), tl.float32)  # sum_j x_j, or sum_j w_j x_j with class weights
+        row_sum = tl.zeros((), tl.float32)  # sum_j (x_j - c), or sum_j w_j (x_j - c)
         weight_sum = tl.zeros((), tl.float32)
         for start in range(0, vocab, BLOCK_V):
             cols = start + offsets
@@ -209,32 +218,31 @@ def _cross_entropy_kernel(
             if HAS_SMOOTHING:
                 if HAS_CLASS_WEIGHT:
                     w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    row_sum += tl.sum(w * tl.where(mask, x, 0.0), axis=0)
+                    row_sum += tl.sum(w * tl.where(mask, x - c, 0.0), axis=0)
                     weight_sum += tl.sum(w, axis=0)
                 else:
-                    row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        lse = row_max + tl.log(sum_exp)
-        target_logit = tl.load(logits_row + target).to(tl.float32)
-        if HAS_SOFTCAP:
-            target_tanh, _ = _tanh_and_slope(target_logit / softcap)
-            target_logit = softcap * target_tanh
+                    row_sum += tl.sum(tl.where(mask, x - c, 0.0), axis=0)
+        # lse = row_max + log_sum is rounded to the ulp of the logits (1e-3 at 1e4), so the
+        # loss and the softmax use the differences (row_max - x), exact near the maximum.
+        log_sum = tl.log(sum_exp)
+        lse = row_max + log_sum
+        excess = (row_max - target_logit) + log_sum  # lse - x_t
+        smooth = (row_max - c) + log_sum  # lse - c; the smoothing part is mean_j (lse - x_j)
         z_term = z_loss * lse * lse
         target_weight_class = 1.0
         if HAS_CLASS_WEIGHT:
             target_weight_class = tl.load(class_weight_ptr + target).to(tl.float32)
-            loss = (1.0 - label_smoothing) * target_weight_class * (lse - target_logit)
+            loss = (1.0 - label_smoothing) * target_weight_class * excess
             if HAS_SMOOTHING:
-                loss += label_smoothing / vocab * (weight_sum * lse - row_sum)
+                loss += label_smoothing / vocab * (weight_sum * smooth - row_sum)
             if not SPLIT_Z:
                 loss += z_term
-        elif SPLIT_Z:
-            loss = lse - (1.0 - label_smoothing) * target_logit
-            if HAS_SMOOTHING:
-                loss -= label_smoothing * row_sum / vocab
         else:
-            loss = lse - (1.0 - label_smoothing) * target_logit + z_loss * lse * lse
+            loss = (1.0 - label_smoothing) * excess
             if HAS_SMOOTHING:
-                loss -= label_smoothing * row_sum / vocab
+                loss += label_smoothing * (smooth - row_sum / vocab)
+            if not SPLIT_Z:
+                loss += z_term
         tl.store(loss_ptr + row, loss)
         if SPLIT_Z:
             tl.store(z_term_ptr + row, z_term)
@@ -257,14 +265,14 @@ def _cross_entropy_kernel(
                 prob_weight = (1.0 + 2.0 * z_loss * lse) * scale
                 target_weight = (1.0 - label_smoothing) * scale
             uniform_weight = label_smoothing / vocab * scale
-            lse_log2 = lse * LOG2E
+            log_sum_log2 = log_sum * LOG2E
             num_blocks = tl.cdiv(vocab, BLOCK_V)
             for block in range(0, num_blocks):
                 cols = (num_blocks - 1 - block) * BLOCK_V + offsets
                 mask = cols < vocab
                 x, slope = _load_logits(logits_row, cols, mask, softcap, HAS_SOFTCAP,
                                         "evict_first")
-                prob = tl.exp2(x * LOG2E - lse_log2)
+                prob = tl.exp2((x - row_max) * LOG2E - log_sum_log2)
                 if HAS_CLASS_WEIGHT and HAS_SMOOTHING:
                     w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                     grad = prob * prob_weight - uniform_weight * w
@@ -900,7 +908,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
         raise RuntimeError(OVERWRITTEN_LOGITS)
     vocab = logits.shape[-1]
     rows = _unit_stride_rows(logits.reshape(-1, vocab))
-    flat_target = target.reshape(-1).contiguous()
+    flat_target = reference.class_indices(target).reshape(-1).contiguous()
     check_targets = compiling  # eager callers were checked by functional
     class_weight = _class_weight(weight)
     split_z = bool(return_z_loss) or (class_weight is not None and z_loss > 0)
@@ -928,7 +936,7 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduct
                          return_z_loss=False):
     """Triton fused linear + cross-entropy, == ``gptfast.reference.linear_cross_entropy``."""
     rows = x.reshape(-1, x.shape[-1])
-    flat_target = target.reshape(-1).contiguous()
+    flat_target = reference.class_indices(target).reshape(-1).contiguous()
     check_targets = torch.compiler.is_compiling()
     class_weight = _class_weight(ce_weight)
     split_z = bool(return_z_loss) or (class_weight is not None and z_loss > 0)

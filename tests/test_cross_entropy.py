@@ -8,12 +8,14 @@ machine).
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import gptfast
 from gptfast import reference
 from gptfast.testing import bf16_tolerance
+from gptfast.nn import CrossEntropyLoss, LinearCrossEntropy
 
 ce = pytest.importorskip("gptfast.kernels.cross_entropy")
 
@@ -554,6 +556,153 @@ def test_public_api_compiles_fullgraph(triton_backend):
     _compiled_matches_reference(_logits_then_ce, gptfast.cross_entropy, reference.cross_entropy)
     _compiled_matches_reference(_linear_ce, gptfast.linear_cross_entropy,
                                 reference.linear_cross_entropy)
+
+
+# ------------------------------------------------------------ targets of every integer dtype --
+# Class indices are compared with ignore_index and V by value, whatever target's integer
+# dtype: torch would wrap the Python int into the dtype (uint8: -100 == 156, >= 256 is >= 0).
+# An ignore_index outside the dtype's range never matches. Expected values come from
+# F.cross_entropy on int64 targets in fp64.
+
+TARGET_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+BYTE_VOCAB = 256
+
+
+def _narrow_case(dtype, ignore_index):
+    """Targets in ``dtype`` over V=256 holding 0, 3, the largest class the dtype holds and,
+    when it fits the dtype, ignore_index itself; ignore_index may be outside the range."""
+    info = torch.iinfo(dtype)
+    top = min(info.max, BYTE_VOCAB - 1)
+    values = [0, 3, top, 156 if top >= 156 else 100, 7, 3, top, 0]
+    if info.min <= ignore_index <= info.max:
+        values[4] = ignore_index
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _ignore_indices(dtype):
+    """-100 (default), -1, a class (3), and values outside the dtype that wrap onto class 3
+    (2**bits + 3, -2**bits + 3) or, for uint8, onto the top classes (-1 -> 255, -100 -> 156)."""
+    values = [-100, -1, 3]
+    if dtype != torch.int64:
+        bits = torch.iinfo(dtype).bits
+        values += [2**bits + 3, -(2**bits) + 3]
+    return values
+
+
+def _wanted(logits, weight, target, ignore_index, reduction, grad):
+    """F.cross_entropy (int64 targets, fp64) loss and the gradients of its inputs."""
+    leaves = [t.detach().double().requires_grad_() for t in (logits, weight) if t is not None]
+    rows = leaves[0] if weight is None else leaves[0] @ leaves[1].T
+    loss = F.cross_entropy(rows, target.long(), ignore_index=ignore_index, reduction=reduction)
+    return loss, torch.autograd.grad(loss, leaves, grad.double())
+
+
+def _got(backend, function, logits, weight, target, ignore_index, reduction, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (logits, weight) if t is not None]
+    with gptfast.use_backend(backend):
+        if function == "cross_entropy":
+            loss = gptfast.cross_entropy(leaves[0] * 1, target, ignore_index, reduction)
+        else:
+            loss = gptfast.linear_cross_entropy(leaves[0], leaves[1], target, None, ignore_index,
+                                                reduction)
+    return loss, torch.autograd.grad(loss, leaves, grad)
+
+
+def _inputs(function, rows):
+    if function == "cross_entropy":
+        return 3 * torch.randn(rows, BYTE_VOCAB), None
+    return torch.randn(rows, 6), torch.randn(BYTE_VOCAB, 6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("function", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("dtype", TARGET_DTYPES, ids=str)
+def test_targets_of_every_integer_dtype_compare_by_value(backend, function, dtype):
+    """Every ignore_index of :func:`_ignore_indices`, the reductions taking turns."""
+    for i, ignore_index in enumerate(_ignore_indices(dtype)):
+        reduction = ("mean", "none", "sum")[i % 3]
+        wide = _narrow_case(dtype, ignore_index)
+        target = wide.to(dtype)
+        assert torch.equal(target.long(), wide)
+        logits, weight = _inputs(function, len(wide))
+        grad = upstream(reduction, len(wide))
+        want, want_grads = _wanted(logits, weight, wide, ignore_index, reduction, grad)
+        got, got_grads = _got(backend, function, logits, weight, target, ignore_index,
+                              reduction, grad)
+        where = f"{dtype} ignore_index={ignore_index} {reduction}"
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5, msg=where)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=where)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("function", ["cross_entropy", "linear_cross_entropy"])
+def test_uint8_targets_issue_example(backend, function):
+    """V=250, uint8 targets [0, 156, 17, 100]: -100 must not match 156 (issue 23)."""
+    wide = torch.tensor([0, 156, 17, 100])
+    if function == "cross_entropy":
+        logits, weight = 3 * torch.randn(4, 250), None
+    else:
+        logits, weight = torch.randn(4, 8), torch.randn(250, 8)
+    grad = torch.tensor(1.0)
+    want, want_grads = _wanted(logits, weight, wide, -100, "mean", grad)
+    got, got_grads = _got(backend, function, logits, weight, wide.to(torch.uint8), -100, "mean",
+                          grad)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.double(), w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_byte_level_model_with_uint8_targets(backend):
+    """V=256 with uint8 targets holding 0 and 255: every class is valid, none is ignored,
+    through the nn modules too; a target the dtype holds outside [0, V) still raises."""
+    wide = torch.tensor([0, 255, 128, 1, 254, 0])
+    x = torch.randn(6, 8)
+    head = LinearCrossEntropy(8, BYTE_VOCAB)
+    logits = head.weight.detach() @ x.T
+    want = F.cross_entropy(logits.T.double(), wide)
+    with gptfast.use_backend(backend):
+        got_logits = CrossEntropyLoss()(logits.T.contiguous(), wide.to(torch.uint8))
+        got_linear = head(x, wide.to(torch.uint8))
+        torch.testing.assert_close(got_logits.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_linear.double(), want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"class index 200, outside \[0, 200\)"):
+            gptfast.cross_entropy(torch.randn(2, 200), torch.tensor([5, 200], dtype=torch.uint8))
+        with pytest.raises(ValueError, match=r"class index -3, outside \[0, 9\) and not "
+                                             r"ignore_index=253"):
+            gptfast.cross_entropy(torch.randn(2, 9), torch.tensor([5, -3], dtype=torch.int8),
+                                  ignore_index=253)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_int32_targets_with_ignore_index_beyond_int32_keep_class_zero(backend):
+    """2**32 wrapped into int32 is 0: class 0 must still count in the mean."""
+    wide = torch.tensor([0, 4, 0, 2])
+    logits = torch.randn(4, 5)
+    with gptfast.use_backend(backend):
+        for reduction in ("mean", "none"):
+            want = F.cross_entropy(logits.double(), wide, reduction=reduction)
+            got = gptfast.cross_entropy(logits, wide.int(), ignore_index=2**32,
+                                        reduction=reduction)
+            got_module = CrossEntropyLoss(ignore_index=2**32, reduction=reduction)(logits,
+                                                                                   wide.int())
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_module.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bool_targets_are_a_type_error(backend):
+    """A bool tensor is not class indices (True would silently be class 1)."""
+    target = torch.tensor([True, False, True])
+    with gptfast.use_backend(backend):
+        for call in (lambda: gptfast.cross_entropy(torch.randn(3, 4), target),
+                     lambda: gptfast.linear_cross_entropy(torch.randn(3, 2), torch.randn(4, 2),
+                                                          target),
+                     lambda: CrossEntropyLoss()(torch.randn(3, 4), target),
+                     lambda: LinearCrossEntropy(2, 4)(torch.randn(3, 2), target)):
+            with pytest.raises(TypeError, match="target must be an integer tensor"):
+                call()
 
 
 # ---------------------------------------------------------------------------------- GPU --

@@ -492,3 +492,75 @@ def test_patch_programs(mask, kept_as, dropout):
         else:
             window = PATCH_BLOCK if mask == "window_block" else int(mask.removeprefix("window"))
         assert module._gptfast_window == window
+# ------------------------------------- target dtypes (issue 23, finding 2): cross-entropy --
+# Class indices of any integer dtype mean their values: the same program with int64 targets
+# must give the same numbers, on each backend (both backends once wrapped ignore_index into a
+# uint8 target's range alike, so comparing them with each other could not see it).
+
+TARGET_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+TARGET_OPS = ["cross_entropy", "linear_cross_entropy", "CrossEntropyLoss", "LinearCrossEntropy"]
+TARGET_VOCAB = 256  # a byte-level vocabulary: every uint8 value is a class
+
+
+def _ignore_indices(dtype):
+    """-100 and -1 (outside unsigned ranges), a class (3), and 2**bits + 3 (outside the
+    dtype's range; wrapped into it, it would be class 3)."""
+    values = [-100, -1, 3]
+    return values + ([2 ** torch.iinfo(dtype).bits + 3] if dtype != torch.int64 else [])
+
+
+def _target_values(dtype, ignore_index):
+    top = min(torch.iinfo(dtype).max, TARGET_VOCAB - 1)
+    values = [0, 3, top, 156 if top >= 156 else 100, 3, 0]
+    if torch.iinfo(dtype).min <= ignore_index <= torch.iinfo(dtype).max:
+        values[4] = ignore_index
+    return torch.tensor(values)
+
+
+def _target_dtype_program(op, dtype, ignore_index, reduction):
+    def program(as_dtype=dtype):
+        target = _target_values(dtype, ignore_index).to(as_dtype)
+        h = torch.randn(N, C, requires_grad=True)
+        if op in ("cross_entropy", "CrossEntropyLoss"):
+            weight = torch.randn(TARGET_VOCAB, C, requires_grad=True)
+            logits = h @ weight.T
+            if op == "cross_entropy":
+                loss = gptfast.cross_entropy(logits, target, ignore_index, reduction)
+            else:
+                loss = gptfast.nn.CrossEntropyLoss(ignore_index, reduction)(logits, target)
+            leaves = [h, weight]
+        elif op == "linear_cross_entropy":
+            weight = torch.randn(TARGET_VOCAB, C, requires_grad=True)
+            loss = gptfast.linear_cross_entropy(h, weight, target, None, ignore_index, reduction)
+            leaves = [h, weight]
+        else:
+            head = gptfast.nn.LinearCrossEntropy(C, TARGET_VOCAB, ignore_index=ignore_index,
+                                                 reduction=reduction)
+            loss, leaves = head(h, target), [h, head.weight]
+        return finish(loss, leaves, "backward", None)
+    return program
+
+
+def _target_dtype_cases():
+    """Every (dtype, ignore_index) pair with one op by default, the ops taking turns; the
+    whole product with every op runs with ``pytest -m slow``."""
+    for d, dtype in enumerate(TARGET_DTYPES):
+        for i, ignore_index in enumerate(_ignore_indices(dtype)):
+            for o, op in enumerate(TARGET_OPS):
+                # a wrapped ignore_index beyond the range shows in the mean's count
+                reduction = "mean" if i == 3 else ("mean", "none", "sum")[(d + i + o) % 3]
+                default = o == (d + i) % len(TARGET_OPS)
+                yield pytest.param(
+                    _target_dtype_program(op, dtype, ignore_index, reduction),
+                    id=f"{op}-{str(dtype).removeprefix('torch.')}-ignore{ignore_index}-{reduction}",
+                    marks=() if default else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("program", list(_target_dtype_cases()))
+def test_target_dtype_programs(program):
+    check_program(program)
+    for backend in ("reference", "triton"):
+        narrow, wide = run(program, backend), run(lambda: program(torch.int64), backend)
+        assert narrow[0] == wide[0] == "ok", (narrow, wide)
+        for got, want in zip(narrow[1], wide[1]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=backend)
