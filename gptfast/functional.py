@@ -83,6 +83,9 @@ def _check_layer_norm(x, weight, bias, eps):
     _norm_params(x, weight, bias, eps)
 
 
+# uint64 class indices above 2**63 have no int64 value (2**64 - 100 would become -100, the
+# default ignore_index); every other integer dtype widens to int64 exactly.
+_UINT64 = getattr(torch, "uint64", None)
 # Unsigned types beyond uint8 lack most CPU ops (comparisons included) in torch.
 _UNSIGNED_WIDE = {getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)}
 _INT64 = torch.iinfo(torch.int64)
@@ -92,9 +95,9 @@ def _checked_target(target, rows, logits_name):
     _tensor("target", target, floating=False)
     if target.dtype.is_complex or target.dtype == torch.bool or target.is_floating_point():
         raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
-    if target.dtype in _UNSIGNED_WIDE:
-        raise TypeError(f"target dtype {target.dtype} is not supported (torch has no comparison "
-                        f"ops for it); pass target.long(), or int32/int64 class indices")
+    if _UINT64 is not None and target.dtype == _UINT64:
+        raise TypeError(f"target dtype {target.dtype} is not supported (its values above 2**63 "
+                        f"have no int64 value); pass int64 class indices")
     if target.numel() != rows:
         raise ValueError(
             f"target must have one class index per row of {logits_name} ({rows} rows), "

@@ -156,16 +156,32 @@ def test_ignore_index_beyond_int64_names_the_argument(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
-def test_wide_unsigned_targets_name_the_argument(backend, dtype):
+def test_uint64_targets_name_the_argument(backend):
+    if not hasattr(torch, "uint64"):
+        pytest.skip("this torch has no uint64")
+    target = torch.tensor([0, 1, 5, 2]).to(torch.uint64)
+    raises(backend, TypeError, "target dtype torch.uint64 is not supported", gptfast.cross_entropy,
+           rand(4, 6), target)
+    raises(backend, TypeError, "target dtype torch.uint64 is not supported",
+           gptfast.linear_cross_entropy, rand(4, 8), rand(6, 8), target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_wide_unsigned_targets_are_class_indices_by_value(backend, dtype):
     dtype = getattr(torch, dtype, None)
     if dtype is None:
         pytest.skip("this torch has no such dtype")
-    target = torch.tensor([0, 1, 5, 2]).to(dtype)
-    raises(backend, TypeError, f"target dtype {dtype} is not supported", gptfast.cross_entropy,
-           rand(4, 6), target)
-    raises(backend, TypeError, f"target dtype {dtype} is not supported",
-           gptfast.linear_cross_entropy, rand(4, 8), rand(6, 8), target)
+    logits, x, weight = rand(4, 300), rand(4, 8), rand(300, 8)
+    # 65436 is -100 wrapped into uint16: it must be out of range, not ignored
+    target = torch.tensor([0, 299, 17, 100])
+    with gptfast.use_backend(backend):
+        torch.testing.assert_close(gptfast.cross_entropy(logits, target.to(dtype)),
+                                   F.cross_entropy(logits, target))
+        torch.testing.assert_close(gptfast.linear_cross_entropy(x, weight, target.to(dtype)),
+                                   F.cross_entropy(x @ weight.T, target))
+    bad = torch.tensor([0, 65436, 1, 2]).to(dtype)
+    raises(backend, ValueError, "class index 65436", gptfast.cross_entropy, logits, bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
