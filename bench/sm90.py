@@ -175,7 +175,8 @@ class Recorder:
     """Turns launches of gptfast's kernels into sm_90 compiles while active.
 
     Every Autotuner found in the kernel modules compiles each config its pruner keeps
-    (``Autotuner.warmup``) instead of timing them; every JITFunction compiles (``warmup=True``)
+    (``Autotuner.warmup``, with the runtime spill check off: the report gates the pruner's
+    static model, which must keep no spilling config on its own) instead of timing them; every JITFunction compiles (``warmup=True``)
     instead of launching. ``knobs.runtime.jit_cache_hook`` sees each new specialisation first:
     a cached result is recorded and the compile skipped.
     """
@@ -210,6 +211,8 @@ class Recorder:
                 if isinstance(obj, Autotuner):
                     self._patch(obj, "run", self._autotuner_run(obj))
                     self._patch(obj, "bench", _no_bench)
+                    if hasattr(obj, "spill_check"):  # the static pruner alone: what it keeps
+                        self._patch(obj, "spill_check", False)
                 if isinstance(obj, JITFunction):
                     self._patch(obj, "run", self._jit_run(obj))
                 inner = getattr(obj, "fn", None)

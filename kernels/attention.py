@@ -77,6 +77,7 @@ import triton
 import triton.language as tl
 
 from gptfast.backend import interpreter_enabled
+from gptfast.kernels._autotune import spill_checked_autotune
 from gptfast.double_backward import creating_graph, raise_if_differentiated
 
 # triton.jit decides at definition time whether kernels run in the interpreter.
@@ -912,9 +913,11 @@ def _build(kernel, kind, configs, reset_to_zero=None):
     kernel = triton.heuristics({"EVEN_T": _even_t})(kernel)
     if _INTERPRET:
         return kernel
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": _pruner(kind)},
-                           reset_to_zero=reset_to_zero)(kernel)
+    # the pruner's register model is a prediction: every config it keeps is compiled and
+    # dropped if the compiled kernel spills, before any is timed (gptfast.kernels._autotune)
+    return spill_checked_autotune(configs=configs, key=key,
+                                  prune_configs_by={"early_config_prune": _pruner(kind)},
+                                  reset_to_zero=reset_to_zero)(kernel)
 
 
 # The autotuner also keys on the dtypes of the tensor arguments.
