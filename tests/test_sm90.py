@@ -110,10 +110,16 @@ def test_shared_memory_fits_and_pruner_does_not_underestimate(report):
 
 
 def test_every_dot_is_wgmma(report):
+    """Except the head-dim-256 dK/dV tiles triton >= 3.9 falls back to (no wgmma tile of that
+    kernel fits its registers there): only there, and still spill-free (gated above)."""
     with_dots = [r for r in report if r["dots"]]
     assert with_dots, "no kernel with tl.dot was compiled"
+    expected = [r for r in with_dots if sm90.mma_sync_expected(r["kernel"], r["constexprs"])]
+    newer = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
+    assert all(newer for r in expected), [_where(r) for r in expected]
     slow = [f"{_where(r)}: {r['mma']}, {r['wgmma_dots']} of {r['dots']} dots wgmma"
-            for r in with_dots if r["mma"] != "wgmma" or r["wgmma_dots"] != r["dots"]]
+            for r in with_dots if (r["mma"] != "wgmma" or r["wgmma_dots"] != r["dots"])
+            and r not in expected]
     assert not slow, "\n".join(slow)
 
 
