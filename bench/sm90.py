@@ -175,7 +175,8 @@ class Recorder:
     """Turns launches of gptfast's kernels into sm_90 compiles while active.
 
     Every Autotuner found in the kernel modules compiles each config its pruner keeps
-    (``Autotuner.warmup``) instead of timing them; every JITFunction compiles (``warmup=True``)
+    (``Autotuner.warmup``, with the runtime spill check off: the report gates the pruner's
+    static model, which must keep no spilling config on its own) instead of timing them; every JITFunction compiles (``warmup=True``)
     instead of launching. ``knobs.runtime.jit_cache_hook`` sees each new specialisation first:
     a cached result is recorded and the compile skipped.
     """
@@ -210,6 +211,8 @@ class Recorder:
                 if isinstance(obj, Autotuner):
                     self._patch(obj, "run", self._autotuner_run(obj))
                     self._patch(obj, "bench", _no_bench)
+                    if hasattr(obj, "spill_check"):  # the static pruner alone: what it keeps
+                        self._patch(obj, "spill_check", False)
                 if isinstance(obj, JITFunction):
                     self._patch(obj, "run", self._jit_run(obj))
                 inner = getattr(obj, "fn", None)
@@ -668,9 +671,17 @@ def compare_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def mma_sync_expected(kernel: str, constexprs: dict) -> bool:
+    """The one kept tile family whose dots are mma.sync by design: dK/dV 32-key tiles at head
+    dim 256, kept only on triton >= 3.9, where every wgmma (64-key) tile of that kernel spills
+    (kernels/attention.py ``_DKDV_NARROW_D256``)."""
+    return (kernel == "_attn_bwd_dkdv_kernel" and constexprs.get("BLOCK_D") == 256
+            and constexprs.get("BLOCK_N", 64) < 64)
+
+
 def problems(records) -> list[str]:
     """What the CI gate rejects: spills, shared memory over the block limit or above the
-    pruner's estimate, and dots that are not wgmma."""
+    pruner's estimate, and dots that are not wgmma (but see :func:`mma_sync_expected`)."""
     found = []
     for r in records:
         where = f"{r.case} {r.shape} {r.dtype} {r.kernel} [{r.config}]"
@@ -680,7 +691,7 @@ def problems(records) -> list[str]:
             found.append(f"{where}: {r.smem_bytes} B shared memory > {SMEM_PER_BLOCK}")
         if r.smem_estimate is not None and r.smem_estimate < r.smem_bytes:
             found.append(f"{where}: pruner estimates {r.smem_estimate} B < compiled {r.smem_bytes} B")
-        if r.dots and r.mma != "wgmma":
+        if r.dots and r.mma != "wgmma" and not mma_sync_expected(r.kernel, r.constexprs):
             found.append(f"{where}: {r.dots - r.wgmma_dots} of {r.dots} dots not wgmma ({r.mma})")
     return found
 

@@ -77,6 +77,7 @@ import triton
 import triton.language as tl
 
 from gptfast.backend import interpreter_enabled
+from gptfast.kernels._autotune import spill_checked_autotune
 from gptfast.double_backward import creating_graph, raise_if_differentiated
 from gptfast.testing import interpreter_bf16_enabled
 
@@ -787,6 +788,13 @@ _FWD_CONFIGS += _configs([(128, 64, 8, 3)], PERSISTENT=1)
 _FWD_CONFIGS += _configs([(128, 64, 8, 3)], tma=True, PERSISTENT=1)
 _DKDV_CONFIGS += _configs([(32, 128, 8, 3)], PERSISTENT=1)
 _DKDV_CONFIGS += _configs([(32, 64, 8, 3)], tma=True, PERSISTENT=1)
+# Head dim 256 on triton >= 3.9 (ptxas 13.4 for sm_90): every 64-key dK/dV tile spills at the
+# 255-register cap (16x64 8 warps: 28-32 B with 2-3 stages, pointer or TMA; 148-376 B with 1-2
+# stages on TMA, 400-508 B with 16 warps), so these 32-key tiles are its candidates there: 163-166
+# registers, no spill, but M = 32 < 64 puts the dK/dV dots on mma.sync, not wgmma. The pruner
+# keeps them nowhere else.
+_DKDV_NARROW_D256 = _configs([(16, 32, 8, 2), (16, 32, 8, 3)]) + _configs([(16, 32, 8, 3)], tma=True)
+_DKDV_CONFIGS += _DKDV_NARROW_D256
 # Interpreter: small fixed tiles (fast on CPU) that still take every code path: the
 # diagonal band spans two steps, so masked and unmasked steps meet inside a band.
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -798,10 +806,14 @@ _INTERPRET_PERSISTENT = 0
 # SMs a persistent grid is sized for off a GPU (interpreter, meta tensors): an H100 SXM's
 _DEFAULT_SM_COUNT = 132
 
+# Triton 3.9 assembles sm_90 with ptxas 13.4 (3.6 and 3.8: 12.9), which allocates registers
+# differently: some tiles that fit before spill (see _pruner).
+_TRITON_3_9 = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
 # H100: at most 227 KB of shared memory per block.
 _SMEM_BUDGET = 227 * 1024
 # fp32 accumulator and score elements a thread may hold (see _fp32_per_thread) before
-# ptxas spills: measured on sm_90 (triton 3.6 and 3.8). The forward and dQ kernels keep
+# ptxas spills: measured on sm_90 (triton 3.6 and 3.8; the exceptions triton 3.9's ptxas 13.4
+# adds are rules in _pruner). The forward and dQ kernels keep
 # more bf16 operands and masks live beside their accumulators than dK/dV does; at head dim
 # 256 dK/dV's own K and V operands (64 x 256 each) leave room for less.
 _FP32_PER_THREAD = {"fwd": 128, "dq": 128, "dkdv": 192, "dkdv_d256": 136}
@@ -887,6 +899,21 @@ def _pruner(kind):
             if (kind == "dkdv" and atomic_dq and c.kwargs.get("PERSISTENT", 0)
                     and block_d >= 128):
                 return False
+            # dK/dV 64x128 tiles at head dim >= 128: 254-255 registers on triton 3.6 and 3.8,
+            # and on 3.9 they spill (2 stages 12 B, 3 stages 32 B; 72-88 B with masks).
+            if kind == "dkdv" and block_d >= 128 and m >= 64 and n >= 128:
+                return False
+            # Head dim 256: see _DKDV_NARROW_D256 (32-key tiles only on triton >= 3.9, only there).
+            if kind == "dkdv" and (n < 64) != (block_d >= 256 and _TRITON_3_9):
+                return False
+            # dQ 64x64 tiles at head dim 256 spill 36 B on triton 3.9 (255 registers; 225 on
+            # 3.8); the 64x32 ones stay (179-208 registers on 3.9).
+            if kind == "dq" and block_d >= 256 and n >= 64:
+                return False
+            # The 4-warp 128x64 forward with 4 stages spills 12 B at head dim 64 on triton 3.9
+            # (ragged T); its 3-stage twin does not.
+            if kind == "fwd" and c.num_warps == 4 and m >= 128 and c.num_stages >= 4:
+                return False
             return (smem <= _SMEM_BUDGET and regs <= limit
                     and (tile is None or max(m, n) <= tile))
 
@@ -916,9 +943,11 @@ def _build(kernel, kind, configs, reset_to_zero=None):
     kernel = triton.heuristics({"EVEN_T": _even_t})(kernel)
     if _INTERPRET:
         return kernel
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": _pruner(kind)},
-                           reset_to_zero=reset_to_zero)(kernel)
+    # the pruner's register model is a prediction: every config it keeps is compiled and
+    # dropped if the compiled kernel spills, before any is timed (gptfast.kernels._autotune)
+    return spill_checked_autotune(configs=configs, key=key,
+                                  prune_configs_by={"early_config_prune": _pruner(kind)},
+                                  reset_to_zero=reset_to_zero)(kernel)
 
 
 # The autotuner also keys on the dtypes of the tensor arguments.
