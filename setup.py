@@ -5,7 +5,7 @@
 `bench` lands in site-packages. The extension is plain pybind11 C++ and never needs torch;
 its CUDA part (csrc/*.cu) is compiled only where nvcc is found, and a failed CUDA compile
 falls back to the CPU-only build with a warning rather than failing the install.
-Set GPTFAST_NO_CUDA=1 to skip the CUDA part.
+Set GPTFAST_NO_CUDA=1 to skip the CUDA part, GPTFAST_BUILD_JOBS=N to cap parallel compiles.
 """
 
 import os
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
@@ -86,6 +86,9 @@ class BuildWithOptionalCuda(build_ext):
         # static cudart: the extension needs no libcudart.so at run time, only the driver
         ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
 
+
+# Compile the C++ sources in parallel (GPTFAST_BUILD_JOBS jobs; default: one per CPU).
+ParallelCompile("GPTFAST_BUILD_JOBS").install()
 
 setup(
     packages=["gptfast", "gptfast.kernels", "gptfast.bench"],
