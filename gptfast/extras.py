@@ -23,7 +23,7 @@ DISTRIBUTION = "gptfast-kernels"
 OPTIONAL = {
     "matplotlib": ("matplotlib", "bench", "the PNG plots of gptfast bench"),
     "safetensors": ("safetensors", "hf", "loading Hugging Face GPT-2 weights (model.safetensors)"),
-    "huggingface_hub": ("huggingface-hub", None, "GPT.from_pretrained('gpt2') downloads"),
+    "huggingface_hub": ("huggingface-hub", "hf", "GPT.from_pretrained('gpt2') downloads"),
     "transformers": ("transformers", "test", "patching Hugging Face models; tests against them"),
     "pytest": ("pytest", "test", "the tests and bench/test_microbench.py"),
     "pytest_benchmark": ("pytest-benchmark", "test", "bench/test_microbench.py"),
