@@ -33,7 +33,7 @@ This module imports neither triton nor numpy until ``enable_interpreter_bf16()``
 from __future__ import annotations
 
 __all__ = ["enable_interpreter_bf16", "interpreter_bf16_enabled", "bf16_tolerance",
-           "BF16_ROUNDOFF_OVER_FP16"]
+           "BF16_ROUNDOFF_OVER_FP16", "max_error", "assert_within_reference_error"]
 
 # unit roundoff of bf16 (2^-8) over that of fp16 (2^-11)
 BF16_ROUNDOFF_OVER_FP16 = 8
@@ -86,3 +86,27 @@ def bf16_tolerance(fp16_tolerance):
         raise TypeError(f"fp16_tolerance must be a number, a tuple/list or a dict of numbers, "
                         f"got {type(fp16_tolerance).__name__}")
     return fp16_tolerance * BF16_ROUNDOFF_OVER_FP16
+
+
+def max_error(got, want) -> float:
+    """max |got - want|, computed in fp64."""
+    return (got.double() - want.double()).abs().max().item()
+
+
+def assert_within_reference_error(name, got, ref, exact, slack, factor=4.0):
+    """Assert that ``got`` (a kernel's answer) is as accurate as ``ref`` (the reference
+    backend's answer in the same dtype), both against ``exact`` (fp64 on the same inputs):
+
+        max|got - exact| <= factor * max|ref - exact| + slack * max|exact|
+
+    The reference's own error grows with how ill-conditioned the inputs are, so the bound
+    follows the magnitude of each case without a hand-tuned number; ``slack`` (a few roundings
+    of the output dtype, relative to the largest value) covers the cases the reference
+    happens to get exactly.
+    """
+    scale = exact.double().abs().max().item()
+    ref_error = max_error(ref, exact)
+    bound = factor * ref_error + slack * scale
+    error = max_error(got, exact)
+    assert error <= bound, (f"{name}: kernel error {error:.3g} > bound {bound:.3g} (reference "
+                            f"error {ref_error:.3g}, max |value| {scale:.3g})")

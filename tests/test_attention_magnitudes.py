@@ -39,8 +39,8 @@ largest error is 0.5 of its bound (fp32 dK of constant rows: the backward's P = 
 carries lse2's rounding, about 6e-8 * |lse2|, which the reference's softmax does not), lse2
 is within 2 ulps; the running-max bug gives 20x (bf16) to 1e5x (fp32) the bound.
 
-bf16 runs once ``gptfast.testing.enable_interpreter_bf16()`` exists (Triton's interpreter
-computes bf16 on bit patterns without it); until then those cases skip, naming why.
+bf16 runs through ``gptfast.testing.enable_interpreter_bf16()``, which tests/conftest.py
+turns on (Triton's interpreter computes bf16 on bit patterns without it).
 """
 
 import math
@@ -75,17 +75,6 @@ EDGES = {
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-
-
-def enable_bf16_or_skip():
-    """Triton's interpreter computes bf16 on bit patterns; the shim makes it compute by value."""
-    why = "Triton's interpreter computes bf16 on bit patterns without it"
-    testing = pytest.importorskip("gptfast.testing",
-                                  reason=f"gptfast.testing does not exist yet: {why}")
-    enable = getattr(testing, "enable_interpreter_bf16", None)
-    if enable is None:
-        pytest.skip(f"gptfast.testing.enable_interpreter_bf16 does not exist yet: {why}")
-    enable()
 
 
 # ------------------------------------------------------------------------------- inputs --
@@ -250,8 +239,6 @@ def assert_as_good_as_reference(got, want, ref, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_kernels_match_fp64_at_dtype_edges(family, dtype, case):
-    if dtype == torch.bfloat16:
-        enable_bf16_or_skip()
     (q, k, v, grad_out), ids, window = case_inputs(case, dtype)
     got, lse2 = run_kernels(q, k, v, grad_out, ids, window)
     family.check_it_ran()

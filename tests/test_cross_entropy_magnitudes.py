@@ -26,15 +26,15 @@ for the fp32 weight gradients of linear CE, the logits' dtype for dlogits). FACT
 kernels round in a different order than torch (online max, exp2 with log2(e) folded in),
 which may cost a few ulps more, never orders of magnitude.
 
-bf16 runs only with gptfast.testing.enable_interpreter_bf16 (Triton's interpreter computes
-bf16 on bit patterns without it); until it exists the bf16 cases skip, saying so.
+bf16 runs through gptfast.testing.enable_interpreter_bf16 (tests/conftest.py turns it on;
+Triton's interpreter computes bf16 on bit patterns without it).
 """
 
 import pytest
 import torch
 
 import gptfast
-from gptfast import reference
+from gptfast import reference, testing
 
 ce = pytest.importorskip("gptfast.kernels.cross_entropy")
 
@@ -52,30 +52,13 @@ OPTIONS = {
 }
 
 
-def _bf16_in_interpreter():
-    try:
-        from gptfast import testing
-    except ImportError:
-        return None
-    return getattr(testing, "enable_interpreter_bf16", None)
-
 
 def dtype_param(dtype):
-    marks = ()
-    if dtype == BF16 and _bf16_in_interpreter() is None:
-        marks = pytest.mark.skip(reason="needs gptfast.testing.enable_interpreter_bf16: Triton's "
-                                        "interpreter computes bf16 on bit patterns without it")
-    return pytest.param(dtype, id=str(dtype).removeprefix("torch."), marks=marks)
+    return pytest.param(dtype, id=str(dtype).removeprefix("torch."))
 
 
 DTYPES = [dtype_param(d) for d in (F32, F16, BF16)]
 
-
-@pytest.fixture(autouse=True)
-def _bf16_by_value():
-    enable = _bf16_in_interpreter()
-    if enable is not None:
-        enable()
 
 
 def edge_logits(dtype):
@@ -104,17 +87,8 @@ def upstream(reduction, rows):
     return torch.rand(rows) + 0.5 if reduction == "none" else torch.tensor(1.3)
 
 
-def max_error(got, want):
-    return (got.double() - want.double()).abs().max().item()
-
-
 def assert_within_reference_error(name, got, ref, exact, dtype):
-    """max|got - exact| <= FACTOR * max|ref - exact| + SLACK[dtype] * max|exact|."""
-    scale = exact.double().abs().max().item()
-    bound = FACTOR * max_error(ref, exact) + SLACK[dtype] * scale
-    err = max_error(got, exact)
-    assert err <= bound, (f"{name}: triton error {err:.3g} > bound {bound:.3g} (reference "
-                          f"error {max_error(ref, exact):.3g}, max |value| {scale:.3g})")
+    testing.assert_within_reference_error(name, got, ref, exact, SLACK[dtype], FACTOR)
 
 
 def _ce_options(option, dtype):

@@ -21,14 +21,15 @@ Tolerance, as tests/test_cross_entropy_magnitudes.py: the oracle is gptfast.refe
 fp64 on the same rounded inputs, and each output must satisfy
 max|triton - fp64| <= FACTOR * max|reference(dtype) - fp64| + SLACK[dtype] * max|fp64|:
 within a few times the reference backend's own error in that dtype, plus a few roundings of
-the output dtype. bf16 cases skip until gptfast.testing.enable_interpreter_bf16 exists.
+the output dtype (gptfast.testing.assert_within_reference_error). bf16 runs through
+gptfast.testing.enable_interpreter_bf16, which tests/conftest.py turns on.
 """
 
 import pytest
 import torch
 
 import gptfast
-from gptfast import reference
+from gptfast import reference, testing
 
 ln = pytest.importorskip("gptfast.kernels.layernorm")
 
@@ -43,27 +44,10 @@ ROWS = {
 C = 700  # not a power of two; above the forced loop thresholds below
 
 
-def _bf16_in_interpreter():
-    try:
-        from gptfast import testing
-    except ImportError:
-        return None
-    return getattr(testing, "enable_interpreter_bf16", None)
-
 
 def dtype_param(dtype):
-    marks = ()
-    if dtype == BF16 and _bf16_in_interpreter() is None:
-        marks = pytest.mark.skip(reason="needs gptfast.testing.enable_interpreter_bf16: Triton's "
-                                        "interpreter computes bf16 on bit patterns without it")
-    return pytest.param(dtype, id=str(dtype).removeprefix("torch."), marks=marks)
+    return pytest.param(dtype, id=str(dtype).removeprefix("torch."))
 
-
-@pytest.fixture(autouse=True)
-def _bf16_by_value():
-    enable = _bf16_in_interpreter()
-    if enable is not None:
-        enable()
 
 
 def edge_rows(dtype):
@@ -81,16 +65,8 @@ def force(monkeypatch, family):
         monkeypatch.setattr(ln, "LOOP_BWD_BLOCK_C", 256)
 
 
-def max_error(got, want):
-    return (got.double() - want.double()).abs().max().item()
-
-
 def assert_within_reference_error(name, got, ref, exact, dtype):
-    scale = exact.double().abs().max().item()
-    bound = FACTOR * max_error(ref, exact) + SLACK[dtype] * scale
-    err = max_error(got, exact)
-    assert err <= bound, (f"{name}: triton error {err:.3g} > bound {bound:.3g} (reference "
-                          f"error {max_error(ref, exact):.3g}, max |value| {scale:.3g})")
+    testing.assert_within_reference_error(name, got, ref, exact, SLACK[dtype], FACTOR)
 
 
 def _run(backend, op, inputs, upstream):
