@@ -280,9 +280,9 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
                   return_z_loss=False, keep_logits=True):
     """Cross-entropy of logits (..., V) against class indices target (...), like F.cross_entropy.
 
-    ``target``: int64, int32, int16, int8 or uint8, compared with ``ignore_index`` and V by
-    value (an ignore_index outside the target dtype's range never matches); bool and the wide
-    unsigned dtypes raise TypeError.
+    ``target``: any integer dtype but uint64, compared with ``ignore_index`` and V by value
+    (an ignore_index outside the target dtype's range never matches); bool and uint64 raise
+    TypeError.
 
     ``reduction``: "mean" over non-ignored rows (0 if all are ignored), "sum", or "none"
     (per-row losses in target's shape, 0 at ignored rows). ``z_loss`` adds

@@ -112,9 +112,9 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean",
     Per row i with x = logits_i, soft-capped first when ``softcap`` is c
     (x = c * tanh(x / c), as Gemma 2), lse = logsumexp(x), t = t_i, label smoothing s:
         loss_i = (1 - s) * (lse - x[t]) + s * (lse - mean(x)) + z * lse^2
-    and 0 where t_i == ignore_index (compared by value whatever target's integer dtype). "mean" divides by the number of non-ignored rows
-    (0 when every row is ignored, not NaN), "sum" adds, "none" returns the per-row losses
-    in target's shape.
+    and 0 where t_i == ignore_index (compared by value whatever target's integer dtype).
+    "mean" divides by the number of non-ignored rows (0 when every row is ignored, not NaN),
+    "sum" adds, "none" returns the per-row losses in target's shape.
 
     Class weights w (``weight``, shape (V,)) give torch's weighted loss,
         ce_i = (1 - s) * w[t] * (lse - x[t]) + s / V * sum_j w[j] * (lse - x[j]),
