@@ -264,12 +264,6 @@ CPU_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "bat
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size")
 
 
-def runs_on_cpu(device_setting: str) -> bool:
-    if device_setting == "auto":
-        return not torch.cuda.is_available()
-    return torch.device(device_setting).type == "cpu"
-
-
 def cpu_defaults(given: dict) -> dict:
     """The CPU_DEFAULTS for the settings not in `given` (a config file's and the command
     line's). The architecture ones only for a scratch model of the default preset (--model or
@@ -315,10 +309,11 @@ def resolve(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[di
 
 
 def _device_is_cpu(setting: str) -> bool:
+    """Whether the run will be on a CPU (pick_device's choice)."""
     try:
-        return runs_on_cpu(setting)
-    except RuntimeError:
-        return False  # not a device: validate() reports it
+        return pick_device(setting, local_rank=0).type == "cpu"
+    except (RuntimeError, TrainError):
+        return False  # not a device, or CUDA asked for and missing: reported later
 
 
 def resolve_config(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[dict]]:
