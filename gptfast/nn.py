@@ -482,16 +482,26 @@ def _nanogpt_shape_problem(module: nn.Module) -> Optional[str]:
 def _nanogpt_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """nanoGPT's CausalSelfAttention.forward on gptfast.causal_attention, with the mask and
     dropouts ``patch`` found in the module (``_gptfast_window``, ``_gptfast_dropout``)."""
-    batch, seq, channels = x.size()
-    if seq > self._gptfast_probe_length:  # longer than the probe proved: the module's own math
+    if x.size(1) > self._gptfast_probe_length:  # longer than the probe proved: its own math
         return type(self)._gptfast_original_class.forward(self, x)
-    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-    q, k, v = (t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
-               for t in (q, k, v))
-    y = _nanogpt_attend(self, q, k, v, self._gptfast_window)
-    y = self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
+    y = _nanogpt_project(self, _nanogpt_attend(self, *_nanogpt_heads(self, x),
+                                               self._gptfast_window))
     residual = self._gptfast_dropout.residual
     return y if residual is None else residual.apply(self, y)
+
+
+def _nanogpt_heads(self, x: torch.Tensor) -> tuple:
+    """q, k, v (batch, n_head, seq, head_dim) from c_attn, as nanoGPT splits them."""
+    batch, seq, channels = x.size()
+    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+    return tuple(t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
+                 for t in (q, k, v))
+
+
+def _nanogpt_project(self, y: torch.Tensor) -> torch.Tensor:
+    """c_proj of the heads (batch, n_head, seq, head_dim) put back side by side."""
+    batch, _, seq, _ = y.shape
+    return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, self.n_embd))
 
 
 def _nanogpt_attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
@@ -508,12 +518,8 @@ def _nanogpt_attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
 
 def _probe_replacement(self, x: torch.Tensor, window: Optional[int]) -> torch.Tensor:
     """The patched forward's math in eval mode with ``window``, for the mask probe."""
-    batch, seq, channels = x.size()
-    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-    q, k, v = (t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
-               for t in (q, k, v))
-    y = functional.causal_attention(q, k, v, window=window)
-    return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
+    return _nanogpt_project(self, functional.causal_attention(*_nanogpt_heads(self, x),
+                                                               window=window))
 
 
 _PATCHED_CLASSES: dict = {}
@@ -553,17 +559,6 @@ def _runs_on_gptfast(module: nn.Module) -> bool:
     return (isinstance(module, (LayerNorm, CausalSelfAttention))
             or getattr(type(module), "_gptfast_original_class", None) is not None
             or bool(getattr(module, "_gptfast_attention", False)))
-
-
-def _probe_difference(expected, actual, full_precision_tolerance) -> Optional[float]:
-    """None when ``actual`` matches ``expected`` (relative to its scale), else the max difference.
-
-    Half-precision modules get a tolerance of 3e-2, fp32/fp64 ones the one given."""
-    full = expected.dtype in (torch.float32, torch.float64)
-    tolerance = full_precision_tolerance if full else 3e-2
-    difference = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    return None if difference <= tolerance * (scale + 1e-2) else difference
 
 
 def _patch_nanogpt_attention(module: nn.Module, root: nn.Module) -> tuple:
@@ -648,7 +643,7 @@ def _layer_norm_probe_mismatch(module: nn.Module, eps: float) -> Optional[str]:
         return f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
         return "its forward does not return a tensor of its input's shape"
-    difference = _probe_difference(expected, actual, full_precision_tolerance=1e-4)
+    difference = patch_probe.probe_difference(expected, actual, full_precision_tolerance=1e-4)
     if difference is not None:
         return (f"its forward is not F.layer_norm over the last dim with eps={eps:g} on a probe "
                 f"input (max difference {difference:.2e}), so it is left alone")

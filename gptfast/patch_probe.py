@@ -161,13 +161,23 @@ def _window_of(module, original, x, expected) -> tuple[Optional[int], Optional[s
     return window, None
 
 
-def _difference(expected: torch.Tensor, actual: torch.Tensor) -> Optional[float]:
-    if expected.shape != actual.shape:
-        return float("inf")
+def probe_difference(expected, actual, full_precision_tolerance) -> Optional[float]:
+    """None when ``actual`` matches ``expected`` (relative to its scale), else the max difference.
+
+    Half-precision modules get a tolerance of 3e-2, fp32/fp64 ones the one given."""
+    full = expected.dtype in (torch.float32, torch.float64)
+    tolerance = full_precision_tolerance if full else 3e-2
     difference = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
-    tolerance = _FP64_TOLERANCE if expected.dtype == torch.float64 else 1e-3
     return None if difference <= tolerance * (scale + 1e-2) else difference
+
+
+def _difference(expected: torch.Tensor, actual: torch.Tensor) -> Optional[float]:
+    """probe_difference of the mask probe's outputs (fp64, or fp32 where there is no fp64)."""
+    if expected.shape != actual.shape:
+        return float("inf")
+    return probe_difference(expected, actual, _FP64_TOLERANCE
+                            if expected.dtype == torch.float64 else 1e-3)
 
 
 def _ranges(flags: list) -> str:
