@@ -1,6 +1,7 @@
 """gptfast: fast GPT training on NVIDIA GPUs with Triton kernels, plain PyTorch everywhere else.
 
-The ops (``layer_norm``, ``add_layer_norm``, ``causal_attention``, ``cross_entropy``,
+The ops (``layer_norm``, ``add_layer_norm``, ``rms_norm``, ``add_rms_norm``,
+``rotary_qk_norm``, ``causal_attention``, ``cross_entropy``,
 ``linear_cross_entropy``) dispatch between Triton kernels and reference PyTorch through
 ``gptfast.functional``; ``use_backend`` chooses. Importing gptfast imports torch but never
 triton or CUDA: heavier pieces (the model, modules) load on first attribute access.
@@ -13,10 +14,13 @@ import importlib
 from .backend import BackendUnavailable, get_backend, use_backend
 from .functional import (
     add_layer_norm,
+    add_rms_norm,
     causal_attention,
     cross_entropy,
     layer_norm,
     linear_cross_entropy,
+    rms_norm,
+    rotary_qk_norm,
 )
 
 __version__ = "0.1.0"
@@ -35,7 +39,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "layer_norm", "add_layer_norm", "causal_attention", "cross_entropy", "linear_cross_entropy",
+    "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "rotary_qk_norm",
+    "causal_attention", "cross_entropy", "linear_cross_entropy",
     "use_backend", "get_backend", "BackendUnavailable", "__version__", *_LAZY,
 ]
 

@@ -23,6 +23,7 @@ _ATTN = "gptfast.kernels.attention"
 register_kernel("layer_norm", f"{_LN}:layer_norm", f"{_LN}:layer_norm_unsupported")
 register_kernel("add_layer_norm", f"{_LN}:add_layer_norm", f"{_LN}:add_layer_norm_unsupported")
 register_kernel("causal_attention", f"{_ATTN}:causal_attention", f"{_ATTN}:causal_attention_unsupported")
+register_kernel("attention", f"{_ATTN}:attention", f"{_ATTN}:attention_unsupported")
 register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
 register_kernel("linear_cross_entropy", f"{_CE}:linear_cross_entropy",
                 f"{_CE}:linear_cross_entropy_unsupported")
@@ -194,6 +195,69 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     return _run("add_layer_norm", x.device, (x, residual, weight, bias, eps))
 
 
+def _check_rms_norm(x, weight, eps):
+    _tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim to normalise, got shape {tuple(x.shape)}")
+    _norm_params(x, weight, None, 1.0)
+    if eps is not None:
+        _number("eps", eps, minimum=0.0, allow_equal_min=False)
+
+
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dim of x, == ``F.rms_norm(x, (C,), weight, eps)``.
+
+    ``eps=None`` is torch's default: ``torch.finfo(x.dtype).eps``. Returns ``x.dtype``;
+    weight may be fp32 with half-precision x.
+    """
+    _check_rms_norm(x, weight, eps)
+    return _run("rms_norm", x.device, (x, weight, eps))
+
+
+def add_rms_norm(x, residual, weight=None, eps=None):
+    """Returns ``(rms_norm(x + residual), x + residual)`` in one pass where a kernel exists."""
+    _tensor("residual", residual)
+    _check_rms_norm(x, weight, eps)
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
+        )
+    _same_device("x", x, residual=residual)
+    return _run("add_rms_norm", x.device, (x, residual, weight, eps))
+
+
+def rotary_qk_norm(q, k, cos, sin, *, scale=1.0, eps=None, interleaved=False):
+    """Parameter-free RMSNorm, then rotary, then ``* scale``, on q and k: returns (q', k').
+
+    q: (B, T, H, D), k: (B, T, Hkv, D), D even; cos, sin: (T, D/2) as Hugging Face and
+    flash-attention lay them out (rotate-half pairs (x[i], x[i + D/2]); ``interleaved``
+    pairs (x[2i], x[2i + 1])). Each pair goes to (x1 cos - x2 sin, x1 sin + x2 cos).
+    nanochat rotates by -theta: its ``apply_rotary_emb(x, cos, sin)`` is this with ``-sin``.
+    See ``gptfast.reference.rotary_qk_norm``.
+    """
+    for name, t in (("q", q), ("k", k)):
+        _tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+    (b, t, _, d), (bk, tk, _, dk) = q.shape, k.shape
+    if (bk, tk, dk) != (b, t, d):
+        raise ValueError(f"k must have q's batch, seq and head_dim {(b, t, d)}, got {(bk, tk, dk)}")
+    if d == 0 or d % 2:
+        raise ValueError(f"head_dim must be even and >= 2 for rotary pairs, got {d}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        _tensor(name, table)
+        if table.shape != (t, d // 2):
+            raise ValueError(f"{name} must have shape (seq, head_dim / 2) = {(t, d // 2)}, "
+                             f"got {tuple(table.shape)}")
+    _same_device("q", q, k=k, cos=cos, sin=sin)
+    scale = _number("scale", scale)
+    if eps is not None:
+        eps = _number("eps", eps, minimum=0.0, allow_equal_min=False)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    return _run("rotary_qk_norm", q.device, (q, k, cos, sin, scale, eps, interleaved))
+
+
 def _check_document_ids(document_ids, batch, seq, device):
     _tensor("document_ids", document_ids, floating=False)
     dtype = document_ids.dtype
@@ -273,6 +337,68 @@ def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
     if document_ids is None and window is None:
         return _run("causal_attention", q.device, (q, k, v, scale))
     return _run("causal_attention", q.device, (q, k, v, scale, document_ids, window))
+
+
+def _check_window_side(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int (-1 for unlimited), got {type(value).__name__}")
+    if value < -1:
+        raise ValueError(f"{name} must be >= 0, or -1 for unlimited, got {value}")
+    return int(value)
+
+
+def attention(q, k, v, scale=None, *, causal=True, window_left=-1, window_right=-1,
+              document_ids=None, key_lengths=None, return_lse=False):
+    """Softmax attention with flash-attention's masks; the op behind ``gptfast.flash_attn_interface``.
+
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), H % Hkv == 0 (query head h reads kv head
+    h // (H // Hkv)). Query i sits at position ``L - Tq + i`` (aligned to the bottom right)
+    with L = ``key_lengths[b]`` (int32/int64 (B,), keys from L on are unused) or Tk; it sees
+    key j when ``position - window_left <= j <= position + window_right``, -1 meaning
+    unlimited on that side and ``causal`` meaning window_right = 0. ``document_ids`` (B, T),
+    non-decreasing, only with Tq == Tk: also the same document. scale defaults to 1/sqrt(D).
+
+    Returns the output (B, H, Tq, D) in q's dtype, and with ``return_lse`` also the natural-log
+    logsumexp of each row's scaled scores, (B, H, Tq) fp32 (not differentiable). A row that
+    sees no key gets output 0 and logsumexp -inf. See ``gptfast.reference.attention``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    (b, h, tq, d), (bk, hk, tk, dk) = q.shape, k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"k must have q's batch and head_dim {(b, d)}, got {(bk, dk)}")
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
+    if d == 0:
+        raise ValueError("head_dim of q must be at least 1")
+    _same_device("q", q, k=k, v=v)
+    if scale is not None:
+        scale = _number("scale", scale, minimum=0.0, allow_equal_min=False)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    window_left = _check_window_side("window_left", window_left)
+    window_right = 0 if causal else _check_window_side("window_right", window_right)
+    if document_ids is not None:
+        if tq != tk:
+            raise ValueError(f"document_ids needs as many queries as keys, got Tq={tq}, Tk={tk}")
+        _check_document_ids(document_ids, b, tq, q.device)
+    if key_lengths is not None:
+        _tensor("key_lengths", key_lengths, floating=False)
+        if key_lengths.dtype not in (torch.int32, torch.int64) or key_lengths.shape != (b,):
+            raise ValueError(f"key_lengths must be an int32/int64 tensor of shape ({b},), got "
+                             f"{key_lengths.dtype} {tuple(key_lengths.shape)}")
+        _same_device("q", q, key_lengths=key_lengths)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    args = (q, k, v, scale, causal, window_left, window_right, document_ids, key_lengths,
+            return_lse)
+    return _run("attention", q.device, args)
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean",

@@ -96,6 +96,120 @@ def causal_attention_math(q, k, v, scale=None, document_ids=None, window=None):
     return torch.softmax(scores, dim=-1) @ v
 
 
+def flash_mask(seq_q, seq_k, causal=True, window_left=-1, window_right=-1, document_ids=None,
+               key_lengths=None, device=None):
+    """Which keys each query sees under flash-attention's rules: bool (B or 1, 1, seq_q, seq_k).
+
+    Query i sits at position ``p = L - seq_q + i`` where L is the number of valid keys
+    (``key_lengths[b]``, else seq_k): queries are aligned to the bottom right, as FA aligns
+    them after a KV cache. Query i sees key j when ``j < L``, ``p - window_left <= j``
+    (unless window_left is -1) and ``j <= p + window_right`` (unless window_right is -1; causal
+    means window_right 0) and, with ``document_ids`` (B, seq) and seq_q == seq_k, when both
+    lie in the same document.
+    """
+    if causal:
+        window_right = 0
+    if document_ids is not None:
+        device = document_ids.device
+    elif key_lengths is not None:
+        device = key_lengths.device
+    if key_lengths is None:
+        lengths = torch.full((1,), seq_k, dtype=torch.int64, device=device)
+    else:
+        lengths = key_lengths.to(device=device, dtype=torch.int64)
+    key_pos = torch.arange(seq_k, device=device)[None, None, :]
+    query_pos = (lengths[:, None] - seq_q + torch.arange(seq_q, device=device)[None, :])[:, :, None]
+    visible = (key_pos < lengths[:, None, None]).expand(lengths.shape[0], seq_q, seq_k)
+    if window_left >= 0:
+        visible = visible & (key_pos >= query_pos - window_left)
+    if window_right >= 0:
+        visible = visible & (key_pos <= query_pos + window_right)
+    visible = visible[:, None]
+    if document_ids is not None:
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]
+        visible = visible & same_document[:, None]
+    return visible
+
+
+def attention(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
+              document_ids=None, key_lengths=None, return_lse=False):
+    """softmax(q k^T * scale + mask) v under :func:`flash_mask`, GQA by head groups.
+
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Returns the output in q's dtype and, with
+    ``return_lse``, the natural-log logsumexp of each row's scaled scores, (B, H, Tq), fp32
+    (fp64 for fp64 q). A row that sees no key gets output 0 and logsumexp -inf. Scores,
+    softmax and the product with v are computed in fp32 (fp64 for fp64 inputs).
+    """
+    groups = q.shape[1] // k.shape[1]
+    visible = flash_mask(q.shape[-2], k.shape[-2], causal, window_left, window_right,
+                         document_ids, key_lengths, device=q.device)
+    if not return_lse and key_lengths is None and q.shape[-2] == k.shape[-2]:
+        # every row sees at least itself: SDPA with the mask, without the (B, H, T, T) fp32 scores
+        return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups),
+                                              attn_mask=visible, scale=scale)
+    acc = compute_dtype(q.dtype)
+    k, v = _repeat_kv(k, groups).to(acc), _repeat_kv(v, groups).to(acc)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.to(acc) @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - finite_lse[..., None])
+    out = (probs @ v).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dim, == ``F.rms_norm(x, (C,), weight, eps)``, in ``x.dtype``.
+
+    ``eps=None`` is torch's default, the epsilon of x's dtype (``torch.finfo(x.dtype).eps``),
+    also when the statistics are kept in fp32.
+    """
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    acc = compute_dtype(x.dtype)
+    w = None if weight is None else weight.to(acc)
+    return F.rms_norm(x.to(acc), (x.shape[-1],), w, eps).to(x.dtype)
+
+
+def add_rms_norm(x, residual, weight=None, eps=None):
+    """Returns ``(rms_norm(x + residual), x + residual)`` (the sum in the promoted dtype)."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+def rotary(x, cos, sin, interleaved=False):
+    """Rotary embedding of x (B, T, H, D) with cos, sin (T, D/2), in x's compute dtype.
+
+    Pairs (x1, x2) are the two halves of the head dim (rotate-half, Hugging Face and
+    flash-attention's default) or, with ``interleaved``, neighbouring channels (GPT-J):
+        (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
+    nanochat rotates the other way, (x1 cos + x2 sin, -x1 sin + x2 cos): pass ``-sin``.
+    """
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def rotary_qk_norm(q, k, cos, sin, scale=1.0, eps=None, interleaved=False):
+    """``(rotary(rms_norm(q)) * scale, rotary(rms_norm(k)) * scale)``, parameter-free RMSNorm.
+
+    q (B, T, H, D), k (B, T, Hkv, D), cos/sin (T, D/2). RMSNorm and rotation commute (a
+    rotation keeps each pair's norm), so the order does not matter. Computed in fp32 (fp64 for
+    fp64 inputs), returned in the dtypes of q and k.
+    """
+    acc = compute_dtype(q.dtype)
+    cos, sin = cos.to(acc), sin.to(acc)
+    out = []
+    for x in (q, k):
+        eps_x = torch.finfo(x.dtype).eps if eps is None else eps
+        normed = F.rms_norm(x.to(acc), (x.shape[-1],), eps=eps_x)
+        out.append((rotary(normed, cos, sin, interleaved) * scale).to(x.dtype))
+    return tuple(out)
+
+
 def class_indices(target: torch.Tensor) -> torch.Tensor:
     """``target`` as int64 class indices, so that comparisons with ``ignore_index`` and the
     vocabulary size happen by value: torch compares a uint8 tensor with -100 by wrapping -100

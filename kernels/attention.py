@@ -1285,3 +1285,25 @@ def causal_attention_unsupported(q, k, v, scale=None, document_ids=None, window=
         if (seq - 1) * abs(stride_t) + (head_dim - 1) * abs(stride_d) > _MAX_INT32:
             return f"{name} spans more than 2**31 elements within one (batch, head)"
     return None
+
+
+def attention(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
+              document_ids=None, key_lengths=None, return_lse=False):
+    """``gptfast.functional.attention`` on these kernels, for the cases
+    :func:`attention_unsupported` accepts (causal masks: window_right 0)."""
+    window = None if window_left < 0 else window_left + 1
+    return causal_attention(q, k, v, scale, document_ids, window)
+
+
+def attention_unsupported(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
+                          document_ids=None, key_lengths=None, return_lse=False):
+    """None when the kernels handle this ``attention`` call, else the reason."""
+    if not causal and window_right != 0:
+        return "keys after the query (causal=False with window_right != 0)"
+    if q.shape[2] != k.shape[2]:
+        return f"as many queries as keys (Tq={q.shape[2]}, Tk={k.shape[2]})"
+    if key_lengths is not None:
+        return "key_lengths (per-row key counts)"
+    if return_lse:
+        return "return_lse"
+    return causal_attention_unsupported(q, k, v, scale, document_ids)
