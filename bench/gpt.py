@@ -48,6 +48,20 @@ from .common import Meter, compiled, is_out_of_memory, short_reason
 from .nanogpt import NanoGPT
 
 
+@contextlib.contextmanager
+def nanogpt_matmul_precision(device: torch.device):
+    """TF32 for fp32 matmuls and convolutions on CUDA, as nanoGPT's train.py sets it."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
     description: str

@@ -379,12 +379,12 @@ GPT_PEERS = ("nanogpt-compile", "nanogpt-eager")
 
 
 def _gpt_cell(ctx: Context, impl, batch) -> list:
-    from . import gpt, sweep
+    from . import gpt
 
     s = ctx.sizes
     settings = gpt.GPTSettings(model=s.gpt_model, device=ctx.device, dtype="bf16",
                                warmup=s.gpt_warmup, repeats=s.gpt_repeats)
-    with sweep.nanogpt_matmul_precision(ctx.device):
+    with gpt.nanogpt_matmul_precision(ctx.device):
         result = gpt.run_cell(gpt.GPTCell("train", impl, batch, s.gpt_seq), settings)
     name = f"{s.gpt_model} train B{batch} T{s.gpt_seq}"
     shape = f"B{batch} T{s.gpt_seq}"

@@ -17,7 +17,6 @@ reports of the cells finished so far (results.jsonl is written as the sweep goes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import sys
@@ -266,26 +265,12 @@ def collect_units(plan: Plan) -> tuple[list, list]:
 
 # ---------------------------------------------------------------------------------- run --
 
-@contextlib.contextmanager
-def nanogpt_matmul_precision(device: torch.device):
-    """TF32 for fp32 matmuls and convolutions on CUDA, as nanoGPT's train.py sets it."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _sweep(units, writer, device) -> bool:
     """Run every unit, writing its rows; True when Ctrl-C stopped it."""
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal only; the per-row lines go to stdout either way
-    with nanogpt_matmul_precision(device), tqdm(total=len(units), unit="cell", disable=None,
+    with gpt.nanogpt_matmul_precision(device), tqdm(total=len(units), unit="cell", disable=None,
                                                  dynamic_ncols=True) as bar:
         try:
             for label, run in units:
