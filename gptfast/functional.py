@@ -207,7 +207,8 @@ def _check_rms_norm(x, weight, eps):
 def rms_norm(x, weight=None, eps=None):
     """RMSNorm over the last dim of x, == ``F.rms_norm(x, (C,), weight, eps)``.
 
-    ``eps=None`` is torch's default: ``torch.finfo(x.dtype).eps``. Returns ``x.dtype``;
+    ``eps=None`` is torch's default: the epsilon of fp32 for fp16/bf16/fp32 x (torch computes
+    in fp32), of fp64 for fp64 x (``reference.default_rms_eps``). Returns ``x.dtype``;
     weight may be fp32 with half-precision x.
     """
     _check_rms_norm(x, weight, eps)

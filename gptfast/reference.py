@@ -159,13 +159,20 @@ def attention(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
     return (out, lse) if return_lse else out
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """RMSNorm's eps when none is given, as ``F.rms_norm`` picks it (torch 2.11-2.14, CPU and
+    CUDA): the machine epsilon of the computation dtype, fp32 for half inputs."""
+    return torch.finfo(compute_dtype(dtype)).eps
+
+
 def rms_norm(x, weight=None, eps=None):
     """RMSNorm over the last dim, == ``F.rms_norm(x, (C,), weight, eps)``, in ``x.dtype``.
 
-    ``eps=None`` is torch's default, the epsilon of x's dtype (``torch.finfo(x.dtype).eps``),
-    also when the statistics are kept in fp32.
+    ``eps=None`` is what torch does: the epsilon of the dtype the statistics are computed in
+    (:func:`default_rms_eps`: fp32's for fp16/bf16/fp32 x, fp64's for fp64), not of x's dtype
+    as torch's docstring says (bf16's would be 7.8e-3).
     """
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = default_rms_eps(x.dtype) if eps is None else eps
     acc = compute_dtype(x.dtype)
     w = None if weight is None else weight.to(acc)
     return F.rms_norm(x.to(acc), (x.shape[-1],), w, eps).to(x.dtype)
@@ -204,7 +211,7 @@ def rotary_qk_norm(q, k, cos, sin, scale=1.0, eps=None, interleaved=False):
     cos, sin = cos.to(acc), sin.to(acc)
     out = []
     for x in (q, k):
-        eps_x = torch.finfo(x.dtype).eps if eps is None else eps
+        eps_x = default_rms_eps(x.dtype) if eps is None else eps
         normed = F.rms_norm(x.to(acc), (x.shape[-1],), eps=eps_x)
         out.append((rotary(normed, cos, sin, interleaved) * scale).to(x.dtype))
     return tuple(out)

@@ -77,9 +77,12 @@ def test_attention_bad_input_names_the_argument():
 def test_rms_norm_is_torchs(dtype):
     x = torch.randn(3, 5, 24).to(dtype)
     w = torch.randn(24).to(dtype)
-    eps = torch.finfo(dtype).eps  # torch's default for eps=None: the input dtype's
+    eps = torch.finfo(torch.float32).eps  # torch's eps=None for half x: fp32's, not x's dtype's
     expected = F.rms_norm(x.double(), (24,), w.double(), eps=eps).to(dtype)
     torch.testing.assert_close(gptfast.rms_norm(x, w), expected)
+    torch.testing.assert_close(gptfast.rms_norm(x, w), F.rms_norm(x, (24,), w))
+    small = x * 1e-2  # where bf16's eps (7.8e-3) would dominate the mean square
+    torch.testing.assert_close(gptfast.rms_norm(small), F.rms_norm(small, (24,)))
     out, total = gptfast.add_rms_norm(x, x * 2, None, 1e-3)
     torch.testing.assert_close(total, x * 3)
     torch.testing.assert_close(out, F.rms_norm((x * 3).double(), (24,), eps=1e-3).to(dtype))
@@ -94,7 +97,7 @@ def test_rotary_qk_norm_formula_and_nanochat_convention():
     theta = torch.randn(t, d // 2, dtype=torch.float64)
     cos, sin = theta.cos(), theta.sin()
     qn, kn = gptfast.rotary_qk_norm(q, k, cos, sin, scale=1.5)
-    normed = F.rms_norm(q, (d,), eps=torch.finfo(torch.float64).eps)
+    normed = F.rms_norm(q, (d,))
     x1, x2 = normed[..., : d // 2], normed[..., d // 2:]
     c, s = cos[None, :, None], sin[None, :, None]
     torch.testing.assert_close(qn, 1.5 * torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), -1))
