@@ -225,7 +225,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
 
     Fast path: the Triton kernels run the cases ``gptfast.kernels.attention`` supports (today
     causal with Tq == Tk, no logsumexp); the rest runs the reference ops (under "auto").
-    ``deterministic`` is accepted: the kernels' default backward is deterministic.
+    ``deterministic`` is accepted and changes nothing: the kernels' backward is deterministic
+    unless ``gptfast.kernels.attention.set_atomic_dq(True)`` was called.
     Refused with NotImplementedError: dropout_p > 0, softcap > 0, alibi_slopes, qv, q/k/v
     descales, attention_chunk != 0, a v head dim different from k's.
     """

@@ -91,6 +91,39 @@ def test_oracle_is_sdpa_where_sdpa_applies():
         torch.testing.assert_close(got, want.transpose(1, 2))
 
 
+# FA2's positional parameters, in order (flash_attn/flash_attn_interface.py); FA3's extra
+# options are keyword-only here, so an FA2 positional call means what it meant in FA2
+FA2_POSITIONAL = {
+    "flash_attn_func": ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size",
+                        "softcap", "alibi_slopes", "deterministic", "return_attn_probs"],
+    "flash_attn_varlen_func": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                               "max_seqlen_k", "dropout_p", "softmax_scale", "causal",
+                               "window_size", "softcap", "alibi_slopes", "deterministic",
+                               "return_attn_probs", "block_table"],
+    "flash_attn_with_kvcache": ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin",
+                                "cache_seqlens", "cache_batch_idx", "cache_leftpad",
+                                "block_table", "softmax_scale", "causal", "window_size",
+                                "softcap", "rotary_interleaved", "alibi_slopes", "num_splits",
+                                "return_softmax_lse"],
+}
+FA_DEFAULTS = dict(dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                   softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                   return_softmax_lse=False, num_splits=0, rotary_interleaved=True)
+
+
+@pytest.mark.parametrize("name", list(FA2_POSITIONAL))
+def test_positional_order_and_defaults_are_fa2s(name):
+    import inspect
+    parameters = inspect.signature(getattr(flash_attn, name)).parameters.values()
+    positional = [p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == FA2_POSITIONAL[name]
+    for p in parameters:
+        if p.name in FA_DEFAULTS and p.name in positional:
+            assert p.default == FA_DEFAULTS[p.name], p.name
+    assert gptfast.flash_attn_interface is flash_attn
+    assert name in flash_attn.__all__
+
+
 # ------------------------------------------------------------------------- helpers --
 
 def leaves(*shapes, dtype):
