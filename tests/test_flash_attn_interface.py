@@ -36,37 +36,43 @@ def _fresh_dynamo():
 
 # ------------------------------------------------------------------------- the oracle --
 
+def fa_visible(seq_q, length, seq_k, causal, window):
+    """FA's docstring, one (query, key) pair at a time: bool (seq_q, seq_k)."""
+    left, right = window
+    if causal:
+        right = 0
+    visible = [[False] * seq_k for _ in range(seq_q)]
+    for i in range(seq_q):
+        position = i + length - seq_q
+        for j in range(length):
+            visible[i][j] = ((left < 0 or j >= position - left)
+                             and (right < 0 or j <= position + right))
+    return torch.tensor(visible, dtype=torch.bool).reshape(seq_q, seq_k)
+
+
 def fa_attention(q, k, v, scale=None, causal=False, window=(-1, -1), key_lengths=None):
     """flash-attention's documented semantics in fp64: q (B, Tq, H, D), k, v (B, Tk, Hkv, D)
-    -> out (B, Tq, H, D), lse (B, H, Tq) (-inf for rows that see no key). Differentiable."""
+    -> out (B, Tq, H, D), lse (B, H, Tq): 0 and -inf for rows that see no key. Differentiable
+    (rows without keys get zero gradients, not NaN)."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     scale = dim ** -0.5 if scale is None else scale
-    left, right = window
-    if causal:
-        right = 0
+    lengths = [seq_k] * batch if key_lengths is None else [int(n) for n in key_lengths]
+    visible = torch.stack([fa_visible(seq_q, n, seq_k, causal, window) for n in lengths])
+    visible = visible[:, None]  # (B, 1, Tq, Tk)
     kv_of_head = torch.arange(heads) // (heads // kv_heads)
-    rows, lses = [], []
-    for b in range(batch):
-        length = seq_k if key_lengths is None else int(key_lengths[b])
-        for i in range(seq_q):
-            position = i + length - seq_q
-            keys = [j for j in range(length)
-                    if (left < 0 or j >= position - left) and (right < 0 or j <= position + right)]
-            if not keys:
-                rows.append(q.new_zeros(heads, dim))
-                lses.append(q.new_full((heads,), float("-inf")))
-                continue
-            kk = k[b, keys][:, kv_of_head]  # (n, H, D)
-            vv = v[b, keys][:, kv_of_head]
-            scores = torch.einsum("hd,nhd->hn", q[b, i], kk) * scale
-            lses.append(torch.logsumexp(scores, dim=-1))
-            rows.append(torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), vv))
-    if not rows:
-        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum()), q.new_zeros(batch, heads, seq_q)
-    out = torch.stack(rows).reshape(batch, seq_q, heads, dim)
-    lse = torch.stack(lses).reshape(batch, seq_q, heads).transpose(1, 2)
+    kk, vv = k[:, :, kv_of_head], v[:, :, kv_of_head]  # (B, Tk, H, D)
+    scores = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    sees_a_key = visible.any(-1, keepdim=True)
+    # a row without keys is computed as if it saw every key, then replaced: no NaN anywhere
+    scores = scores.masked_fill(~(visible | ~sees_a_key), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", probs, vv)
+    rows = sees_a_key.squeeze(-1)  # (B, 1, Tq)
+    out = torch.where(rows.transpose(1, 2)[..., None], out, torch.zeros_like(out))
+    lse = torch.where(rows, lse, torch.full_like(lse, float("-inf")))
     return out, lse
 
 
