@@ -178,7 +178,8 @@ def _check_qkv(q, k, v, layout_q, layout_kv, dims, names=("k", "v")):
         raise ValueError(f"{kn}'s head dim ({k.shape[-1]}) must equal q's ({q.shape[-1]})")
     heads, kv_heads = q.shape[-2], k.shape[-2]
     if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"q's heads ({heads}) must be a multiple of {kn}/{vn}'s heads ({kv_heads})")
+        raise ValueError(f"q's heads ({heads}) must be a multiple of {kn}/{vn}'s heads "
+                         f"({kv_heads})")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, {kn}, {vn} must share a dtype, got q {q.dtype}, {kn} {k.dtype}, "
                         f"{vn} {v.dtype}")
@@ -230,7 +231,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     Refused with NotImplementedError: dropout_p > 0, softcap > 0, alibi_slopes, qv, q/k/v
     descales, attention_chunk != 0, a v head dim different from k's.
     """
-    _check_qkv(q, k, v, "(batch, seqlen, nheads, headdim)", "(batch, seqlen_k, nheads_k, headdim)", 4)
+    _check_qkv(q, k, v, "(batch, seqlen, nheads, headdim)",
+               "(batch, seqlen_k, nheads_k, headdim)", 4)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
     _check_dropout(dropout_p)
@@ -260,7 +262,8 @@ def _check_cu_seqlens(name, cu_seqlens, device):
     if cu_seqlens.dtype not in _CU_DTYPES:
         raise TypeError(f"{name} must be an int32 (or int64) tensor, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"{name} must be 1-D (batch_size + 1,), got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name} must be 1-D (batch_size + 1,), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
 
@@ -527,8 +530,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k_cache.shape[0] < batch:
         raise ValueError(f"k_cache holds {k_cache.shape[0]} rows, fewer than q's batch {batch}")
     if (k is None) != (v is None):
-        raise ValueError(f"k and v must be given together, got k={'None' if k is None else 'a tensor'} "
-                         f"and v={'None' if v is None else 'a tensor'}")
+        given = {name: "None" if t is None else "a tensor" for name, t in (("k", k), ("v", v))}
+        raise ValueError(f"k and v must be given together, got k={given['k']} and v={given['v']}")
     new = 0
     if k is not None:
         for name, t in (("k", k), ("v", v)):
@@ -537,7 +540,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 raise ValueError(f"{name} must be (batch={batch}, seqlen_new, "
                                  f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(t.shape)}")
             if t.dtype != k_cache.dtype:
-                raise TypeError(f"{name} must have the cache's dtype {k_cache.dtype}, got {t.dtype}")
+                raise TypeError(f"{name} must have the cache's dtype {k_cache.dtype}, "
+                                f"got {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if k.shape != v.shape:

@@ -376,7 +376,8 @@ def test_kvcache_appends_in_place_and_matches_fa_semantics(case, dtype, backend)
     if new:
         k = torch.randn(batch, new, kv_heads, dim).to(dtype)
         v = torch.randn(batch, new, kv_heads, dim).to(dtype)
-    cache_seqlens = seqlens if isinstance(seqlens, int) else torch.tensor(seqlens, dtype=torch.int32)
+    cache_seqlens = (seqlens if isinstance(seqlens, int)
+                     else torch.tensor(seqlens, dtype=torch.int32))
     want_k, want_v, want_out, want_lse = kvcache_oracle(q, k_cache, v_cache, k, v, seqlens,
                                                         causal=causal, window=window)
     k_ptr = k_cache.data_ptr()
@@ -497,7 +498,8 @@ BAD_INPUT = [
     (_varlen, dict(max_seqlen_q=-1), ValueError, "max_seqlen_q"),
     (_kvcache, dict(cache_seqlens=4, k=torch.randn(1, 1, 2, 8), v=torch.randn(1, 1, 2, 8)),
      ValueError, "cache_seqlens"),
-    (_kvcache, dict(cache_seqlens=torch.tensor([9], dtype=torch.int32)), ValueError, "cache_seqlens"),
+    (_kvcache, dict(cache_seqlens=torch.tensor([9], dtype=torch.int32)), ValueError,
+     "cache_seqlens"),
     (_kvcache, dict(cache_seqlens=torch.tensor([1.0])), ValueError, "cache_seqlens"),
     (_kvcache, dict(k=torch.randn(1, 1, 2, 8), cache_seqlens=0), ValueError, "k and v"),
     (_kvcache, dict(k=torch.randn(1, 1, 2, 8), v=torch.randn(1, 1, 2, 8)), ValueError,
