@@ -36,6 +36,7 @@ _LAZY = {
     "functional": "gptfast.functional",
     "backend": "gptfast.backend",
     "testing": "gptfast.testing",
+    "flash_attn_interface": "gptfast.flash_attn_interface",
 }
 
 __all__ = [
