@@ -22,6 +22,8 @@ _LN, _CE = "gptfast.kernels.layernorm", "gptfast.kernels.cross_entropy"
 _ATTN = "gptfast.kernels.attention"
 register_kernel("layer_norm", f"{_LN}:layer_norm", f"{_LN}:layer_norm_unsupported")
 register_kernel("add_layer_norm", f"{_LN}:add_layer_norm", f"{_LN}:add_layer_norm_unsupported")
+register_kernel("rms_norm", f"{_LN}:rms_norm", f"{_LN}:rms_norm_unsupported")
+register_kernel("add_rms_norm", f"{_LN}:add_rms_norm", f"{_LN}:add_rms_norm_unsupported")
 register_kernel("causal_attention", f"{_ATTN}:causal_attention", f"{_ATTN}:causal_attention_unsupported")
 register_kernel("attention", f"{_ATTN}:attention", f"{_ATTN}:attention_unsupported")
 register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
