@@ -210,14 +210,20 @@ def rms_norm(x, weight=None, eps=None):
     """RMSNorm over the last dim of x, == ``F.rms_norm(x, (C,), weight, eps)``.
 
     ``eps=None`` is torch's default: ``torch.finfo(x.dtype).eps``. Returns ``x.dtype``;
-    weight may be fp32 with half-precision x.
+    weight may be fp32 with half-precision x. Statistics in fp32 on every backend: a finite
+    row whose sum of squares overflows fp32 normalises to 0 (as ``F.rms_norm`` in fp32), an
+    inf entry gives NaN there and 0 elsewhere in its row, a NaN gives a NaN row.
     """
     _check_rms_norm(x, weight, eps)
     return _run("rms_norm", x.device, (x, weight, eps))
 
 
 def add_rms_norm(x, residual, weight=None, eps=None):
-    """Returns ``(rms_norm(x + residual), x + residual)`` in one pass where a kernel exists."""
+    """Returns ``(rms_norm(x + residual), x + residual)`` in one pass where a kernel exists.
+
+    The sum (and the norm) are in the promoted dtype of x and residual, and ``eps=None`` is
+    that dtype's epsilon: fp32's for a bf16 branch added to an fp32 residual stream.
+    """
     _tensor("residual", residual)
     _check_rms_norm(x, weight, eps)
     if residual.shape != x.shape:
