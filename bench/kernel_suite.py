@@ -6,6 +6,8 @@ when it imports) and turns each of their table rows into one result row per impl
 and pass, with a throughput to plot:
 
 - ``layer_norm``: GB/s as the LayerNorm benchmark counts bytes (also the device copy ceiling);
+- ``rms_norm``, ``add_rms_norm``: the same at the same (N, C) sizes, against F.rms_norm eager
+  and compiled and Liger's RMSNorm / fused add + RMSNorm ("n/a" rows when Liger is missing);
 - ``cross_entropy``: fwd+bwd ms and extra peak MB, and GB/s of reading the N x V logits and
   writing their gradient (2 N V bytes-per-element / time), the traffic floor of the loss;
 - ``linear_cross_entropy``: fwd+bwd ms and extra MB, and TFLOP/s of its three GEMMs (6 N C V);
@@ -39,7 +41,7 @@ ATTENTION_TOKENS = 16384  # B * T per attention call
 
 @dataclasses.dataclass(frozen=True)
 class KernelSizes:
-    layer_norm: tuple       # (N, C) pairs
+    layer_norm: tuple       # (N, C) pairs, also for rms_norm and add_rms_norm
     cross_entropy: tuple    # N rows
     linear: tuple           # N rows
     head_dims: tuple
@@ -97,6 +99,8 @@ class KernelSuite:
         s = self.sizes
         units = [(f"kernels layer_norm {n}x{c}", lambda n=n, c=c: self.layer_norm(n, c))
                  for n, c in s.layer_norm]
+        units += [(f"kernels {op} {n}x{c}", lambda op=op, n=n, c=c: self.rms_norm(op, n, c))
+                  for op in ("rms_norm", "add_rms_norm") for n, c in s.layer_norm]
         units += [(f"kernels cross_entropy N={n}", lambda n=n: self.cross_entropy(n))
                   for n in s.cross_entropy]
         units += [(f"kernels linear_cross_entropy N={n}", lambda n=n: self.linear(n))
@@ -131,6 +135,23 @@ class KernelSuite:
         return [self._row("layer_norm", name, direction, shape, n * c, "GB/s", gbps,
                           note=None if gbps is not None else failed)
                 for name, direction, gbps in cells]
+
+    def rms_norm(self, op: str, n: int, c: int) -> list:
+        """rms_norm or add_rms_norm rows, as :meth:`layer_norm` (Liger: "n/a" when missing)."""
+        from . import layernorm
+
+        impls = self._get(op, lambda: layernorm.implementations(param_dtype_is_x=False, op=op))
+        table = layernorm.bench_size(n, c, self.dtype, impls, op=op)
+        shape = f"{n}x{c}"
+        failed = "failed or out of memory (the reason is in the benchmark's stderr output)"
+        rows = [self._row(op, name, direction, shape, n * c, "GB/s", table[f"{name} {direction}"],
+                          note=None if table[f"{name} {direction}"] is not None else failed)
+                for name in impls for direction in ("fwd", "fwd+bwd")]
+        missing = layernorm.liger_unavailable(op) if "liger" not in impls else None
+        if missing:
+            rows += [self._row(op, "liger", direction, shape, n * c, "GB/s", None, status="n/a",
+                               note=missing) for direction in ("fwd", "fwd+bwd")]
+        return rows
 
     def _loss_rows(self, kernel, table, notes, providers, shape, size, unit, per_ms):
         """Rows of a loss benchmark's "ms / MB" cells; ``per_ms`` / ms is the throughput."""

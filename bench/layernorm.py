@@ -1,6 +1,8 @@
-"""LayerNorm bandwidth: gptfast's Triton kernels against torch eager, torch.compile and Liger.
+"""LayerNorm and RMSNorm bandwidth: gptfast's Triton kernels against torch eager, torch.compile
+and Liger.
 
-    python -m gptfast.bench.layernorm [--dtype fp32|bf16] [--param-dtype fp32|same]
+    python -m gptfast.bench.layernorm [--op layer_norm|rms_norm|add_rms_norm]
+                                      [--dtype fp32|bf16] [--param-dtype fp32|same]
                                       [--sizes 16384x768,65536x768,16384x4096,8192x8192]
 
 Prints one markdown table of GB/s (bytes moved / median time), every implementation and
@@ -9,6 +11,11 @@ bench/ANCHORS.md:
     fwd      = read x + write y + read w, b
     fwd+bwd  = fwd + read x, dy + write dx + write dw, db
 so the fwd+bwd figure is comparable across implementations that move more than that.
+rms_norm has a weight and no bias (F.rms_norm, Liger's LigerRMSNormFunction);
+add_rms_norm(x, r) also reads r and writes s = x + r forward, and reads the gradient of s
+backward (dx = dr, one write), against ``s = x + r; F.rms_norm(s)`` eager and compiled and
+Liger's LigerFusedAddRMSNormFunction. Liger's columns are left out, with the reason printed
+(and, in the kernels suite, an "n/a" row), when liger_kernel does not import.
 The copy column is ``dst.copy_(src)`` of the N x C activations (read + write bytes / time).
 
 torch eager rejects bf16 x with fp32 weights, so the eager, compile and Liger baselines
@@ -31,36 +38,69 @@ from .common import Measured, Meter, compiled, markdown_table, parse_pairs
 DEFAULT_SIZES = "16384x768,65536x768,16384x4096,8192x8192"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
+# per op: its parameters (all of length C) and whether it adds a residual stream
+OPS = {"layer_norm": (("w", "b"), False), "rms_norm": (("w",), False),
+       "add_rms_norm": (("w",), True)}
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     return parse_pairs(text, example="16384x768")
 
 
-def _liger():
-    """Liger's LayerNorm autograd function, or None when liger_kernel does not import."""
-    try:
+def _liger(op: str):
+    """Liger's autograd function for ``op`` (positional: eps, offset 0, llama casting, not in
+    place); raises ImportError when liger_kernel, or this op in it, does not import."""
+    if op == "layer_norm":
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-    except Exception:
-        return None
-    return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
+        return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
+    if op == "rms_norm":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        return lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+    return lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, EPS, 0.0, "llama", False)
 
 
-def implementations(param_dtype_is_x: bool):
+def liger_unavailable(op: str = "layer_norm") -> str | None:
+    """Why there is no Liger column for ``op`` (its import fails), or None."""
+    try:
+        _liger(op)
+    except Exception as err:  # noqa: BLE001 - any import failure means no Liger column
+        return f"liger_kernel unavailable ({type(err).__name__}: {err})"
+    return None
+
+
+def _torch_ops(op: str):
+    """(gptfast's op, torch's eager equivalent) for ``op``, same arguments."""
     import gptfast
 
-    def ours(x, w, b):
-        with gptfast.use_backend("triton"):
-            return gptfast.layer_norm(x, w, b, EPS)
+    F = torch.nn.functional
+    if op == "layer_norm":
+        return (lambda x, w, b: gptfast.layer_norm(x, w, b, EPS),
+                lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS))
+    if op == "rms_norm":
+        return (lambda x, w: gptfast.rms_norm(x, w, EPS),
+                lambda x, w: F.rms_norm(x, (x.shape[-1],), w, EPS))
 
-    def eager(x, w, b):
-        return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, EPS)
+    def add_rms_norm(x, r, w):
+        s = x + r
+        return F.rms_norm(s, (s.shape[-1],), w, EPS), s
+
+    return lambda x, r, w: gptfast.add_rms_norm(x, r, w, EPS), add_rms_norm
+
+
+def implementations(param_dtype_is_x: bool, op: str = "layer_norm"):
+    import gptfast
+
+    ours_op, eager = _torch_ops(op)
+
+    def ours(*args):
+        with gptfast.use_backend("triton"):
+            return ours_op(*args)
 
     impls = {"gptfast": (ours, not param_dtype_is_x), "eager": (eager, False),
              "compile": (compiled(eager, dynamic=False), False)}
-    liger = _liger()
-    if liger is not None:
-        impls["liger"] = (liger, False)
+    if liger_unavailable(op) is None:
+        impls["liger"] = (_liger(op), False)
     return impls  # name -> (fn, params in fp32 rather than x's dtype)
 
 
@@ -77,13 +117,19 @@ def _measure(fn, meter, label) -> Measured:
 
 
 def bench_size(n: int, c: int, dtype: torch.dtype, impls, device: str = "cuda",
-               meter: Meter | None = None) -> dict:
+               meter: Meter | None = None, op: str = "layer_norm") -> dict:
     """One row of GB/s per implementation and pass, and the copy; ``row["measured"]`` holds
-    each cell's Measured and ``row["bytes"]`` the bytes it counts."""
+    each cell's Measured and ``row["bytes"]`` the bytes it counts. ``impls`` are
+    :func:`implementations` of the same ``op``."""
     meter = meter or Meter(device)
+    param_names, has_residual = OPS[op]
     act = torch.empty(0, dtype=dtype).element_size()
     x = torch.randn(n, c, device=device, dtype=dtype)
     dy = torch.randn_like(x)
+    residual = torch.randn_like(x) if has_residual else None
+    # activations streamed: fwd reads x (and r), writes y (and s); bwd reads x or s, dy
+    # (and ds) and writes dx (= dr)
+    fwd_streams, bwd_streams = (4, 4) if has_residual else (2, 3)
     row = {"N x C": f"{n} x {c}", "dtype": str(dtype).replace("torch.", ""), "measured": {},
            "bytes": {}}
 
@@ -99,58 +145,64 @@ def bench_size(n: int, c: int, dtype: torch.dtype, impls, device: str = "cuda",
     for name, (fn, fp32_params) in impls.items():
         p_dtype = torch.float32 if fp32_params else dtype
         p_size = torch.empty(0, dtype=p_dtype).element_size()
-        w = torch.randn(c, device=device, dtype=p_dtype, requires_grad=True)
-        b = torch.randn(c, device=device, dtype=p_dtype, requires_grad=True)
-        xg = x.detach().requires_grad_()
-        fwd_bytes = 2 * x.numel() * act + 2 * c * p_size
-        bwd_bytes = 3 * x.numel() * act + 2 * c * p_size
-        print(f"{n}x{c} {name}", file=sys.stderr)
+        params = [torch.randn(c, device=device, dtype=p_dtype, requires_grad=True)
+                  for _ in param_names]
+        inputs = [x] if residual is None else [x, residual]
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        fwd_bytes = fwd_streams * x.numel() * act + len(params) * c * p_size
+        bwd_bytes = bwd_streams * x.numel() * act + len(params) * c * p_size
+        print(f"{n}x{c} {op} {name}", file=sys.stderr)
 
         def forward():
             with torch.no_grad():
-                fn(x, w, b)
+                fn(*inputs, *params)
 
         def step():
-            y = fn(xg, w, b)
-            torch.autograd.grad(y, (xg, w, b), dy)  # no .grad accumulation in the timing
+            out = fn(*leaves, *params)
+            outs = out if isinstance(out, tuple) else (out,)
+            # no .grad accumulation in the timing
+            torch.autograd.grad(outs, (*leaves, *params), (dy,) * len(outs))
 
         record(f"{name} fwd", fwd_bytes, forward)
         record(f"{name} fwd+bwd", fwd_bytes + bwd_bytes, step)
     return row
 
 
-def _cpu_sanity() -> int:
-    """No CUDA: run one tiny case through the interpreter against the reference."""
+def _cpu_sanity(op: str = "layer_norm") -> int:
+    """No CUDA: run one tiny case of ``op`` through the interpreter against the reference."""
     print("no CUDA device: nothing to time. Running a tiny sanity check on CPU "
           "(Triton interpreter) instead.")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
     import gptfast
     from gptfast import reference
 
-    x = torch.randn(4, 100, requires_grad=True)
-    w = torch.randn(100, requires_grad=True)
-    b = torch.randn(100, requires_grad=True)
+    param_names, has_residual = OPS[op]
+    leaves = [torch.randn(4, 100) for _ in range(2 if has_residual else 1)]
+    leaves += [torch.randn(100) for _ in param_names]
+    leaves = [t.requires_grad_() for t in leaves]
+    ours_op, _ = _torch_ops(op)
     try:
         with gptfast.use_backend("triton"):
-            y = gptfast.layer_norm(x, w, b, EPS)
+            out = ours_op(*leaves)
     except gptfast.BackendUnavailable as err:
         print(f"triton backend unavailable here ({err}); skipped")
         return 0
-    y.backward(torch.ones_like(y))
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    y64 = reference.layer_norm(x64, w64, b64, EPS)
-    y64.backward(torch.ones_like(y64))
-    y, y64 = y.detach(), y64.detach()
-    err = max(float((y.double() - y64).abs().max()), float((x.grad.double() - x64.grad).abs().max()),
-              float((w.grad.double() - w64.grad).abs().max()))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = getattr(reference, op)(*leaves64, EPS)
+    outs, outs64 = (o if isinstance(o, tuple) else (o,) for o in (out, out64))
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    torch.autograd.backward(outs64, [torch.ones_like(o) for o in outs64])
+    pairs = list(zip(outs, outs64)) + [(t.grad, t64.grad) for t, t64 in zip(leaves, leaves64)]
+    err = max(float((got.detach().double() - want.detach()).abs().max()) for got, want in pairs)
     ok = err < 1e-4
-    print(f"layer_norm 4x100 fp32 via the interpreter: max abs error vs fp64 reference {err:.2e}"
+    print(f"{op} 4x100 fp32 via the interpreter: max abs error vs fp64 reference {err:.2e}"
           f" ({'ok' if ok else 'MISMATCH'})")
     return 0 if ok else 1
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptfast.bench.layernorm", description=__doc__.split("\n")[0])
+    parser.add_argument("--op", choices=list(OPS), default="layer_norm", help="the norm to time")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="activation dtype")
     parser.add_argument("--param-dtype", choices=["fp32", "same"], default="fp32",
                         help="gptfast's weight/bias dtype: fp32, or the activation dtype")
@@ -159,16 +211,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        return _cpu_sanity()
+        return _cpu_sanity(args.op)
 
     dtype = DTYPES[args.dtype]
     param_fp32 = args.param_dtype == "fp32"
-    impls = implementations(param_dtype_is_x=not param_fp32)
-    rows = [bench_size(n, c, dtype, impls) for n, c in args.sizes]
+    impls = implementations(param_dtype_is_x=not param_fp32, op=args.op)
+    rows = [bench_size(n, c, dtype, impls, op=args.op) for n, c in args.sizes]
     columns = ["N x C", "dtype", "copy"] + [f"{name} {kind}" for name in impls for kind in ("fwd", "fwd+bwd")]
-    print(f"\nLayerNorm GB/s on {torch.cuda.get_device_name()} (torch {torch.__version__}); "
+    print(f"\n{args.op} GB/s on {torch.cuda.get_device_name()} (torch {torch.__version__}); "
           f"gptfast params {'fp32' if param_fp32 else args.dtype}, baselines' params {args.dtype}")
     print(markdown_table(rows, columns))
+    missing = liger_unavailable(args.op)
+    if missing:
+        print(f"\nliger: unavailable, {missing}")
     return 0
 
 

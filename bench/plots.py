@@ -128,8 +128,9 @@ def _kernel_figure(rows, meta, colours):
                 "linear_cross_entropy": "rows N (C = 768, V = 50257)",
                 "causal_attention": "context length T (B*T = 16384 tokens)",
                 "document_attention": "mean document length (T: one document)"}
-    # layer_norm's sizes are (N, C) pairs, several with the same N*C: one slot per shape
-    ln_shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kernel"] == "layer_norm"))
+    # the norms' sizes are (N, C) pairs, several with the same N*C: one slot per shape
+    norms = ("layer_norm", "rms_norm", "add_rms_norm")
+    ln_shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kernel"] in norms))
     order = {kernel: i for i, kernel in enumerate(KERNEL_ORDER)}
     in_order = sorted(rows, key=lambda r: (order.get(r["kernel"], len(order)), r.get("head_dim") or 0))
     panels = list(dict.fromkeys(panel_of(r) for r in in_order))
@@ -137,7 +138,7 @@ def _kernel_figure(rows, meta, colours):
     for ax, panel in zip(axes, panels):
         in_panel = [r for r in rows if panel_of(r) == panel]
         kernel = in_panel[0]["kernel"]
-        categorical = kernel == "layer_norm"
+        categorical = kernel in norms
 
         def x_of(row):
             return ln_shapes.index(row["shape"]) if categorical else row["size"]
@@ -151,7 +152,7 @@ def _kernel_figure(rows, meta, colours):
         if categorical:
             ax.set_xticks(range(len(ln_shapes)), ln_shapes)
             ax.set_xlim(-0.5, len(ln_shapes) - 0.5)
-            ax.set_xlabel(x_labels[kernel])
+            ax.set_xlabel(x_labels["layer_norm"])
         else:
             _log2_x(ax, {r["size"] for r in in_panel}, x_labels.get(kernel, "size"))
         ax.set_ylabel(in_panel[0]["unit"])

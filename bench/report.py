@@ -216,7 +216,7 @@ def _gpt_section(rows, baseline, impl_order) -> list[str]:
     return lines
 
 
-KERNEL_ORDER = ("layer_norm", "cross_entropy", "linear_cross_entropy", "causal_attention",
+KERNEL_ORDER = ("layer_norm", "rms_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy", "causal_attention",
                 "document_attention")
 
 
@@ -237,7 +237,7 @@ def _kernel_cell(row):
 
 def _kernel_section(rows) -> list[str]:
     lines = ["## Kernels", "",
-             "layer_norm: GB/s as bench/layernorm.py counts bytes; cross_entropy: GB/s of "
+             "layer_norm, rms_norm, add_rms_norm: GB/s as bench/layernorm.py counts bytes; cross_entropy: GB/s of "
              "reading the logits and writing their gradient; linear_cross_entropy: TFLOP/s of "
              "its 3 GEMMs; both with (fwd+bwd ms, extra peak MB); causal_attention: TFLOP/s "
              "(fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd); document_attention: TFLOP/s on the "

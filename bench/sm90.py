@@ -377,7 +377,8 @@ def attention_cases(subset: str):
 
 
 def layernorm_cases(subset: str):
-    """layer_norm and add_layer_norm forward and backward (with dw, db) at the benchmark rows."""
+    """layer_norm and add_layer_norm forward and backward (with dw, db) at the benchmark rows,
+    and rms_norm / add_rms_norm (the same kernels, CENTER off) at the same rows."""
     import torch
     from gptfast.kernels import layernorm as ln
 
@@ -401,6 +402,18 @@ def layernorm_cases(subset: str):
             yield (f"{op} bwd", shape, dtype,
                    lambda x=x, w=w, b=b, st=stats, ds=ds, dt=dtype:
                    ln._backward(x, x, w, b, st, st, ds, dt, None, True, True))
+        # RMSNorm: the same kernels with CENTER off, no bias; with a weight, and without one
+        # (nanochat's norm) at the 768-wide rows
+        for residual in (None, _meta(n, c, dtype=dtype)):
+            op = "rms_norm" if residual is None else "add_rms_norm"
+            ds = None if residual is None else x
+            for weight in (w, None) if c == 768 else (w,):
+                label = op if weight is not None else f"{op} no weight"
+                yield (f"{label} fwd", shape, dtype,
+                       lambda x=x, r=residual, w=weight: ln._forward(x, r, w, None, 1e-6, center=False))
+                yield (f"{label} bwd", shape, dtype,
+                       lambda x=x, w=weight, st=stats, ds=ds, dt=dtype:
+                       ln._backward(x, x, w, None, None, st, ds, dt, None, True, False))
 
 
 def cross_entropy_cases(subset: str):

@@ -9,8 +9,8 @@ history of a tensor it was written into. Each op therefore does one of two thing
 - exact second derivatives, at reference speed and memory, only on the rare create_graph
   backward: :func:`reference_grads` recomputes the op with ``gptfast.reference`` and takes
   its gradients with ``create_graph=True`` (cross_entropy with kept logits,
-  linear_cross_entropy); layer_norm and add_layer_norm evaluate their backward formulas
-  with differentiable torch ops (see ``gptfast.kernels.layernorm``);
+  linear_cross_entropy); layer_norm, add_layer_norm, rms_norm and add_rms_norm evaluate
+  their backward formulas with differentiable torch ops (see ``gptfast.kernels.layernorm``);
 - :func:`raise_if_differentiated`: the kernel's first-order gradients, wired to a node that
   raises ``RuntimeError`` if a second backward reaches it (causal_attention, and
   cross_entropy whose logits were overwritten by their gradient, so nothing is left to

@@ -22,6 +22,8 @@ _LN, _CE = "gptfast.kernels.layernorm", "gptfast.kernels.cross_entropy"
 _ATTN = "gptfast.kernels.attention"
 register_kernel("layer_norm", f"{_LN}:layer_norm", f"{_LN}:layer_norm_unsupported")
 register_kernel("add_layer_norm", f"{_LN}:add_layer_norm", f"{_LN}:add_layer_norm_unsupported")
+register_kernel("rms_norm", f"{_LN}:rms_norm", f"{_LN}:rms_norm_unsupported")
+register_kernel("add_rms_norm", f"{_LN}:add_rms_norm", f"{_LN}:add_rms_norm_unsupported")
 register_kernel("causal_attention", f"{_ATTN}:causal_attention", f"{_ATTN}:causal_attention_unsupported")
 register_kernel("attention", f"{_ATTN}:attention", f"{_ATTN}:attention_unsupported")
 register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
@@ -209,14 +211,20 @@ def rms_norm(x, weight=None, eps=None):
 
     ``eps=None`` is torch's default: the epsilon of fp32 for fp16/bf16/fp32 x (torch computes
     in fp32), of fp64 for fp64 x (``reference.default_rms_eps``). Returns ``x.dtype``;
-    weight may be fp32 with half-precision x.
+    weight may be fp32 with half-precision x. Statistics in fp32 on every backend: a finite
+    row whose sum of squares overflows fp32 normalises to 0 (as ``F.rms_norm`` in fp32), an
+    inf entry gives NaN there and 0 elsewhere in its row, a NaN gives a NaN row.
     """
     _check_rms_norm(x, weight, eps)
     return _run("rms_norm", x.device, (x, weight, eps))
 
 
 def add_rms_norm(x, residual, weight=None, eps=None):
-    """Returns ``(rms_norm(x + residual), x + residual)`` in one pass where a kernel exists."""
+    """Returns ``(rms_norm(x + residual), x + residual)`` in one pass where a kernel exists.
+
+    The sum (and the norm) are in the promoted dtype of x and residual; ``eps=None`` as in
+    :func:`rms_norm`, for that dtype.
+    """
     _tensor("residual", residual)
     _check_rms_norm(x, weight, eps)
     if residual.shape != x.shape:

@@ -1,22 +1,36 @@
-"""LayerNorm over the last dimension, forward and backward, with an optional fused residual add.
+"""LayerNorm and RMSNorm over the last dimension, forward and backward, with an optional fused
+residual add.
 
 For a row x of C features (statistics always in fp32, whatever the activation dtype):
 
-    mean = sum(x) / C
-    var  = sum((x - mean)^2) / C          (biased, as torch)
+    mean = sum(x) / C                     (LayerNorm; RMSNorm takes mean = 0)
+    var  = sum((x - mean)^2) / C          (biased, as torch; RMSNorm: the mean square)
     rstd = 1 / sqrt(var + eps)
     xhat = (x - mean) * rstd
-    y    = xhat * w + b                   (w = 1, b = 0 when absent)
+    y    = xhat * w + b                   (w = 1, b = 0 when absent; RMSNorm has no b)
 
 Backward, with g = dy * w:
 
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (RMSNorm: without the mean(g) term)
     dw = sum over rows of dy * xhat
     db = sum over rows of dy
 
-``add_layer_norm(x, r)`` normalises s = x + r (taken in the promoted dtype of x and r) and
-also returns s; its backward adds the gradient flowing into s directly (ds_out) to the one
-coming through the norm, and hands that one gradient to both x and r, each in its own dtype.
+A LayerNorm is an RMSNorm of the centred row x - mean, and the mean(g) term is the gradient
+of that centring, so both norms are the same kernels: the constexpr ``CENTER`` switches the
+mean (and its term in dx) on for LayerNorm and off for RMSNorm, whose mean is never computed,
+stored or loaded. A missing weight or bias is a constexpr too (HAS_W, HAS_B): nothing is
+allocated or loaded for it (nanochat's RMSNorm has no weight).
+
+``add_layer_norm(x, r)`` / ``add_rms_norm(x, r)`` normalise s = x + r (taken in the promoted
+dtype of x and r) and also return s; the backward adds the gradient flowing into s directly
+(ds_out) to the one coming through the norm, and hands that one gradient to both x and r,
+each in its own dtype.
+
+RMSNorm's ``eps=None`` is torch's default, the epsilon of the computation dtype (fp32's for
+fp16/bf16/fp32 x, ``reference.default_rms_eps``), resolved here before the launch. A row whose sum of squares
+overflows fp32 (|x| around 1e19 / sqrt(C) and beyond) gets rstd = 0, so y = 0 and dx = 0
+for it, as ``F.rms_norm`` computing in fp32 (the reference backend) gives; a row holding inf
+or NaN gives NaN where torch does.
 
 Memory traffic, which is all that matters for this op:
 - forward reads x (and r) once and writes y (and s), plus 8 bytes a row for mean/rstd;
@@ -34,7 +48,8 @@ Block sizes come from fixed heuristics keyed on C rather than autotuning: the re
 order (hence the bits of y, dx, dw) depends on the tile shape, and autotuning picks tiles
 by timing, which would make results differ between processes.
 
-Each op is a ``torch.library.custom_op`` ("gptfast::layer_norm_fwd" ...) with a fake
+Each op is a ``torch.library.custom_op`` ("gptfast::layer_norm_fwd", "gptfast::rms_norm_fwd"
+...; one backward op, "gptfast::layer_norm_bwd", for both norms) with a fake
 implementation and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
 A backward with ``create_graph=True`` (double backward) evaluates the backward formulas
 above with differentiable torch ops instead of the kernel, so second derivatives are exact.
@@ -76,7 +91,7 @@ BWD_TILE = 2048
 def _ln_fwd_fused(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_x, stride_r, N, C, eps,
-    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CENTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """A tile of BLOCK_M whole rows per program: one read of x (and r), one write of y (and s).
@@ -101,8 +116,11 @@ def _ln_fwd_fused(
         x = s.to(tl.float32)
 
     # two-pass statistics on the tile in registers (no E[x^2] - E[x]^2 cancellation)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
+    if CENTER:
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    else:
+        xc = x  # masked lanes were loaded as 0
     var = tl.sum(xc * xc, axis=1) / C
     rstd = 1.0 / tl.sqrt(var + eps)
     y = xc * rstd[:, None]
@@ -113,7 +131,8 @@ def _ln_fwd_fused(
         b = tl.load(B + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
         y = y + b.to(tl.float32)[None, :]
     tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_mask)
+    if CENTER:
+        tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
@@ -121,7 +140,7 @@ def _ln_fwd_fused(
 def _ln_fwd_looped(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_x, stride_r, C, eps,
-    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CENTER: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """One row per program for rows too long for registers, in chunks of BLOCK_C.
@@ -129,8 +148,9 @@ def _ln_fwd_looped(
     Pass 1 takes each chunk's count n_k, mean m_k and M2_k = sum((x - m_k)^2) and merges
     them into the running (n, m, M2) as Chan et al.:
         d = m_k - m;  m += d * n_k / (n + n_k);  M2 += M2_k + d^2 * n * n_k / (n + n_k)
-    which is as stable as the two-pass formula with a single read. Pass 2 normalises (the
-    row is then mostly in L2). With HAS_RES, pass 1 writes s and pass 2 reads it back.
+    which is as stable as the two-pass formula with a single read (without CENTER, M2 is
+    just the running sum of squares and m stays 0). Pass 2 normalises (the row is then
+    mostly in L2). With HAS_RES, pass 1 writes s and pass 2 reads it back.
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -146,17 +166,21 @@ def _ln_fwd_looped(
             s = (x + r.to(tl.float32)).to(S.dtype.element_ty)
             tl.store(S + row * C + cols, s, mask=mask)
             x = s.to(tl.float32)
-        n_k = tl.minimum(C - start, BLOCK_C).to(tl.float32)
-        mean_k = tl.sum(x, axis=0) / n_k
-        xc = tl.where(mask, x - mean_k, 0.0)
-        m2_k = tl.sum(xc * xc, axis=0)
-        total = count + n_k
-        delta = mean_k - mean
-        mean = mean + delta * (n_k / total)
-        m2 = m2 + m2_k + delta * delta * (count * n_k / total)
-        count = total
+        if CENTER:
+            n_k = tl.minimum(C - start, BLOCK_C).to(tl.float32)
+            mean_k = tl.sum(x, axis=0) / n_k
+            xc = tl.where(mask, x - mean_k, 0.0)
+            m2_k = tl.sum(xc * xc, axis=0)
+            total = count + n_k
+            delta = mean_k - mean
+            mean = mean + delta * (n_k / total)
+            m2 = m2 + m2_k + delta * delta * (count * n_k / total)
+            count = total
+        else:
+            m2 = m2 + tl.sum(x * x, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / C + eps)
-    tl.store(Mean + row, mean)
+    if CENTER:
+        tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
     if HAS_RES:
         tl.debug_barrier()  # s written by other threads of this program in pass 1
@@ -183,7 +207,7 @@ def _ln_bwd_fused(
     DY, X, W, Mean, Rstd, DS, DX, DX2, DW_part, DB_part,
     stride_dy, stride_x, stride_ds, N, C,
     HAS_W: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, CENTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx for tiles of BLOCK_M whole rows, and this program's fp32 partial dw, db.
@@ -209,16 +233,22 @@ def _ln_bwd_fused(
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if CENTER:
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        else:
+            xhat = x * rstd[:, None]  # masked lanes were loaded as 0
         if HAS_W:
             g = dy * w[None, :]
         else:
             g = dy
         c1 = tl.sum(xhat * g, axis=1) / C
-        c2 = tl.sum(g, axis=1) / C
-        dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if CENTER:
+            c2 = tl.sum(g, axis=1) / C
+            dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        else:
+            dx = (g - xhat * c1[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         out_offs = rows64[:, None] * C + cols[None, :]
@@ -237,12 +267,15 @@ def _ln_bwd_fused(
 
 @triton.jit
 def _ln_bwd_chunk(X, DY, W, row64, stride_x, stride_dy, cols, mask, mean, rstd,
-                  HAS_W: tl.constexpr):
+                  HAS_W: tl.constexpr, CENTER: tl.constexpr):
     """xhat, dy and g = dy * w (fp32) for one chunk of a row; both passes of the looped
     backward recompute them rather than keep a row that does not fit in registers."""
     x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    if CENTER:
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    else:
+        xhat = x * rstd  # masked lanes were loaded as 0
     g = dy
     if HAS_W:
         g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -254,12 +287,12 @@ def _ln_bwd_looped(
     DY, X, W, Mean, Rstd, DS, DX, DX2, DW_part, DB_part,
     stride_dy, stride_x, stride_ds, N, C,
     HAS_W: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, CENTER: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """The same as ``_ln_bwd_fused`` for rows too long for registers, one row at a time.
 
-    Pass 1 over the row's chunks gives mean(g * xhat) and mean(g); pass 2 writes dx and
+    Pass 1 over the row's chunks gives mean(g * xhat) (and mean(g) with CENTER); pass 2 writes dx and
     adds dy * xhat, dy into this program's own row of DW_part / DB_part (read-modify-write
     by the program that owns it: still no atomics, still a fixed order).
     """
@@ -278,7 +311,9 @@ def _ln_bwd_looped(
 
     for row in range(pid, N, n_programs):
         row64 = tl.cast(row, tl.int64)
-        mean = tl.load(Mean + row)
+        mean = 0.0
+        if CENTER:
+            mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
         c1_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         c2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -286,16 +321,19 @@ def _ln_bwd_looped(
             cols = start + offs
             mask = cols < C
             xhat, dy, g = _ln_bwd_chunk(X, DY, W, row64, stride_x, stride_dy, cols, mask,
-                                        mean, rstd, HAS_W)
+                                        mean, rstd, HAS_W, CENTER)
             c1_acc += xhat * g
-            c2_acc += g
+            if CENTER:
+                c2_acc += g
         c1 = tl.sum(c1_acc, axis=0) / C
-        c2 = tl.sum(c2_acc, axis=0) / C
+        c2 = 0.0
+        if CENTER:
+            c2 = tl.sum(c2_acc, axis=0) / C
         for start in range(0, C, BLOCK_C):
             cols = start + offs
             mask = cols < C
             xhat, dy, g = _ln_bwd_chunk(X, DY, W, row64, stride_x, stride_dy, cols, mask,
-                                        mean, rstd, HAS_W)
+                                        mean, rstd, HAS_W, CENTER)
             dx = (g - (xhat * c1 + c2)) * rstd
             if HAS_DS:
                 dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
@@ -373,22 +411,26 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward(x, residual, weight, bias, eps):
-    """Launch the forward; returns (y, s or None, mean, rstd), y and s shaped like x."""
+def _forward(x, residual, weight, bias, eps, center=True):
+    """Launch the forward; returns (y, s or None, mean, rstd), y and s shaped like x.
+
+    ``center=False`` is RMSNorm (``bias`` must be None): no mean, which comes back as None.
+    """
     C = x.shape[-1]
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     x2 = _rows(x, C)
     N = x2.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     s = None if residual is None else torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    mean = torch.empty(N, dtype=torch.float32, device=x.device)
+    mean = torch.empty(N, dtype=torch.float32, device=x.device) if center else None
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return y, s, mean, rstd
     r2 = None if residual is None else _rows(residual, C)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    common = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None)
+    common = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                  CENTER=center)
     block_c = triton.next_power_of_2(C)
     with _device_guard(x):
         if block_c <= MAX_FUSED_C:
@@ -412,7 +454,8 @@ def _forward(x, residual, weight, bias, eps):
 def _backward(dy, x, weight, bias, mean, rstd, ds, dx_dtype, dx2_dtype, need_dw, need_db):
     """Launch the backward; returns (dx, dx2 or None, dw or None, db or None).
 
-    ``x`` is what was normalised (s for add_layer_norm); ``ds`` the gradient that reached s
+    ``x`` is what was normalised (s for add_layer_norm); ``mean`` None means RMSNorm (the
+    rows were not centred); ``ds`` the gradient that reached s
     directly (or None); dx is written in ``dx_dtype`` and, when ``dx2_dtype`` is given,
     the same gradient also in that dtype.
     """
@@ -448,7 +491,7 @@ def _backward(dy, x, weight, bias, mean, rstd, ds, dx_dtype, dx2_dtype, need_dw,
         dy2.stride(0), x2.stride(0), 0 if ds2 is None else ds2.stride(0), N, C,
     )
     flags = dict(HAS_W=weight is not None, HAS_DS=ds is not None, HAS_DX2=dx2 is not None,
-                 COMPUTE_DW=need_dw, COMPUTE_DB=need_db)
+                 COMPUTE_DW=need_dw, COMPUTE_DB=need_db, CENTER=mean is not None)
     with _device_guard(x):
         if fused:
             _ln_bwd_fused[(programs,)](*args, BLOCK_M=block_m, BLOCK_C=block_c,
@@ -500,15 +543,42 @@ def _(x, residual, weight, bias, eps):
             _stats_like(x), _stats_like(x))
 
 
+@torch.library.custom_op("gptfast::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    y, _, _, rstd = _forward(x, None, weight, None, eps, center=False)
+    return y, rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("gptfast::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, _, rstd = _forward(x, residual, weight, None, eps, center=False)
+    return y, s, rstd
+
+
+@_add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps):
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype), _stats_like(x)
+
+
 @torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+    bias: Optional[torch.Tensor], mean: Optional[torch.Tensor], rstd: torch.Tensor,
     ds: Optional[torch.Tensor], dx_dtype: torch.dtype, dx2_dtype: Optional[torch.dtype],
     need_dw: bool, need_db: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dx2, dw, db); outputs not asked for come back as empty tensors (schema has no
-    optional returns). ``bias`` is passed only for its dtype."""
+    optional returns). ``bias`` is passed only for its dtype; ``mean`` None: RMSNorm."""
     dx, dx2, dw, db = _backward(dy, x, weight, bias, mean, rstd, ds, dx_dtype, dx2_dtype,
                                 need_dw, need_db)
     def empty():  # a fresh one each time: custom op outputs may not alias each other
@@ -532,7 +602,8 @@ def _(dy, x, weight, bias, mean, rstd, ds, dx_dtype, dx2_dtype, need_dw, need_db
 
 
 def _grads(ctx, dy, ds, param_index, through_op):
-    """(dx, dr, dw, db) from what forward saved: (input, weight, bias, mean, rstd).
+    """(dx, dr, dw, db) from what forward saved: (input, weight, bias, mean, rstd), where
+    RMSNorm saved no bias and no mean.
 
     ``ctx.dtypes`` is (x dtype, residual dtype or None). d(x + r)/dx = d(x + r)/dr = 1, so
     x and r get one gradient, written once per distinct dtype. ``through_op`` calls the
@@ -562,16 +633,17 @@ def _differentiable_grads(ctx, dy, ds, param_index):
     forward saved. Not autograd.grad of the reference op: for add_layer_norm the saved input
     is the output s, whose graph runs back through this very node (which also has edges to
     the weight), so differentiating with respect to the weight would re-enter this backward.
-    For add_layer_norm dx = dr = ds + d/ds.
+    For add_layer_norm dx = dr = ds + d/ds. RMSNorm (no saved mean) skips the centring and
+    its mean(g) term.
     """
-    s, weight, bias, _, _ = ctx.saved_tensors
+    s, weight, bias, mean, _ = ctx.saved_tensors
     x_dtype, r_dtype = ctx.dtypes
     need_dw = weight is not None and ctx.needs_input_grad[param_index]
     need_db = bias is not None and ctx.needs_input_grad[param_index + 1]
     acc = reference.compute_dtype(s.dtype)
     C = s.shape[-1]
     s32 = s.to(acc)
-    centred = s32 - s32.mean(-1, keepdim=True)
+    centred = s32 if mean is None else s32 - s32.mean(-1, keepdim=True)
     rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + ctx.eps)
     xhat = centred * rstd
     if dy is None:  # only s was used downstream
@@ -579,7 +651,10 @@ def _differentiable_grads(ctx, dy, ds, param_index):
     else:
         dy32 = dy.to(acc)
         g = dy32 if weight is None else dy32 * weight.to(acc)
-        d_input = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        d_input = g - xhat * (g * xhat).mean(-1, keepdim=True)
+        if mean is not None:
+            d_input = d_input - g.mean(-1, keepdim=True)
+        d_input = rstd * d_input
         dw = (dy32 * xhat).reshape(-1, C).sum(0).to(weight.dtype) if need_dw else None
         db = dy32.reshape(-1, C).sum(0).to(bias.dtype) if need_db else None
     if ds is not None:
@@ -621,14 +696,50 @@ def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
 _add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, None, None, rstd)
+    ctx.dtypes = (x.dtype, None)
+    ctx.eps = eps
+
+
+def _rms_backward(ctx, dy, _drstd):
+    dx, _, dw, _ = _grads(ctx, dy, None, 1, through_op=True)
+    return dx, dw, None
+
+
+_rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+def _add_rms_setup(ctx, inputs, output):
+    x, residual, weight, eps = inputs
+    _, s, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(s, weight, None, None, rstd)
+    ctx.dtypes = (x.dtype, residual.dtype)
+    ctx.eps = eps
+
+
+def _add_rms_backward(ctx, dy, ds, _drstd):
+    dx, dr, dw, _ = _grads(ctx, dy, ds, 2, through_op=True)
+    return dx, dr, dw, None
+
+
+_add_rms_norm_fwd.register_autograd(_add_rms_backward, setup_context=_add_rms_setup)
+
+
 # ------------------------------------------------- eager path: plain autograd.Functions --
 # A custom op with autograd costs ~30 us of Python per call, comparable to the kernel
 # itself at 16384 x 768, so eager calls skip it; torch.compile traces the custom ops.
 
 class _LayerNorm(torch.autograd.Function):
+    """LayerNorm, or RMSNorm with ``center=False`` (and bias None)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, center):
+        y, _, mean, rstd = _forward(x, None, weight, bias, eps, center)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.dtypes = (x.dtype, None)
         ctx.eps = eps
@@ -637,13 +748,15 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         dx, _, dw, db = _grads(ctx, dy, None, 1, through_op=False)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class _AddLayerNorm(torch.autograd.Function):
+    """add_layer_norm, or add_rms_norm with ``center=False`` (and bias None)."""
+
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
+    def forward(ctx, x, residual, weight, bias, eps, center):
+        y, s, mean, rstd = _forward(x, residual, weight, bias, eps, center)
         ctx.save_for_backward(s, weight, bias, mean, rstd)
         ctx.dtypes = (x.dtype, residual.dtype)
         ctx.eps = eps
@@ -651,7 +764,7 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds):
-        return (*_grads(ctx, dy, ds, 2, through_op=False), None)
+        return (*_grads(ctx, dy, ds, 2, through_op=False), None, None)
 
 
 # ---------------------------------------------------------------------- public entries --
@@ -660,7 +773,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x, in x.dtype (see the module docstring)."""
     if torch.compiler.is_compiling():
         return torch.ops.gptfast.layer_norm_fwd(x, weight, bias, float(eps))[0]
-    return _LayerNorm.apply(x, weight, bias, float(eps))
+    return _LayerNorm.apply(x, weight, bias, float(eps), True)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
@@ -668,7 +781,29 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     if torch.compiler.is_compiling():
         y, s, _, _ = torch.ops.gptfast.add_layer_norm_fwd(x, residual, weight, bias, float(eps))
         return y, s
-    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps))
+    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), True)
+
+
+def _rms_eps(dtype, eps) -> float:
+    """torch's default for F.rms_norm: the epsilon of the dtype it computes in (fp32 for half)."""
+    return float(reference.default_rms_eps(dtype) if eps is None else eps)
+
+
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dim of x, in x.dtype (see the module docstring)."""
+    eps = _rms_eps(x.dtype, eps)
+    if torch.compiler.is_compiling():
+        return torch.ops.gptfast.rms_norm_fwd(x, weight, eps)[0]
+    return _LayerNorm.apply(x, weight, None, eps, False)
+
+
+def add_rms_norm(x, residual, weight=None, eps=None):
+    """(rms_norm(x + residual), x + residual), both in the promoted dtype, in one pass."""
+    eps = _rms_eps(torch.promote_types(x.dtype, residual.dtype), eps)
+    if torch.compiler.is_compiling():
+        y, s, _ = torch.ops.gptfast.add_rms_norm_fwd(x, residual, weight, eps)
+        return y, s
+    return _AddLayerNorm.apply(x, residual, weight, None, eps, False)
 
 
 def _dtype_reason(**tensors) -> Optional[str]:
@@ -686,3 +821,13 @@ def layer_norm_unsupported(x, weight=None, bias=None, eps=1e-5) -> Optional[str]
 def add_layer_norm_unsupported(x, residual, weight=None, bias=None, eps=1e-5) -> Optional[str]:
     """None when the Triton kernel handles this call, else why not."""
     return _dtype_reason(x=x, residual=residual, weight=weight, bias=bias)
+
+
+def rms_norm_unsupported(x, weight=None, eps=None) -> Optional[str]:
+    """None when the Triton kernel handles this call, else why not."""
+    return _dtype_reason(x=x, weight=weight)
+
+
+def add_rms_norm_unsupported(x, residual, weight=None, eps=None) -> Optional[str]:
+    """None when the Triton kernel handles this call, else why not."""
+    return _dtype_reason(x=x, residual=residual, weight=weight)

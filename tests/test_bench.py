@@ -158,9 +158,12 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     """The kernel benchmarks need CUDA: feed the suite tables in their formats instead."""
     from gptfast.bench import attention, cross_entropy, kernel_suite, layernorm, plots, report
 
-    monkeypatch.setattr(layernorm, "implementations", lambda param_dtype_is_x: {"gptfast": 0})
-    monkeypatch.setattr(layernorm, "bench_size", lambda n, c, dtype, impls: {
-        "N x C": f"{n} x {c}", "copy": 2000.0, "gptfast fwd": 1500.0, "gptfast fwd+bwd": None})
+    monkeypatch.setattr(layernorm, "implementations",
+                        lambda param_dtype_is_x, op="layer_norm": {"gptfast": 0})
+    monkeypatch.setattr(layernorm, "bench_size", lambda n, c, dtype, impls, op="layer_norm": {
+        "N x C": f"{n} x {c}", "copy": 2000.0, "gptfast fwd": 1500.0 if op == "layer_norm" else 900.0,
+        "gptfast fwd+bwd": None})
+    monkeypatch.setattr(layernorm, "liger_unavailable", lambda op="layer_norm": "no liger here")
     loss_table = {"gptfast": "2.00 / 0.1", "gptfast |dloss|": "1.0e-06", "eager": "OOM",
                   "eager |dloss|": None, "Liger": "n/a", "Liger |dloss|": None}
     for name in ("cross_entropy_providers", "linear_providers"):
@@ -179,6 +182,10 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     by = {(r["kernel"], r["impl"], r["pass"], r["size"]): r for r in rows}
     assert by["layer_norm", "copy", "copy", 16384 * 768]["throughput"] == 2000.0
     assert by["layer_norm", "gptfast", "fwd+bwd", 16384 * 768]["status"] == "error"
+    for op in ("rms_norm", "add_rms_norm"):
+        assert by[op, "gptfast", "fwd", 16384 * 768]["throughput"] == 900.0
+        liger = by[op, "liger", "fwd+bwd", 16384 * 768]
+        assert (liger["status"], liger["note"]) == ("n/a", "no liger here")
     ce = by["cross_entropy", "gptfast", "fwd+bwd", 8192]
     assert (ce["ms"], ce["extra_mb"]) == (2.0, 0.1)
     assert ce["throughput"] == pytest.approx(2 * 8192 * 50257 * 2 / 2e-3 / 1e9)  # GB/s

@@ -229,9 +229,15 @@ def _norm_program(op, x_kind, mode):
         if op == "layer_norm":
             y = gptfast.layer_norm(x, w, b)
             loss = (y * scale).sum() + x.square().sum()
+        elif op == "rms_norm":
+            y = gptfast.rms_norm(x, w) + gptfast.rms_norm(x)  # with and without a weight
+            loss = (y * scale).sum() + x.square().sum()
         else:
-            r = x if op == "add_layer_norm_aliased" else residual[:, :x.shape[1]]
-            y, stream = gptfast.add_layer_norm(x, r, w, b)
+            r = x if op.endswith("_aliased") else residual[:, :x.shape[1]]
+            if op.startswith("add_rms_norm"):
+                y, stream = gptfast.add_rms_norm(x, r, w)
+            else:
+                y, stream = gptfast.add_layer_norm(x, r, w, b)
             loss = (y * scale).sum() + stream.square().sum() + y.sum() * stream.mean()
         return finish(loss, [base, weight, bias, residual], mode, lambda: weight.mul_(2))
     return program
@@ -239,7 +245,8 @@ def _norm_program(op, x_kind, mode):
 
 def _norm_cases():
     for op, x_kind, mode in itertools.product(
-            ["layer_norm", "add_layer_norm", "add_layer_norm_aliased"],
+            ["layer_norm", "add_layer_norm", "add_layer_norm_aliased",
+             "rms_norm", "add_rms_norm", "add_rms_norm_aliased"],
             ["leaf", "expanded", "transposed", "sliced"], MODES):
         yield pytest.param(_norm_program(op, x_kind, mode), id=f"{op}-{x_kind}-{mode}")
 
