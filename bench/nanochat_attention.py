@@ -100,6 +100,8 @@ def random_cu_seqlens(total: int, mean_len: int, seed: int = 0) -> torch.Tensor:
         raise ValueError(f"mean_len must be >= 1, got {mean_len}")
     if total < 1:
         raise ValueError(f"total must be >= 1, got {total}")
+    if mean_len == 1:  # geometric_ needs p < 1; a mean of 1 is every length 1
+        return torch.arange(total + 1, dtype=torch.int32)
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.empty(total, dtype=torch.float64).geometric_(1.0 / mean_len,
                                                                  generator=generator)
