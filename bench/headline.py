@@ -52,8 +52,8 @@ from .headline_report import STAGES, row, validate
 DEFAULT_BUDGET_S = 480.0
 # Share of the budget each stage's box gets (of what is left when it starts, among the stages
 # still to run, so a stage that finishes early leaves its time to the later ones).
-SHARES = {"env": 0.06, "correct": 0.22, "kernels": 0.30, "nanochat": 0.14, "gpt": 0.34,
-          "loader": 0.08}
+SHARES = {"env": 0.06, "correct": 0.20, "kernels": 0.26, "nanochat": 0.12, "gpt": 0.30,
+          "loader": 0.06}
 MIN_BOX_S = 3.0        # a stage with less than this is skipped, not started
 STOP_MARGIN = 0.1      # a stage starts no unit in the last 10% of its box (at most 15 s)
 KILL_GRACE_S = 10.0    # after Ctrl-C a stage gets this long to stop before it is killed
