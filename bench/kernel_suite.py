@@ -119,8 +119,8 @@ class KernelSuite:
             units += [(f"kernels document_attention hd={d} T={s.document_seq} {case.label}",
                        lambda d=d, case=case: self.document(d, s.document_seq, case))
                       for d in s.head_dims for case in s.document_cases]
-        units += [(f"kernels nanochat_attention {case.shape}", lambda case=case: self.nanochat(case))
-                  for case in s.nanochat]
+        units += [(f"kernels nanochat_attention {case.shape}",
+                   lambda case=case: self.nanochat(case)) for case in s.nanochat]
         return units
 
     def _row(self, kernel, impl, direction, shape, size, unit, throughput, **extra):
@@ -224,6 +224,7 @@ class KernelSuite:
                 "TFLOP/s", r["tflops"], status=status, ms=r["ms"], extra_mb=r["extra_mb"],
                 batch_size=case.batch, context_length=case.seq, head_dim=case.head_dim,
                 heads=case.heads, window_left=case.window_left, doc_mean=case.doc_mean,
-                pairs=r["pairs"], rel_err={n: e[0] for n, e in errors.items() if n != "error"},
+                pairs=r["pairs"], documents=r.get("documents"),
+                rel_err={n: e[0] for n, e in errors.items() if n != "error"},
                 note=r.get("error") or errors.get("error") or r.get("note")))
         return rows

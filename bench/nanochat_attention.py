@@ -9,7 +9,7 @@ keys. The cases, at nanochat's B=16 T=2048 H=10 D=128:
 
 - ``window 768`` and ``window 2048`` (the long layers: as wide as the context, plain causal);
 - ``varlen doc2048``: one row of T=8192 tokens packed with documents of seeded random lengths
-  (geometric, mean 2048) given as int32 ``cu_seqlens``, causal within each document, as
+  (uniform on 1..4095, mean 2048) given as int32 ``cu_seqlens``, causal within each document, as
   ``flash_attn_varlen_func`` takes them (modded-nanogpt's call).
 
 Providers, all fed the same (B, T, H, D) tensors:
@@ -94,18 +94,17 @@ class Unavailable(RuntimeError):
 
 def random_cu_seqlens(total: int, mean_len: int, seed: int = 0) -> torch.Tensor:
     """int32 [0, ..., total]: cumulative lengths of documents packed in one row of ``total``
-    tokens, the lengths drawn (seeded) from a geometric distribution of mean ``mean_len`` on
-    1, 2, ..., the last one cut at the end of the row."""
+    tokens, the lengths drawn (seeded) uniformly from 1 .. 2 * mean_len - 1 (mean ``mean_len``;
+    a geometric draw, as bench/document_attention.py makes, spreads so much that the few
+    documents of one 8192-token row can average half the asked mean), the last one cut at the
+    end of the row."""
     if mean_len < 1:
         raise ValueError(f"mean_len must be >= 1, got {mean_len}")
     if total < 1:
         raise ValueError(f"total must be >= 1, got {total}")
-    if mean_len == 1:  # geometric_ needs p < 1; a mean of 1 is every length 1
-        return torch.arange(total + 1, dtype=torch.int32)
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.empty(total, dtype=torch.float64).geometric_(1.0 / mean_len,
-                                                                 generator=generator)
-    ends = lengths.to(torch.int64).cumsum(0)  # total draws of >= 1 each: the last end >= total
+    lengths = torch.randint(1, 2 * mean_len, (total,), generator=generator)
+    ends = lengths.cumsum(0)  # total draws of >= 1 each: the last end >= total
     count = int(torch.searchsorted(ends, torch.tensor(total))) + 1
     ends = ends[:count].clamp(max=total)
     return torch.cat([torch.zeros(1, dtype=torch.int64), ends]).to(torch.int32)
@@ -473,7 +472,7 @@ def _headline_rows(case: Case, results: list, dtype_name: str, autotune_s: float
             3.5 if direction == "fwd+bwd" else 1.0)
         common = dict(shape=case.shape, op="nanochat_attention", direction=direction,
                       dtype=dtype_name, pairs=r["pairs"], window_left=case.window_left,
-                      doc_mean=case.doc_mean, note=r.get("note"))
+                      doc_mean=case.doc_mean, documents=r["documents"], note=r.get("note"))
         if provider == "gptfast" and direction == "fwd+bwd":
             common["autotune_s"] = autotune_s
         if r["status"] == "unavailable":
