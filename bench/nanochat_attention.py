@@ -409,7 +409,13 @@ def bench_case(case: Case, dtype, providers=PROVIDERS, device="cuda",
     pairs = visible_pairs(case, document_ids)
     flops = forward_flops(pairs, case.heads, case.head_dim)
     q, k, v, grad_out = make_inputs(case, dtype, device, seed)
-    expected = reference_outputs(case, q, k, v, grad_out, document_ids) if check else None
+    expected, no_check = None, None
+    if check:
+        try:  # the fp32 reference holds B H T T scores: it may not fit where the kernels do
+            expected = reference_outputs(case, q, k, v, grad_out, document_ids)
+        except Exception as err:
+            no_check = {"error": f"no fp32 reference to check against: {short_reason(err)}"}
+        meter.empty_cache()
     results = []
     for name in providers:
         common = {"provider": name, "case": case.label, "shape": case.shape, "B": case.batch,
@@ -439,7 +445,8 @@ def bench_case(case: Case, dtype, providers=PROVIDERS, device="cuda",
                      "ms": m.ms, "tflops": None if m.ms is None else work / m.ms / 1e9,
                      "extra_mb": m.extra_mb, "measured": m, "note": attention.note}
             if check and m.status == "ok":
-                entry["errors"] = _check(attention, q, k, v, grad_out, expected, direction)
+                entry["errors"] = no_check or _check(attention, q, k, v, grad_out, expected,
+                                                     direction)
             results.append(entry)
     return results
 
@@ -491,9 +498,11 @@ def _headline_rows(case: Case, results: list, dtype_name: str, autotune_s: float
         tolerance = TOLERANCE[dtype_name]
         for output, errors in (r.get("errors") or {}).items():
             check = f"nanochat_attention {case.shape} {provider} vs fp32 reference"
-            if output == "error":
+            if output == "error":  # no reference (did not fit), or the check itself failed
+                missing = errors.startswith("no fp32 reference")
                 rows.append(row("nanochat", check, provider, "rel_err", None, "",
-                                status="error", message=errors, **common))
+                                status="unavailable" if missing else "error", message=errors,
+                                **common))
                 continue
             rel, max_abs = errors
             rows.append(row("nanochat", f"{check} {output}", provider, "rel_err", rel, "",

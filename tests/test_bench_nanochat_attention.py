@@ -183,6 +183,17 @@ def test_fa3_loader_never_downloads_and_says_why_it_failed(monkeypatch):
     assert na.load_fa3() == ("fa3", f"{na.HUB_FA3} (hub cache)")
 
 
+def test_a_reference_that_does_not_fit_leaves_the_timings_and_says_so(monkeypatch):
+    def too_big(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    monkeypatch.setattr(na, "reference_outputs", too_big)
+    rows = na.bench_case(SMALL, torch.float32, device="cpu", meter=cpu_meter(),
+                         providers=("SDPA nanochat fallback",))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all("no fp32 reference" in r["errors"]["error"] for r in rows)
+
+
 def test_out_of_memory_and_failures_are_rows(monkeypatch):
     def oom_builder(case, document_ids, cu_seqlens, device):
         def run(q, k, v):
