@@ -14,6 +14,7 @@ from gptfast.bench import common, nanochat_attention as na
 SMALL = na.Case(1, 40, 2, 16, 9)                # a window narrower than T
 WIDE = na.Case(1, 40, 2, 16, 40)                # nanochat's long layers: is_causal
 VARLEN = na.Case(2, 48, 1, 16, -1, 10)          # documents packed in each row
+TINY = na.Case(1, 16, 1, 16, 3)                 # one block: the row plumbing, cheaply
 
 
 def cpu_meter():
@@ -219,18 +220,18 @@ def test_out_of_memory_and_failures_are_rows(monkeypatch):
 def test_kernel_suite_on_a_cpu_runs_the_nanochat_cases_as_rows(monkeypatch, aot_eager):
     from gptfast.bench import kernel_suite, report
 
-    sizes = kernel_suite.dataclasses.replace(kernel_suite.CPU, nanochat=(SMALL,))
+    sizes = kernel_suite.dataclasses.replace(kernel_suite.CPU, nanochat=(TINY,))
     suite = kernel_suite.KernelSuite("fp32", sizes, attention=(), device="cpu")
     units = suite.units()
-    assert [label for label, _ in units] == [f"kernels nanochat_attention {SMALL.shape}"]
+    assert [label for label, _ in units] == [f"kernels nanochat_attention {TINY.shape}"]
     rows = [r for _, run in units for r in run()]
     assert {(r["impl"], r["pass"]) for r in rows} == {
         (p, d) for p in na.PROVIDERS for d in ("fwd", "fwd+bwd")}
     for r in rows:
         assert r["suite"] == "kernels" and r["kernel"] == "nanochat_attention"
-        assert r["unit"] == "TFLOP/s" and r["shape"] == SMALL.shape and r["size"] == 40
-        assert (r["batch_size"], r["context_length"], r["heads"]) == (1, 40, 2)
-        assert r["window_left"] == 9 and r["pairs"] == na.visible_pairs(SMALL, None)
+        assert r["unit"] == "TFLOP/s" and r["shape"] == TINY.shape and r["size"] == 16
+        assert (r["batch_size"], r["context_length"], r["heads"]) == (1, 16, 1)
+        assert r["window_left"] == 3 and r["pairs"] == na.visible_pairs(TINY, None)
     by = {(r["impl"], r["pass"]): r for r in rows}
     ours = by["gptfast", "fwd+bwd"]
     assert ours["status"] == "ok" and ours["throughput"] > 0 and ours["ms"] > 0
@@ -239,7 +240,7 @@ def test_kernel_suite_on_a_cpu_runs_the_nanochat_cases_as_rows(monkeypatch, aot_
     text = report.markdown(rows, {"run": "t", "device_name": "cpu", "dtype": "fp32",
                                   "versions": {"torch": "t", "triton": "t", "gptfast": "g"},
                                   "settings": "test"})
-    assert "### nanochat_attention (TFLOP/s)" in text and f"| {SMALL.shape} |" in text
+    assert "### nanochat_attention (TFLOP/s)" in text and f"| {TINY.shape} |" in text
 
 
 def test_headline_stage_rows_follow_the_schema(aot_eager, monkeypatch):
@@ -247,13 +248,13 @@ def test_headline_stage_rows_follow_the_schema(aot_eager, monkeypatch):
     from gptfast.bench.headline_report import STAGES, validate
 
     assert "nanochat" in STAGES and headline.stage_list("nanochat") == ("nanochat",)
-    monkeypatch.setattr(na, "CPU_CASES", (SMALL,))
+    monkeypatch.setattr(na, "CPU_CASES", (TINY,))
     ctx = headline_stages.Context("nanochat", headline_stages.DRY, torch.device("cpu"),
                                   cpu_meter(), dry_run=True)
     (unit,) = na.headline_units(ctx, autotune.AutotuneClock())
     rows = unit.run()
     assert validate(rows) == []
-    assert all(r["stage"] == "nanochat" and r["shape"] == SMALL.shape for r in rows)
+    assert all(r["stage"] == "nanochat" and r["shape"] == TINY.shape for r in rows)
     timed = [r for r in rows if r["impl"] == "gptfast" and r["metric"] == "tflops"]
     assert {r["direction"] for r in timed} == {"fwd", "fwd+bwd"}
     assert all(r["status"] == "ok" and r["best_peer"] == "SDPA nanochat fallback" for r in timed)
