@@ -6,7 +6,8 @@
 Stages, in order: ``env`` (device, versions, the matmul and copy ceilings of this run),
 ``correct`` (every kernel at its headline shape in bf16 and fp16, forward and backward, against
 the reference in fp32), ``kernels`` (the bench/ANCHORS.md kernel rows side by side with their
-peers),
+peers), ``nanochat`` (nanochat's attention shapes: gptfast against nanochat's SDPA
+fallback, FlexAttention and FA2/FA3, :mod:`.nanochat_attention`),
 ``gpt`` (the GPT-2 124M training step, gptfast and nanoGPT, eager and compiled), ``loader``.
 
 Each stage runs in its own process, inside a time box: its share of what is left of the budget.
@@ -25,8 +26,9 @@ bench/ANCHORS.md goals on top, one table per stage), ``headline.log`` (everythin
 printed), ``ANCHORS.md`` (a copy of bench/ANCHORS.md, which headline.md links to).
 
 ``--dry-run``, and any run without CUDA: the same stages and functions on the CPU at tiny
-shapes, the kernels through the Triton interpreter in ``correct`` and ``kernels``, compiled
-baselines with torch.compile's aot_eager backend, the same files. CI runs it.
+shapes, the kernels through the Triton interpreter in ``correct``, ``kernels`` and
+``nanochat``, compiled baselines with torch.compile's aot_eager backend, the same files. CI
+runs it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from .headline_report import STAGES, row, validate
 DEFAULT_BUDGET_S = 480.0
 # Share of the budget each stage's box gets (of what is left when it starts, among the stages
 # still to run, so a stage that finishes early leaves its time to the later ones).
-SHARES = {"env": 0.06, "correct": 0.22, "kernels": 0.30, "gpt": 0.34, "loader": 0.08}
+SHARES = {"env": 0.06, "correct": 0.20, "kernels": 0.26, "nanochat": 0.12, "gpt": 0.30,
+          "loader": 0.06}
 MIN_BOX_S = 3.0        # a stage with less than this is skipped, not started
 STOP_MARGIN = 0.1      # a stage starts no unit in the last 10% of its box (at most 15 s)
 KILL_GRACE_S = 10.0    # after Ctrl-C a stage gets this long to stop before it is killed
@@ -145,7 +148,7 @@ def _child_env(plan: Plan, stage: str) -> dict:
     env["GPTFAST_AUTOTUNE_KEEP"] = str(plan.autotune_keep)
     env["PYTHONUNBUFFERED"] = "1"
     # the dry run takes the kernels through the interpreter where a GPU run times them
-    interpret = plan.dry_run and stage in ("correct", "kernels")
+    interpret = plan.dry_run and stage in ("correct", "kernels", "nanochat")
     env["TRITON_INTERPRET"] = "1" if interpret else "0"
     if plan.dry_run:
         env["GPTFAST_BENCH_COMPILE_BACKEND"] = "aot_eager"
@@ -437,7 +440,7 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
 
     clock = autotune.AutotuneClock()
     notes = []
-    if stage in ("correct", "kernels", "gpt"):
+    if stage in ("correct", "kernels", "nanochat", "gpt"):
         try:
             counts = autotune.restrict(autotune.keep_from_env())
             clock.install()
@@ -448,6 +451,9 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
     if stage == "correct":
         from .headline_correct import correct_units
         units = correct_units(ctx)
+    elif stage == "nanochat":
+        from .nanochat_attention import headline_units
+        units = headline_units(ctx, clock)
     else:
         units = {"env": lambda: env_units(ctx), "kernels": lambda: kernels_units(ctx, clock),
                  "gpt": lambda: gpt_units(ctx), "loader": lambda: loader_units(ctx)}[stage]()
@@ -477,7 +483,7 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
         bad = sum(r["status"] not in ("ok", "unavailable") for r in rows)
         print(f"[{stage}] {unit.label}: {len(rows)} rows, {bad} not ok, "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-    if stage in ("correct", "kernels", "gpt"):
+    if stage in ("correct", "kernels", "nanochat", "gpt"):
         writer.write([row(stage, "autotune", "headline", "autotune_s", clock.seconds, "s",
                           message="compile + timing of the autotune candidates; kept configs: "
                           + ("; ".join(notes) if notes else "no autotuned kernel "

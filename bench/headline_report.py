@@ -2,7 +2,7 @@
 
 Every result is one row (a dict) with at least::
 
-    stage   env | correct | kernels | gpt | loader
+    stage   env | correct | kernels | nanochat | gpt | loader
     name    what was measured, e.g. "causal_attention hd64 H12 T1024 fwd+bwd"
     impl    who: "gptfast", "SDPA cuDNN", "eager", "nanogpt-compile", "torch.matmul", ...
     shape   the problem size as text ("B16 H12 T1024 D64"), or null
@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 
 from .common import markdown_table
 
-STAGES = ("env", "correct", "kernels", "gpt", "loader")
+STAGES = ("env", "correct", "kernels", "nanochat", "gpt", "loader")
 REQUIRED = ("stage", "name", "impl", "shape", "metric", "value", "unit", "status")
 STATUSES = ("ok", "fail", "oom", "error", "skipped-budget", "interrupted", "unavailable")
 # metrics where less is better: a ratio to a peer or a ceiling is inverted for them

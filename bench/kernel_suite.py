@@ -16,6 +16,10 @@ and pass, with a throughput to plot:
   gptfast's document/window kernel against FlexAttention with the same block mask, SDPA with
   a dense boolean mask and gptfast's plain causal kernel; TFLOP/s counted on the attended pairs
   (4 P H D forward), with the milliseconds.
+- ``nanochat_attention``: :mod:`.nanochat_attention`, nanochat's shapes (B16 T2048 H10 D128,
+  windows 768 and 2048; varlen T8192 documents of mean 2048): gptfast against nanochat's SDPA
+  fallback, FlexAttention, FA2 and FA3; TFLOP/s on the visible pairs, ms and extra MB. On a CPU
+  this is the one kernel unit that runs (:data:`CPU`, tiny cases).
 
 ``attention`` (the ``--attention`` axis) picks the attention units: "causal" (the sweep over
 T above) and/or "document".
@@ -30,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from . import document_attention
+from . import document_attention, nanochat_attention
+from .common import Meter
 from .gpt import DTYPES
 
 REQUIRES = "a CUDA device (the Triton kernels are timed on the GPU)"
@@ -48,6 +53,7 @@ class KernelSizes:
     attention_seq: tuple    # T values
     document_seq: int = document_attention.DEFAULT_SEQ
     document_cases: tuple = document_attention.default_cases()
+    nanochat: tuple = nanochat_attention.GPU_CASES
 
 
 FULL = KernelSizes(layer_norm=((16384, 768), (65536, 768), (16384, 4096), (8192, 8192)),
@@ -57,6 +63,9 @@ QUICK = KernelSizes(layer_norm=((16384, 768),), cross_entropy=(8192,), linear=(8
                     head_dims=(64,), attention_seq=(1024, 4096),
                     document_cases=(document_attention.Case(2048, None),
                                     document_attention.Case(256, document_attention.DEFAULT_WINDOW)))
+# a CPU run: only the nanochat attention cases, tiny (the other kernels are timed on a GPU)
+CPU = KernelSizes(layer_norm=(), cross_entropy=(), linear=(), head_dims=(), attention_seq=(),
+                  document_cases=(), nanochat=nanochat_attention.CPU_CASES)
 ATTENTIONS = ("causal", "document")
 
 
@@ -82,10 +91,12 @@ def _note(notes, prefix):
 class KernelSuite:
     """Builds the providers of each kernel benchmark once, on first use, and measures sizes."""
 
-    def __init__(self, dtype: str, sizes: KernelSizes, attention: tuple = ("causal",)):
+    def __init__(self, dtype: str, sizes: KernelSizes, attention: tuple = ("causal",),
+                 device="cuda"):
         self.dtype = DTYPES[dtype]
         self.sizes = sizes
         self.attention_kinds = attention
+        self.device = torch.device(device)
         self._providers = {}
 
     def _get(self, name, build):
@@ -112,6 +123,8 @@ class KernelSuite:
             units += [(f"kernels document_attention hd={d} T={s.document_seq} {case.label}",
                        lambda d=d, case=case: self.document(d, s.document_seq, case))
                       for d in s.head_dims for case in s.document_cases]
+        units += [(f"kernels nanochat_attention {case.shape}",
+                   lambda case=case: self.nanochat(case)) for case in s.nanochat]
         return units
 
     def _row(self, kernel, impl, direction, shape, size, unit, throughput, **extra):
@@ -217,4 +230,22 @@ class KernelSuite:
                 batch_size=r["B"], context_length=seq, head_dim=head_dim, heads=r["H"],
                 doc_len=case.doc_len, window=case.window, pairs=r["pairs"],
                 max_abs_diff=r.get("max_abs_diff"), note=r.get("error")))
+        return rows
+
+    def nanochat(self, case) -> list:
+        # a CPU run: one untimed call and 2 samples (the interpreter is slow, the numbers moot)
+        meter = None if self.device.type == "cuda" else Meter(self.device, warmup=0, repeats=20)
+        results = nanochat_attention.bench_case(case, self.dtype, device=self.device, meter=meter)
+        rows = []
+        for r in results:
+            status = {"ok": "ok", "oom": "oom", "unavailable": "n/a"}.get(r["status"], "error")
+            errors = r.get("errors") or {}
+            rows.append(self._row(
+                "nanochat_attention", r["provider"], r["direction"], case.shape, case.seq,
+                "TFLOP/s", r["tflops"], status=status, ms=r["ms"], extra_mb=r["extra_mb"],
+                batch_size=case.batch, context_length=case.seq, head_dim=case.head_dim,
+                heads=case.heads, window_left=case.window_left, doc_mean=case.doc_mean,
+                pairs=r["pairs"], documents=r.get("documents"),
+                rel_err={n: e[0] for n, e in errors.items() if n != "error"},
+                note=r.get("error") or errors.get("error") or r.get("note")))
         return rows

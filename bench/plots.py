@@ -122,12 +122,15 @@ def _kernel_figure(rows, meta, colours):
         if row["kernel"] == "document_attention":
             window = f"window {row['window']}" if row.get("window") else "no window"
             return f"document_attention, head dim {row['head_dim']}, {window}"
+        if row["kernel"] == "nanochat_attention":  # one case per panel: several share a T
+            return f"nanochat_attention, {row['shape']}"
         return row["kernel"]
 
     x_labels = {"layer_norm": "N x C (rows x features)", "cross_entropy": "rows N (V = 50257)",
                 "linear_cross_entropy": "rows N (C = 768, V = 50257)",
                 "causal_attention": "context length T (B*T = 16384 tokens)",
-                "document_attention": "mean document length (T: one document)"}
+                "document_attention": "mean document length (T: one document)",
+                "nanochat_attention": "context length T"}
     # the norms' sizes are (N, C) pairs, several with the same N*C: one slot per shape
     norms = ("layer_norm", "rms_norm", "add_rms_norm")
     ln_shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kernel"] in norms))

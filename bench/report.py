@@ -216,8 +216,8 @@ def _gpt_section(rows, baseline, impl_order) -> list[str]:
     return lines
 
 
-KERNEL_ORDER = ("layer_norm", "rms_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy", "causal_attention",
-                "document_attention")
+KERNEL_ORDER = ("layer_norm", "rms_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy",
+                "causal_attention", "document_attention", "nanochat_attention")
 
 
 def kernel_column(row) -> str:
@@ -242,7 +242,8 @@ def _kernel_section(rows) -> list[str]:
              "its 3 GEMMs; both with (fwd+bwd ms, extra peak MB); causal_attention: TFLOP/s "
              "(fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd); document_attention: TFLOP/s on the "
              "attended pairs P of the mask (fwd = 4 P H D; gptfast causal on its causal pairs) "
-             "(ms)", ""]
+             "(ms); nanochat_attention: TFLOP/s on the visible pairs (fwd = 4 P H D) (ms, "
+             "extra peak MB)", ""]
     for kernel in _ordered((r["kernel"] for r in rows), KERNEL_ORDER):
         of_kernel = [r for r in rows if r["kernel"] == kernel]
         columns = list(dict.fromkeys(kernel_column(r) for r in of_kernel))

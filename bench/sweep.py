@@ -9,7 +9,8 @@ markdown and PNG plots.
 
 Without CUDA (or with ``--device cpu``) it runs a quick sweep of a tiny model on the CPU
 (reference ops against the nanoGPT baseline, small B and T) so that the command always works
-and writes the same kinds of files; the kernels suite needs a GPU and is skipped there.
+and writes the same kinds of files; of the kernels suite only the tiny nanochat attention
+cases run there (the other kernels need a GPU).
 ``--quick`` gives the small sweep on a GPU too. Ctrl-C stops the sweep and still writes the
 reports of the cells finished so far (results.jsonl is written as the sweep goes).
 """
@@ -111,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     impls = "; ".join(f"{name}: {impl.description}" for name, impl in gpt.IMPLS.items())
     parser.add_argument("--suite", choices=(*SUITES, "all", "headline"), default="all",
                         help="what to run (default all): the GPT step sweep, the kernel "
-                             "benchmarks (CUDA only), the token loader; or headline: the "
+                             "benchmarks (CUDA; on a CPU only tiny nanochat attention cases), the "
+                             "token loader; or headline: the "
                              "whole GPU verdict against bench/ANCHORS.md (the goals and "
                              "figures, with their sources) in one time-boxed run "
                              "(its own options below; the sweep options do not apply)")
@@ -251,8 +253,11 @@ def collect_units(plan: Plan) -> tuple[list, list]:
         if plan.device.type == "cuda":
             sizes = kernel_suite.QUICK if plan.quick else kernel_suite.FULL
             units += kernel_suite.KernelSuite(plan.dtype, sizes, plan.attention).units()
-        else:
-            notes.append(f"kernels suite skipped: it needs {kernel_suite.REQUIRES}")
+        else:  # the nanochat attention cases, tiny: the other kernels are timed on a GPU only
+            units += kernel_suite.KernelSuite(plan.dtype, kernel_suite.CPU, attention=(),
+                                              device=plan.device).units()
+            notes.append(f"kernels suite: the tiny nanochat attention cases only; the rest "
+                         f"needs {kernel_suite.REQUIRES}")
     if "loader" in plan.suites:
         missing = loader_suite.missing_reason()
         if missing is None:

@@ -32,12 +32,18 @@ def run_bench(out, *extra):
 
 
 def test_cpu_quick_sweep_writes_jsonl_markdown_and_plots(tmp_path, monkeypatch, capsys):
+    from gptfast.bench import kernel_suite, nanochat_attention
+
     monkeypatch.setattr(loader_suite, "QUICK", loader_suite.LoaderSizes(
         tokens=20_000, sizes=((2, 16),), seconds=0.01))
+    tiny = nanochat_attention.Case(1, 32, 1, 16, 8)
+    monkeypatch.setattr(kernel_suite, "CPU", kernel_suite.dataclasses.replace(
+        kernel_suite.CPU, nanochat=(tiny,)))
+    monkeypatch.setenv("GPTFAST_BENCH_COMPILE_BACKEND", "aot_eager")
     assert run_bench(tmp_path, "--suite", "all", "--batch-sizes", "1,2",
                      "--context-lengths", "16,32") == 0
     printed = capsys.readouterr().out
-    assert "kernels suite skipped: it needs a CUDA device" in printed
+    assert "kernels suite: the tiny nanochat attention cases only; the rest needs a CUDA" in printed
     assert re.search(r"train +gptfast-reference +B=1 +T=16 .* tok/s", printed)
 
     rows = read_rows(tmp_path)
@@ -49,6 +55,11 @@ def test_cpu_quick_sweep_writes_jsonl_markdown_and_plots(tmp_path, monkeypatch, 
         assert row["tokens_per_s"] > 0 and row["step_ms_p20"] <= row["step_ms"] <= row["step_ms_p80"]
         assert row["mfu"] is None and row["peak_mem_gb"] is None  # CPU: no peak, no memory stats
         assert set(row["versions"]) >= {"torch", "triton", "gptfast"}
+    kernel_rows = [r for r in rows if r["suite"] == "kernels"]
+    assert {r["kernel"] for r in kernel_rows} == {"nanochat_attention"}
+    assert all(ROW_KEYS <= set(r) and r["shape"] == tiny.shape for r in kernel_rows)
+    assert {r["impl"] for r in kernel_rows if r["status"] == "ok"} >= {
+        "gptfast", "SDPA nanochat fallback"}
     loader_rows = [r for r in rows if r["suite"] == "loader"]
     assert {r["impl"] for r in loader_rows} == {"nanogpt-get_batch", "gptfast-TokenLoader"}
     assert all(ROW_KEYS <= set(r) and r["tokens_per_s"] > 0 for r in loader_rows)
@@ -56,7 +67,8 @@ def test_cpu_quick_sweep_writes_jsonl_markdown_and_plots(tmp_path, monkeypatch, 
     report = (tmp_path / "results.md").read_text()
     assert "## GPT training step" in report and "## GPT inference forward" in report
     assert "| T \\ B | 1 | 2 |" in report and "x)" in report  # speed-ups vs nanogpt-eager
-    assert "## Token loading" in report
+    assert "## Token loading" in report and "### nanochat_attention (TFLOP/s)" in report
+    assert (tmp_path / "kernels.png").read_bytes()[:8] == PNG_MAGIC
     for mode in gpt.MODES:
         for kind in ("tokens_vs_batch", "tokens_vs_context", "memory_vs_context"):
             png = tmp_path / f"gpt_{mode}_{kind}.png"
@@ -156,7 +168,8 @@ def test_nanogpt_baseline_is_the_same_model_as_gptfast_gpt():
 
 def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch):
     """The kernel benchmarks need CUDA: feed the suite tables in their formats instead."""
-    from gptfast.bench import attention, cross_entropy, kernel_suite, layernorm, plots, report
+    from gptfast.bench import (attention, cross_entropy, kernel_suite, layernorm,
+                               nanochat_attention, plots, report)
 
     monkeypatch.setattr(layernorm, "implementations",
                         lambda param_dtype_is_x, op="layer_norm": {"gptfast": 0})
@@ -176,6 +189,8 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     monkeypatch.setattr(attention, "bench_shape", lambda hd, seq, tokens, dtype, providers: (
         {"hd": hd, "H": 12, "B": tokens // seq, "T": seq, "gptfast": "310 / 260", "SDPA flash": "n/a"},
         [f"SDPA flash hd{hd} T{seq}: RuntimeError: no flash"]))
+
+    monkeypatch.setattr(nanochat_attention, "bench_case", _fake_nanochat_case)
 
     suite = kernel_suite.KernelSuite("bf16", kernel_suite.QUICK)
     rows = [row for _, run in suite.units() for row in run()]
@@ -197,15 +212,47 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     assert (attn["throughput"], attn["batch_size"], attn["context_length"]) == (260.0, 4, 4096)
     assert by["causal_attention", "SDPA flash", "fwd", 1024]["note"] == "RuntimeError: no flash"
 
+    nanochat = {(r["impl"], r["pass"], r["shape"]): r for r in rows
+                if r["kernel"] == "nanochat_attention"}
+    shapes = [case.shape for case in nanochat_attention.GPU_CASES]
+    assert {shape for _, _, shape in nanochat} == set(shapes)
+    assert shapes[0] == "B16 T2048 H10 D128 window 768"
+    assert shapes[2] == "B1 T8192 H10 D128 varlen doc2048"
+    ours = nanochat["gptfast", "fwd+bwd", shapes[0]]
+    assert (ours["throughput"], ours["ms"], ours["extra_mb"], ours["status"]) == (
+        300.0, 2.0, 64.0, "ok")
+    assert (ours["window_left"], ours["doc_mean"], ours["rel_err"]) == (768, None, {"dq": 0.004})
+    assert nanochat["SDPA nanochat fallback", "fwd", shapes[1]]["status"] == "oom"
+    fa3 = nanochat["FA3", "fwd", shapes[2]]
+    assert fa3["status"] == "n/a" and fa3["note"] == "flash_attn_interface does not import"
+
     meta = {"run": "2026-01-01T00:00:00", "device_name": "test GPU", "dtype": "bf16",
             "versions": {"torch": "t", "triton": "t", "gptfast": "g"}, "settings": "test"}
     text = report.markdown(rows, meta)
+    assert "| B16 T2048 H10 D128 window 768 | 300 (2 ms, 64 MB) | oom | oom | n/a | n/a |" in text
     assert "| 16384x768 | 2000 | 1500 | error |" in text  # copy, gptfast fwd, gptfast fwd+bwd
     assert "| 8192x50257 | 823 (2 ms, 0.1 MB) | oom | error |" in text
     assert "| B4 H12 T4096 D64 | 310 | 260 | error | error |" in text
     assert "- Liger 8192x50257: RuntimeError: no kernel" in text
     (png,) = plots.write_plots(rows, tmp_path, meta)
     assert png.name == "kernels.png" and png.read_bytes()[:8] == PNG_MAGIC
+
+
+def _fake_nanochat_case(case, dtype, device, meter):
+    """nanochat_attention.bench_case's entries, as a GPU run would give them."""
+    rows = []
+    for provider, status in (("gptfast", "ok"), ("SDPA nanochat fallback", "oom"),
+                             ("FA3", "unavailable")):
+        for direction in ("fwd+bwd",) if provider == "gptfast" else ("fwd", "fwd+bwd"):
+            ok = status == "ok"
+            rows.append({"provider": provider, "direction": direction, "status": status,
+                         "pairs": 1000, "ms": 2.0 if ok else None, "tflops": 300.0 if ok else None,
+                         "extra_mb": 64.0 if ok else None,
+                         "errors": {"dq": (0.004, 0.01)} if ok else None,
+                         "error": {"oom": "CUDA out of memory",
+                                   "unavailable": "flash_attn_interface does not import"}
+                         .get(status)})
+    return rows
 
 
 # ------------------------------------------------------- document-masked attention --
@@ -289,7 +336,8 @@ def test_kernel_suite_attention_axis_makes_document_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(da, "bench_case", fake_case)
     suite = kernel_suite.KernelSuite("bf16", kernel_suite.QUICK, attention=("document",))
-    units = [(label, run) for label, run in suite.units() if "attention" in label]
+    units = [(label, run) for label, run in suite.units()
+             if "attention" in label and "nanochat" not in label]
     labels = [label for label, _ in units]
     assert labels and all("document_attention" in label for label in labels)  # no causal sweep
     assert any("doc2048" in label for label in labels) and any("window 1024" in label for label in labels)

@@ -77,6 +77,18 @@ def test_dry_run_runs_every_stage_and_writes_the_schema(tmp_path, capsys):
     assert set(gpt) == set(headline_stages.GPT_IMPLS)
     assert all(r["status"] == "ok" and r["first_call_s"] > 0 for r in gpt.values())
     assert gpt["gptfast-compile"]["best_peer"] in headline_stages.GPT_PEERS
+    # nanochat: its three kinds of case (window, window covering T, varlen), gptfast beside
+    # nanochat's SDPA fallback and FlexAttention, every output checked, FA2/FA3 unavailable
+    nanochat = [r for r in rows if r["stage"] == "nanochat" and r["name"] != "stage"]
+    assert {r["shape"].split(" ", 4)[4] for r in nanochat if r.get("op")} == {
+        "window 24", "window 64", "varlen doc24"}
+    ours = [r for r in nanochat if r["impl"] == "gptfast" and r["metric"] == "tflops"]
+    assert len(ours) == 6 and all(r["status"] == "ok" and r["pairs"] > 0 for r in ours)
+    checks = [r for r in nanochat if r["metric"] == "rel_err"]
+    assert checks and all(r["status"] == "ok" for r in checks)
+    assert {r["impl"] for r in checks} == {"gptfast", "SDPA nanochat fallback", "FlexAttention"}
+    assert all(r["status"] == "unavailable" and r["message"] for r in nanochat
+               if r["impl"] in ("FA2", "FA3"))
     # loader
     loader = [r for r in rows if r["stage"] == "loader"]
     assert {r["impl"] for r in loader if r["name"] != "stage"} == {"gptfast-TokenLoader",
