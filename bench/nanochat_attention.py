@@ -153,16 +153,19 @@ def nanochat_sdpa_mask(seq_q: int, seq_k: int, window: int, device) -> torch.Ten
 
 # ------------------------------------------------------------------------ providers --
 
-def _ours(q, k, v, window_left, document_ids):
-    """gptfast on (B, T, H, D) tensors, nanochat's layout. The one place our op is called: at
-    merge it becomes ``gptfast.flash_attn_interface.flash_attn_func(q, k, v, causal=True,
-    window_size=(window_left, 0))`` (``flash_attn_varlen_func`` with the cu_seqlens when there
-    are documents)."""
-    from gptfast import functional
+def _ours(q, k, v, window_left, cu_seqlens=None, max_seqlen=None):
+    """gptfast on (B, T, H, D) tensors, nanochat's layout, through its flash-attention API:
+    ``flash_attn_func(causal=True, window_size=(window_left, 0))``, or with documents
+    ``flash_attn_varlen_func`` on the B*T packed tokens with their cu_seqlens."""
+    from gptfast import flash_attn_interface as flash_attn
 
-    out = functional.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                               causal=True, window_left=window_left, document_ids=document_ids)
-    return out.transpose(1, 2)
+    window = (window_left, 0)
+    if cu_seqlens is None:
+        return flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window)
+    packed = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]  # cu_seqlens spans all B*T
+    out = flash_attn.flash_attn_varlen_func(*packed, cu_seqlens, cu_seqlens, max_seqlen,
+                                            max_seqlen, causal=True, window_size=window)
+    return out.view(q.shape)
 
 
 def _ours_backend(device: torch.device) -> str:
@@ -176,10 +179,11 @@ def _build_ours(case, document_ids, cu_seqlens, device):
     import gptfast
 
     backend = _ours_backend(device)
+    max_seqlen = None if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
     def run(q, k, v):
         with gptfast.use_backend(backend):
-            return _ours(q, k, v, case.window_left, document_ids)
+            return _ours(q, k, v, case.window_left, cu_seqlens, max_seqlen)
     run.note = None if backend == "triton" else \
         "reference backend (no CUDA and no TRITON_INTERPRET=1: the Triton kernels cannot run)"
     return run
