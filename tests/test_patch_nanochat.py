@@ -409,6 +409,30 @@ def test_targets_none_returns_the_logits_and_a_kv_cache_keeps_nanochats_own_path
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_bf16_keeps_torchs_default_eps_in_the_norm_and_the_qk_norm(unpatch_after):
+    """F.rms_norm(x) with bf16 x computes in fp32 and takes fp32's epsilon (1.2e-7), not
+    bf16's (7.8e-3): rows of mean square 1e-4 (the norm) and q, k of mean square ~1e-5 (the QK
+    norm, small c_q/c_k weights) show it."""
+    x = (torch.randn(4, 32, dtype=torch.float64) * 1e-2).bfloat16()
+    torch.testing.assert_close(nanochat_patch.patched_norm(x), norm_function(x), rtol=1e-2, atol=0)
+
+    model = tiny_chat(dtype=torch.bfloat16)
+    attention = model.transformer.h[1].attn  # with a value embedding
+    with torch.no_grad():
+        attention.c_q.weight.mul_(1e-2)
+        attention.c_k.weight.mul_(1e-2)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 32, generator=generator).bfloat16()
+    ve = torch.randn(2, 9, 16, generator=generator).bfloat16()
+    cos_sin = model.cos[:, :9], model.sin[:, :9]
+    expected = attention(x, ve, cos_sin, (3, 0), None)
+    patched(model, unpatch_after)
+    assert nanochat_patch._kind(attention) == nanochat_patch.ATTENTION
+    actual = attention(x, ve, cos_sin, (3, 0), None)
+    # bf16 rounding, and bf16 cos/sin tables whose cos^2 + sin^2 is 1 only to ~4e-3
+    assert_close_at_scale(actual, expected, 3e-2, expected.abs().max().item(), "attention")
+
+
 def test_unpatch_restores_bit_identical_behaviour(unpatch_after):
     model = tiny_chat(dtype=torch.float32)
     idx, targets = batch(model.config)

@@ -169,9 +169,16 @@ def _restore_class(module: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- norm --
 
+def torch_default_eps(dtype: torch.dtype) -> float:
+    """``F.rms_norm``'s eps when given None: the epsilon of the type it computes in, fp32 for
+    fp16/bf16 input (1.2e-7, not bf16's 7.8e-3)."""
+    return torch.finfo(torch.float32 if dtype in _HALF else dtype).eps
+
+
 def patched_norm(x: torch.Tensor) -> torch.Tensor:
-    """nanochat's ``norm`` (parameter-free RMSNorm over the last dim) on ``gptfast.rms_norm``."""
-    return functional.rms_norm(x)
+    """nanochat's ``norm`` (``F.rms_norm`` over the last dim, no weight, torch's default eps)
+    on ``gptfast.rms_norm``."""
+    return functional.rms_norm(x, eps=torch_default_eps(x.dtype))
 
 
 @dataclasses.dataclass
@@ -197,12 +204,12 @@ def _norm_namespaces(model: nn.Module) -> dict:
 
 
 def _norm_mismatch(norm: Callable) -> Optional[str]:
-    """None when ``norm(x)`` is ``F.rms_norm(x, (C,))`` (torch's eps) in fp64 and fp32,
-    rows of mean square near each dtype's eps included, else why not."""
+    """None when ``norm(x)`` is ``F.rms_norm(x, (C,))`` (torch's eps) in fp64, fp32 and bf16,
+    rows of mean square near the eps in use included, else why not."""
     if not callable(norm):
         return "the module-level norm is not callable"
     generator = torch.Generator().manual_seed(0)
-    for dtype, small in ((torch.float64, 1e-8), (torch.float32, 1e-4)):
+    for dtype, small in ((torch.float64, 1e-8), (torch.float32, 1e-4), (torch.bfloat16, 1e-4)):
         x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64).to(dtype)
         x[1] *= small
         try:
@@ -213,7 +220,7 @@ def _norm_mismatch(norm: Callable) -> Optional[str]:
         expected = F.rms_norm(x, (x.shape[-1],))
         if not isinstance(got, torch.Tensor) or got.shape != x.shape:
             return "the module-level norm does not return a tensor of its input's shape"
-        tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+        tolerance = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 2e-2)  # bf16: 1 ulp at 2
         difference = (got.double() - expected.double()).abs().max().item()
         if difference > tolerance:
             return (f"the module-level norm is not a parameter-free F.rms_norm over the last dim "
@@ -299,7 +306,8 @@ def _project(self, x: torch.Tensor, ve: Optional[torch.Tensor]) -> tuple:
 def _attend(self, x, ve, cos, sin, left: int, scale: float) -> torch.Tensor:
     batch, seq, _ = x.shape
     q, k, v = _project(self, x, ve)
-    q, k = functional.rotary_qk_norm(q, k, cos, -sin, scale=scale)  # nanochat rotates by -theta
+    q, k = functional.rotary_qk_norm(q, k, cos, -sin, scale=scale,  # nanochat rotates by -theta
+                                     eps=torch_default_eps(q.dtype))
     y = functional.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                              causal=True, window_left=left)
     return self.c_proj(y.transpose(1, 2).reshape(batch, seq, -1))
