@@ -254,9 +254,10 @@ def batch(config, rows=2, seq=None, seed=1):
     return idx, targets
 
 
-def loss_and_grads(model, idx, targets, reduction):
+def loss_and_grads(model, idx, targets, reduction, call=None):
+    """The loss of ``call`` (default: the model) and the gradients of the model's parameters."""
     model.zero_grad(set_to_none=True)
-    loss = model(idx, targets, loss_reduction=reduction)
+    loss = (model if call is None else call)(idx, targets, loss_reduction=reduction)
     (loss.sum() if reduction == "none" else loss).backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -431,6 +432,16 @@ def test_bf16_keeps_torchs_default_eps_in_the_norm_and_the_qk_norm(unpatch_after
     actual = attention(x, ve, cos_sin, (3, 0), None)
     # bf16 rounding, and bf16 cos/sin tables whose cos^2 + sin^2 is 1 only to ~4e-3
     assert_close_at_scale(actual, expected, 3e-2, expected.abs().max().item(), "attention")
+
+
+def test_the_patched_model_compiles_in_one_graph(unpatch_after):
+    """The loss path stops the model's forward at lm_head with an exception: dynamo traces it."""
+    model = tiny_chat(dtype=torch.float32)
+    idx, targets = batch(model.config)
+    patched(model, unpatch_after)
+    expected = loss_and_grads(model, idx, targets, "mean")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same_loss_and_grads(expected, loss_and_grads(model, idx, targets, "mean", compiled), 1e-6)
 
 
 def test_unpatch_restores_bit_identical_behaviour(unpatch_after):

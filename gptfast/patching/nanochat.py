@@ -421,11 +421,8 @@ def _patch_attention(name: str, module: nn.Module, report: NanochatReport) -> No
 # ----------------------------------------------------------------------------- loss --
 
 class _HeadInput(Exception):
-    """Raised by lm_head's pre-hook while the patched forward only wants lm_head's input."""
-
-    def __init__(self, x: torch.Tensor):
-        super().__init__("lm_head input captured")
-        self.x = x
+    """Raised by lm_head's pre-hook, with lm_head's input as its argument, while the patched
+    forward only wants that input (no __init__ of its own: torch.compile traces it)."""
 
 
 def _stop_at_head(head: nn.Module, args: tuple) -> None:
@@ -442,7 +439,7 @@ def _head_input(model: nn.Module, original: Callable, idx, targets, reduction) -
     try:
         result = original(model, idx, targets, None, reduction)
     except _HeadInput as stop:
-        return stop.x, None
+        return stop.args[0], None
     finally:
         head._gptfast_stop = False
     return None, result
