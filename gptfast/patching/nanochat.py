@@ -389,7 +389,11 @@ def _probe_attention(module: nn.Module) -> tuple:
             cos, sin = cos_sin[0].reshape(seq, half), cos_sin[1].reshape(seq, half)
             q_unit, k_unit = reference.rotary_qk_norm(q, k, cos, -sin)
             # only the product of q's and k's factors reaches the scores
-            scale = float(f"{math.sqrt(_fitted_scale(q_seen, q_unit) * _fitted_scale(k_seen, k_unit)):.12g}")
+            product = _fitted_scale(q_seen, q_unit) * _fitted_scale(k_seen, k_unit)
+            if not product > 0:
+                return None, (f"the factors it puts on q and k multiply to {product:g}; "
+                              "rotary_qk_norm's scale squared must be positive")
+            scale = float(f"{math.sqrt(product):.12g}")
             actual = _attend(module, x, ve, cos, sin, window[0], scale)
     except Exception as err:
         return None, f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
