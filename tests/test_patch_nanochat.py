@@ -370,6 +370,35 @@ def test_same_loss_and_gradients_patched_on_the_triton_backend(parts, reduction,
     assert_same_loss_and_grads(expected, actual, 1e-5)
 
 
+def test_the_triton_attention_kernel_sees_the_same_windows(triton_backend, unpatch_after,
+                                                           monkeypatch):
+    """Attention on the Triton kernel (interpreter, fp32) with the norms on the reference ops
+    until they have kernels: windows 4 ("S", T = 16) and unlimited ("L"), forward and backward."""
+    for op in ("rms_norm", "rotary_qk_norm"):
+        real = getattr(gptfast.functional, op)
+
+        def on_reference(*args, real=real, **kwargs):
+            with gptfast.use_backend("reference"):
+                return real(*args, **kwargs)
+
+        monkeypatch.setattr(gptfast.functional, op, on_reference)
+    calls = []
+    real_attention = gptfast.functional.attention
+    monkeypatch.setattr(gptfast.functional, "attention",
+                        lambda *a, **k: calls.append(k["window_left"]) or real_attention(*a, **k))
+    model = tiny_chat(dtype=torch.float32)
+    idx, targets = batch(model.config)
+    expected = loss_and_grads(model, idx, targets, "mean")
+    patched(model, unpatch_after, loss=False)
+    calls.clear()  # the probe's
+    try:
+        actual = loss_and_grads(model, idx, targets, "mean")
+    except gptfast.BackendUnavailable as err:
+        pytest.skip(str(err))
+    assert calls == [4, 4, 4, -1]
+    assert_same_loss_and_grads(expected, actual, 1e-5)
+
+
 def test_windows_map_onto_flash_attentions_rule_at_every_boundary(unpatch_after):
     """Windows from 0 to past the sequence, against the model's own SDPA flash_attn_func."""
     model = tiny_chat()
