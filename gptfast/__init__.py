@@ -31,6 +31,7 @@ _LAZY = {
     "GPTConfig": "gptfast.model",
     "TokenLoader": "gptfast.data",
     "patch": "gptfast.nn",
+    "unpatch": "gptfast.patching",
     "nn": "gptfast.nn",
     "reference": "gptfast.reference",
     "functional": "gptfast.functional",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, patch_probe, reference
+from .patching import nanochat
 
 __all__ = [
     "LayerNorm", "CrossEntropyLoss", "LinearCrossEntropy", "CausalSelfAttention", "KVCache",
@@ -368,7 +369,7 @@ class PatchReport:
 
 
 def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, *,
-          layer_norm: bool = True, attention: bool = True):
+          layer_norm: bool = True, attention: bool = True, loss: bool = True):
     """Make ``model`` compute its LayerNorms and causal attention with gptfast's ops, in place.
 
     - Each exact ``torch.nn.LayerNorm`` over the last dim becomes a :class:`gptfast.nn.LayerNorm`
@@ -401,6 +402,11 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
       function, exactly as before. Cross-attention and models loaded with another
       ``attn_implementation`` (eager, flash, flex) are skipped.
 
+    - nanochat's ``GPT`` (recognised by structure) goes to ``gptfast.patching.nanochat``: its
+      module-level ``norm`` (process-wide; ``layer_norm=False`` keeps it), attention and, with
+      ``loss``, lm_head + softcap + cross-entropy as one fused loss; the report is a
+      ``NanochatReport``. ``gptfast.unpatch(model)`` undoes a patch.
+
     Module objects keep their identity, Parameters, hooks and state_dict keys, so optimisers
     already holding the parameters and existing checkpoints are unaffected. Patch before
     ``torch.compile``. Patching twice is harmless: the second report lists the modules as
@@ -409,6 +415,11 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if nanochat.is_nanochat_gpt(model):
+        report = nanochat.patch(model, norm=layer_norm, attention=attention, loss=loss)
+        if verbose:
+            print(report)
+        return (model, report) if return_report else model
     report = PatchReport()
     for name, module in model.named_modules():
         if _runs_on_gptfast(module):
@@ -433,6 +444,7 @@ def _patch_layer_norm(name: str, module: nn.LayerNorm, report: PatchReport) -> N
         report.skipped[name] = (f"normalized_shape {tuple(module.normalized_shape)} spans more "
                                 "than the last dim")
     else:
+        module._gptfast_replaced_class = type(module)  # for gptfast.unpatch
         module.__class__ = LayerNorm
         report._add(name, LAYER_NORM)
 
