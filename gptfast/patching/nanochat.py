@@ -169,16 +169,10 @@ def _restore_class(module: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- norm --
 
-def torch_default_eps(dtype: torch.dtype) -> float:
-    """``F.rms_norm``'s eps when given None: the epsilon of the type it computes in, fp32 for
-    fp16/bf16 input (1.2e-7, not bf16's 7.8e-3)."""
-    return torch.finfo(torch.float32 if dtype in _HALF else dtype).eps
-
-
 def patched_norm(x: torch.Tensor) -> torch.Tensor:
-    """nanochat's ``norm`` (``F.rms_norm`` over the last dim, no weight, torch's default eps)
-    on ``gptfast.rms_norm``."""
-    return functional.rms_norm(x, eps=torch_default_eps(x.dtype))
+    """nanochat's ``norm`` (``F.rms_norm`` over the last dim, no weight, torch's default eps:
+    fp32's for half x, which gptfast's eps=None is too) on ``gptfast.rms_norm``."""
+    return functional.rms_norm(x)
 
 
 @dataclasses.dataclass
@@ -306,8 +300,8 @@ def _project(self, x: torch.Tensor, ve: Optional[torch.Tensor]) -> tuple:
 def _attend(self, x, ve, cos, sin, left: int, scale: float) -> torch.Tensor:
     batch, seq, _ = x.shape
     q, k, v = _project(self, x, ve)
-    q, k = functional.rotary_qk_norm(q, k, cos, -sin, scale=scale,  # nanochat rotates by -theta
-                                     eps=torch_default_eps(q.dtype))
+    # nanochat rotates by -theta; eps=None is torch's default, as nanochat's norm(q) has
+    q, k = functional.rotary_qk_norm(q, k, cos, -sin, scale=scale)
     y = functional.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                              causal=True, window_left=left)
     return self.c_proj(y.transpose(1, 2).reshape(batch, seq, -1))
