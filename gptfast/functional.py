@@ -27,6 +27,8 @@ register_kernel("attention", f"{_ATTN}:attention", f"{_ATTN}:attention_unsupport
 register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
 register_kernel("linear_cross_entropy", f"{_CE}:linear_cross_entropy",
                 f"{_CE}:linear_cross_entropy_unsupported")
+register_kernel("rotary_qk_norm", "gptfast.kernels.rotary:rotary_qk_norm",
+                "gptfast.kernels.rotary:rotary_qk_norm_unsupported")
 
 REDUCTIONS = ("mean", "sum", "none")
 
