@@ -316,13 +316,17 @@ def _grads(ctx, dqo, dko, backward):
     return (dq if need_q else None), (dk if need_k else None)
 
 
-def _save(ctx, q, k, cos, sin, scale, eps, interleaved):
+def _save(ctx, outputs, q, k, cos, sin, scale, eps, interleaved):
     ctx.save_for_backward(q, k, cos, sin)
     ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
+    # as the reference: k' requires grad only if k does (q' likewise)
+    for out, needed in zip(outputs, ctx.needs_input_grad[:2]):
+        if not needed:
+            ctx.mark_non_differentiable(out)
 
 
 def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs)
+    _save(ctx, output, *inputs)
 
 
 def _op_backward(ctx, dqo, dko):
@@ -337,8 +341,9 @@ class _RotaryQKNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, scale, eps, interleaved):
-        _save(ctx, q, k, cos, sin, scale, eps, interleaved)
-        return rotary_qk_norm_forward(q, k, cos, sin, scale, eps, interleaved)
+        outputs = rotary_qk_norm_forward(q, k, cos, sin, scale, eps, interleaved)
+        _save(ctx, outputs, q, k, cos, sin, scale, eps, interleaved)
+        return outputs
 
     @staticmethod
     def backward(ctx, dqo, dko):
