@@ -175,6 +175,32 @@ def test_strided_views_read_in_place(layout, monkeypatch):
         _close(g, w, F32)
 
 
+def test_q_and_k_with_different_layouts():
+    """q a view of a fused projection, k a separate tensor in (B, Hkv, T, D) storage: each
+    tensor's own strides, not the other's."""
+    b, t, h, hkv, d = 2, 3, 4, 2, 8
+    fused, k_bhtd = torch.randn(b, t, 3 * h * d), torch.randn(b, hkv, t, d)
+
+    def make(x, kx):
+        return x.view(b, t, 3, h, d)[:, :, 0], kx.transpose(1, 2)
+    cos, sin = _tables(t, d)
+    got, want = _run_views(make, (fused, k_bhtd), cos, sin)
+    for g, w in zip(got, want):
+        _close(g, w, F32)
+
+
+def test_upstream_gradients_of_any_strides():
+    """dq', dk' as autograd hands them over: expanded (stride 0, from .sum()) or transposed."""
+    q, k = _qk(2, 3, 4, 2, 8, F32)
+    cos, sin = _tables(3, 8)
+    transposed = (torch.randn(2, 3, 8, 4).transpose(-1, -2), torch.randn(2, 2, 3, 8).transpose(1, 2))
+    expanded = (torch.tensor(1.5).expand(2, 3, 4, 8), torch.tensor(-0.5).expand(2, 3, 2, 8))
+    for upstream in (transposed, expanded):
+        got, want = _run(q, k, cos, sin, upstream=upstream)
+        for g, w in zip(got, want):
+            _close(g, w, F32)
+
+
 def _nanochat_rotary(x, cos, sin):
     """nanochat's convention, written from its description: rotation by -theta."""
     d = x.shape[3] // 2
