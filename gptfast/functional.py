@@ -235,7 +235,8 @@ def rotary_qk_norm(q, k, cos, sin, *, scale=1.0, eps=None, interleaved=False):
     flash-attention lay them out (rotate-half pairs (x[i], x[i + D/2]); ``interleaved``
     pairs (x[2i], x[2i + 1])). Each pair goes to (x1 cos - x2 sin, x1 sin + x2 cos).
     nanochat rotates by -theta: its ``apply_rotary_emb(x, cos, sin)`` is this with ``-sin``.
-    See ``gptfast.reference.rotary_qk_norm``.
+    See ``gptfast.reference.rotary_qk_norm``. The Triton kernel (``gptfast.kernels.rotary``)
+    gives no gradient to cos/sin: calls where they require grad run on the reference backend.
     """
     for name, t in (("q", q), ("k", k)):
         _tensor(name, t)

@@ -376,7 +376,8 @@ def rotary_qk_norm_unsupported(q, k, cos, sin, scale=1.0, eps=None, interleaved=
     if q.device.type == "cuda" and _INTERPRET:
         return ("the kernels were defined for the CPU interpreter (TRITON_INTERPRET=1 when "
                 "gptfast.kernels.rotary was imported)")
-    blocks = triton.cdiv(max(q.shape[2], k.shape[2], 1), _blocks(q.shape[3], q.shape[2], k.shape[2])[1])
-    if 2 * blocks > _MAX_GRID_Y:
-        return f"{q.shape[2]} heads is more than one launch's grid takes"
+    heads, kv_heads = q.shape[2], k.shape[2]
+    block_h = _blocks(q.shape[3], heads, kv_heads)[1]
+    if triton.cdiv(heads, block_h) + triton.cdiv(kv_heads, block_h) > _MAX_GRID_Y:
+        return f"{heads} + {kv_heads} heads take more head blocks than one launch's grid holds"
     return None
