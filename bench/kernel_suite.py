@@ -12,6 +12,8 @@ and pass, with a throughput to plot:
   writing their gradient (2 N V bytes-per-element / time), the traffic floor of the loss;
 - ``linear_cross_entropy``: fwd+bwd ms and extra MB, and TFLOP/s of its three GEMMs (6 N C V);
 - ``causal_attention``: TFLOP/s fwd and fwd+bwd (fwd = 2 B H T^2 D, fwd+bwd = 3.5 x fwd).
+- ``rotary_qk_norm``: GB/s as :mod:`.rotary` counts bytes (q, k views of a fused projection;
+  nanochat's rotary + QK norm + scale in eager torch, compiled, Liger's RoPE + torch's norm).
 - ``document_attention`` (``--attention document``): :mod:`.document_attention` at T=8192,
   gptfast's document/window kernel against FlexAttention with the same block mask, SDPA with
   a dense boolean mask and gptfast's plain causal kernel; TFLOP/s counted on the attended pairs
@@ -54,6 +56,7 @@ class KernelSizes:
     document_seq: int = document_attention.DEFAULT_SEQ
     document_cases: tuple = document_attention.default_cases()
     nanochat: tuple = nanochat_attention.GPU_CASES
+    rotary: tuple = ((4, 2048, 10, 10, 128), (8, 2048, 10, 10, 128), (32, 2048, 10, 10, 128))
 
 
 FULL = KernelSizes(layer_norm=((16384, 768), (65536, 768), (16384, 4096), (8192, 8192)),
@@ -62,10 +65,11 @@ FULL = KernelSizes(layer_norm=((16384, 768), (65536, 768), (16384, 4096), (8192,
 QUICK = KernelSizes(layer_norm=((16384, 768),), cross_entropy=(8192,), linear=(8192,),
                     head_dims=(64,), attention_seq=(1024, 4096),
                     document_cases=(document_attention.Case(2048, None),
-                                    document_attention.Case(256, document_attention.DEFAULT_WINDOW)))
+                                    document_attention.Case(256, document_attention.DEFAULT_WINDOW)),
+                    rotary=((8, 2048, 10, 10, 128),))  # (B, T, H, Hkv, D): nanochat-d20, B8 T2048
 # a CPU run: only the nanochat attention cases, tiny (the other kernels are timed on a GPU)
 CPU = KernelSizes(layer_norm=(), cross_entropy=(), linear=(), head_dims=(), attention_seq=(),
-                  document_cases=(), nanochat=nanochat_attention.CPU_CASES)
+                  document_cases=(), nanochat=nanochat_attention.CPU_CASES, rotary=())
 ATTENTIONS = ("causal", "document")
 
 
@@ -116,6 +120,8 @@ class KernelSuite:
                   for n in s.cross_entropy]
         units += [(f"kernels linear_cross_entropy N={n}", lambda n=n: self.linear(n))
                   for n in s.linear]
+        units += [(f"kernels rotary_qk_norm {'x'.join(map(str, shape))}",
+                   lambda shape=shape: self.rotary(shape)) for shape in s.rotary]
         if "causal" in self.attention_kinds:
             units += [(f"kernels causal_attention hd={d} T={t}", lambda d=d, t=t: self.attention(d, t))
                       for d in s.head_dims for t in s.attention_seq]
@@ -164,6 +170,23 @@ class KernelSuite:
         if missing:
             rows += [self._row(op, "liger", direction, shape, n * c, "GB/s", None, status="n/a",
                                note=missing) for direction in ("fwd", "fwd+bwd")]
+        return rows
+
+    def rotary(self, shape) -> list:
+        from . import rotary
+
+        impls = self._get("rotary_qk_norm", rotary.implementations)
+        table = rotary.bench_shape(shape, self.dtype, impls)
+        b, t, h, hkv, d = shape
+        statuses = {"ok": "ok", "oom": "oom", "unavailable": "n/a"}
+        rows = []
+        for column, measured in table["measured"].items():
+            name, _, direction = column.partition(" ")
+            rows.append(self._row(
+                "rotary_qk_norm", name, direction or name, f"B{b} T{t} H{h} Hkv{hkv} D{d}",
+                b * t, "GB/s", table[column], status=statuses.get(measured.status, "error"),
+                batch_size=b, context_length=t, heads=h, kv_heads=hkv, head_dim=d,
+                max_abs_diff=table.get(f"{name} diff"), note=measured.error))
         return rows
 
     def _loss_rows(self, kernel, table, notes, providers, shape, size, unit, per_ms):

@@ -450,6 +450,32 @@ def cross_entropy_cases(subset: str):
                                             softcap=30.0, z_term=z, z_grad_scale=s))
 
 
+def rotary_cases(subset: str):
+    """rotary_qk_norm forward and backward at nanochat's shapes: q and k as views of one fused
+    (B, T, (H + 2 Hkv) D) projection, rotate-half and interleaved pairs."""
+    import torch
+    from gptfast.kernels import rotary
+
+    shapes = [(8, 2048, 10, 10, 128, torch.bfloat16), (16, 1024, 12, 12, 64, torch.bfloat16)]
+    if subset == "full":
+        shapes += [(4, 2048, 32, 8, 128, torch.bfloat16), (8, 2048, 10, 10, 128, torch.float32),
+                   (4, 1024, 16, 16, 256, torch.bfloat16), (4, 1024, 8, 1, 96, torch.float16)]
+    for b, t, h, hkv, d, dtype in shapes:
+        shape = f"B{b} T{t} H{h} Hkv{hkv} D{d}"
+        heads = _meta(b, t, h + 2 * hkv, d, dtype=dtype)
+        q, k = heads[:, :, :h], heads[:, :, h:h + hkv]
+        cos, sin = _meta(t, d // 2, dtype=dtype), _meta(t, d // 2, dtype=dtype)
+        dqo, dko = _meta(b, t, h, d, dtype=dtype), _meta(b, t, hkv, d, dtype=dtype)
+        for interleaved in (False, True):
+            pairs = "interleaved" if interleaved else "rotate-half"
+            yield (f"rotary_qk_norm fwd {pairs}", shape, dtype,
+                   lambda q=q, k=k, c=cos, s=sin, i=interleaved:
+                   rotary.rotary_qk_norm_forward(q, k, c, s, 1.2, None, i))
+            yield (f"rotary_qk_norm bwd {pairs}", shape, dtype,
+                   lambda q=q, k=k, c=cos, s=sin, i=interleaved, dq=dqo, dk=dko:
+                   rotary.rotary_qk_norm_backward(dq, dk, q, k, c, s, 1.2, None, i, True, True))
+
+
 def _attention_smem_estimators():
     from gptfast.kernels import attention as attn
 
@@ -501,7 +527,7 @@ def autotune_key_gaps(modules=None) -> dict:
 
 
 KERNEL_SETS = {"attention": attention_cases, "layernorm": layernorm_cases,
-               "cross_entropy": cross_entropy_cases}
+               "cross_entropy": cross_entropy_cases, "rotary": rotary_cases}
 
 
 def versions() -> dict:
@@ -542,10 +568,10 @@ def run_report(kernels=tuple(KERNEL_SETS), subset: str = "headline", cache: bool
     kernels = tuple(kernels)
     if jobs > 1:
         return _run_parallel(kernels, subset, cache, progress, jobs)
-    from gptfast.kernels import attention, cross_entropy, layernorm
+    from gptfast.kernels import attention, cross_entropy, layernorm, rotary
 
     cache_dir = _default_cache_dir() if cache else None
-    with Recorder([attention, layernorm, cross_entropy], cache_dir,
+    with Recorder([attention, layernorm, cross_entropy, rotary], cache_dir,
                   _attention_smem_estimators()) as recorder:
         for index, (kernel_set, case, shape, dtype, thunk) in enumerate(_cases(kernels, subset)):
             if _share is not None and _share[0] != index:

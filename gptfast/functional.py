@@ -29,6 +29,8 @@ register_kernel("attention", f"{_ATTN}:attention", f"{_ATTN}:attention_unsupport
 register_kernel("cross_entropy", f"{_CE}:cross_entropy", f"{_CE}:cross_entropy_unsupported")
 register_kernel("linear_cross_entropy", f"{_CE}:linear_cross_entropy",
                 f"{_CE}:linear_cross_entropy_unsupported")
+register_kernel("rotary_qk_norm", "gptfast.kernels.rotary:rotary_qk_norm",
+                "gptfast.kernels.rotary:rotary_qk_norm_unsupported")
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -242,7 +244,8 @@ def rotary_qk_norm(q, k, cos, sin, *, scale=1.0, eps=None, interleaved=False):
     flash-attention lay them out (rotate-half pairs (x[i], x[i + D/2]); ``interleaved``
     pairs (x[2i], x[2i + 1])). Each pair goes to (x1 cos - x2 sin, x1 sin + x2 cos).
     nanochat rotates by -theta: its ``apply_rotary_emb(x, cos, sin)`` is this with ``-sin``.
-    See ``gptfast.reference.rotary_qk_norm``.
+    See ``gptfast.reference.rotary_qk_norm``. The Triton kernel (``gptfast.kernels.rotary``)
+    gives no gradient to cos/sin: calls where they require grad run on the reference backend.
     """
     for name, t in (("q", q), ("k", k)):
         _tensor(name, t)

@@ -169,7 +169,8 @@ def test_nanogpt_baseline_is_the_same_model_as_gptfast_gpt():
 def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch):
     """The kernel benchmarks need CUDA: feed the suite tables in their formats instead."""
     from gptfast.bench import (attention, cross_entropy, kernel_suite, layernorm,
-                               nanochat_attention, plots, report)
+                               nanochat_attention, plots, report, rotary)
+    from gptfast.bench.common import Measured, Timing
 
     monkeypatch.setattr(layernorm, "implementations",
                         lambda param_dtype_is_x, op="layer_norm": {"gptfast": 0})
@@ -177,6 +178,13 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
         "N x C": f"{n} x {c}", "copy": 2000.0, "gptfast fwd": 1500.0 if op == "layer_norm" else 900.0,
         "gptfast fwd+bwd": None})
     monkeypatch.setattr(layernorm, "liger_unavailable", lambda op="layer_norm": "no liger here")
+    monkeypatch.setattr(rotary, "implementations", lambda: {"gptfast": 0, "liger": "unavailable: x"})
+    monkeypatch.setattr(rotary, "bench_shape", lambda shape, dtype, impls: {
+        "copy": 2500.0, "gptfast fwd": 2000.0, "gptfast fwd+bwd": None, "liger fwd": None,
+        "gptfast diff": 0.01, "measured": {
+            "copy": Measured(Timing(1.0, 1.0, 1.0)), "gptfast fwd": Measured(Timing(1.0, 1.0, 1.0)),
+            "gptfast fwd+bwd": Measured(status="oom", error="OutOfMemoryError: x"),
+            "liger fwd": Measured(status="unavailable", error="unavailable: x")}})
     loss_table = {"gptfast": "2.00 / 0.1", "gptfast |dloss|": "1.0e-06", "eager": "OOM",
                   "eager |dloss|": None, "Liger": "n/a", "Liger |dloss|": None}
     for name in ("cross_entropy_providers", "linear_providers"):
@@ -211,6 +219,12 @@ def test_kernel_suite_turns_each_benchmark_table_into_rows(tmp_path, monkeypatch
     attn = by["causal_attention", "gptfast", "fwd+bwd", 4096]
     assert (attn["throughput"], attn["batch_size"], attn["context_length"]) == (260.0, 4, 4096)
     assert by["causal_attention", "SDPA flash", "fwd", 1024]["note"] == "RuntimeError: no flash"
+    rope = by["rotary_qk_norm", "gptfast", "fwd", 8 * 2048]
+    assert (rope["throughput"], rope["status"], rope["max_abs_diff"]) == (2000.0, "ok", 0.01)
+    assert rope["shape"] == "B8 T2048 H10 Hkv10 D128" and rope["unit"] == "GB/s"
+    assert by["rotary_qk_norm", "gptfast", "fwd+bwd", 8 * 2048]["status"] == "oom"
+    assert by["rotary_qk_norm", "liger", "fwd", 8 * 2048]["status"] == "n/a"
+    assert by["rotary_qk_norm", "copy", "copy", 8 * 2048]["throughput"] == 2500.0
 
     nanochat = {(r["impl"], r["pass"], r["shape"]): r for r in rows
                 if r["kernel"] == "nanochat_attention"}
@@ -319,6 +333,28 @@ def test_missing_flex_attention_is_reported_not_a_crash(monkeypatch, capsys):
     if not torch.cuda.is_available():
         assert da.main([]) == 0
         assert "FlexAttention unavailable in torch 0.0" in capsys.readouterr().out
+
+
+def test_rotary_bench_measures_every_implementation_on_cpu(monkeypatch, capsys):
+    """bench/rotary.py's measuring code at a tiny shape on the CPU (the kernel through the
+    interpreter), Liger reported as unavailable, and its no-CUDA entry point."""
+    from gptfast.bench import common, rotary
+
+    monkeypatch.setenv(common.COMPILE_BACKEND_ENV, "aot_eager")
+    monkeypatch.setattr(rotary, "_liger", lambda: (None, "liger_kernel does not import (test)"))
+    shape = (1, 4, 2, 1, 8)
+    row = rotary.bench_shape(shape, torch.float32, rotary.implementations(), device="cpu",
+                             meter=common.Meter("cpu", warmup=0, repeats=10))
+    for name in ("gptfast", "eager", "compile"):
+        for direction in ("fwd", "fwd+bwd"):
+            assert row["measured"][f"{name} {direction}"].status == "ok", (name, direction)
+        assert row[f"{name} diff"] < 1e-5
+    assert row["bytes"]["gptfast fwd+bwd"] == 5 * 1 * 4 * (2 + 1) * 8 * 4
+    assert row["liger fwd"] is None and row["measured"]["liger fwd"].status == "unavailable"
+    if not torch.cuda.is_available():
+        assert rotary.main([]) == 0
+        out = capsys.readouterr().out
+        assert "(ok)" in out and "liger: unavailable" in out
 
 
 def test_kernel_suite_attention_axis_makes_document_rows(tmp_path, monkeypatch):

@@ -62,9 +62,9 @@ def _entry_kernels(module):
 
 
 def test_report_covers_every_kernel_and_both_dq_paths(report):
-    from gptfast.kernels import attention, cross_entropy, layernorm
+    from gptfast.kernels import attention, cross_entropy, layernorm, rotary
     expected = set()
-    for module in (attention, layernorm, cross_entropy):
+    for module in (attention, layernorm, cross_entropy, rotary):
         expected |= _entry_kernels(module)
     compiled = {r["kernel"] for r in report}
     assert expected - compiled == set(), f"kernels the report never compiled: {expected - compiled}"
