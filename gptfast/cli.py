@@ -13,8 +13,8 @@ import os
 import platform
 import sys
 
-OPS = ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "causal_attention", "cross_entropy",
-       "linear_cross_entropy")
+OPS = ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "rotary_qk_norm",
+       "causal_attention", "attention", "cross_entropy", "linear_cross_entropy")
 
 # What "auto" does beyond the per-op line, worth knowing before a benchmark or a long run.
 NOTES = (
