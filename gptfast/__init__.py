@@ -36,6 +36,7 @@ _LAZY = {
     "functional": "gptfast.functional",
     "backend": "gptfast.backend",
     "testing": "gptfast.testing",
+    "hf": "gptfast.hf",
 }
 
 __all__ = [
