@@ -100,9 +100,9 @@ def build_mask(*args, **kwargs):
 def _needs_no_mask(kwargs) -> bool:
     from transformers.masking_utils import causal_mask_function
 
-    # create_*_mask clears allow_is_causal_skip for packed sequences, block ids and models that
-    # need the mask itself, and sets use_vmap for custom (or/and) mask functions.
-    if not kwargs.get("allow_is_causal_skip", True) or kwargs.get("use_vmap", False):
+    # create_*_mask clears allow_is_causal_skip for packed sequences, block ids, custom (or/and)
+    # mask functions and models that need the mask itself.
+    if not kwargs.get("allow_is_causal_skip", True):
         return False
     local_size, config = kwargs.get("local_size"), kwargs.get("config")
     if local_size is None:
