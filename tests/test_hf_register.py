@@ -115,17 +115,24 @@ def test_hf_sliding_window_is_window_left_minus_one_at_the_boundary(window):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_packed_sequences_run_as_documents(family, backend, attention_calls, fallbacks):
-    """position_ids restarting at 0 (batch 1): each document as if run alone through eager."""
+@pytest.mark.parametrize("family,use_cache", [("llama", False), ("mistral", True)])
+def test_packed_sequences_run_as_documents(family, use_cache, backend, attention_calls, fallbacks,
+                                           monkeypatch):
+    """position_ids restarting at 0 (batch 1): each document as if run alone through eager.
+    Without a cache HF builds the packed 4-D mask, which must be found equal to the documents
+    mask; with one (the default) HF builds none and the documents come from position_ids."""
+    checked = []
+    original = hf._is_our_mask
+    monkeypatch.setattr(hf, "_is_our_mask", lambda *a: checked.append(original(*a)) or checked[-1])
     ours, eager = model(family, "gptfast"), model(family, "eager")
     lengths = [7, 1, 9]
     ids = torch.randint(0, VOCAB, (1, sum(lengths)))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     weights = torch.randn(1, sum(lengths), VOCAB)
     with gptfast.use_backend(backend):
-        got = logits_and_grads(ours, ids, weights, position_ids=positions)
+        got = logits_and_grads(ours, ids, weights, position_ids=positions, use_cache=use_cache)
     assert attention_calls == [(4 if family == "mistral" else -1, True)] * LAYERS
+    assert checked == ([] if use_cache else [True] * LAYERS)
     assert fallbacks() == []
 
     eager.zero_grad(set_to_none=True)
