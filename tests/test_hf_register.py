@@ -1,6 +1,7 @@
 """attn_implementation="gptfast" (gptfast.hf): tiny Hugging Face models built from configs give
 eager's logits and gradients, with windows, packed sequences and the SDPA fallback."""
 
+import inspect
 import logging
 
 import pytest
@@ -10,10 +11,27 @@ import gptfast
 from gptfast import functional, hf
 
 transformers = pytest.importorskip("transformers")
-from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function  # noqa: E402
+from transformers.masking_utils import sliding_window_causal_mask_function  # noqa: E402
+from transformers.masking_utils import sdpa_mask as _sdpa_mask  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 VOCAB, LAYERS = 97, 2
+# transformers 4.x's mask builders take cache_position (the query positions) where 5.x takes
+# q_length and q_offset
+_POSITIONS = "q_length" not in inspect.signature(_sdpa_mask).parameters
+
+
+def versioned(kwargs):
+    """Mask-builder keywords as this transformers' create_*_mask passes them."""
+    if not _POSITIONS:
+        return kwargs
+    kwargs = dict(kwargs)
+    q_length, q_offset = kwargs.pop("q_length"), kwargs.pop("q_offset", 0)
+    return {**kwargs, "cache_position": torch.arange(q_offset, q_offset + q_length)}
+
+
+def sdpa_mask(**kwargs):
+    return _sdpa_mask(**versioned(kwargs))
 
 
 def config(family, **overrides):
@@ -202,24 +220,25 @@ def test_mask_builder_leaves_only_what_it_computes_to_us():
     hf.register()
     causal = transformers.masking_utils.causal_mask_function
     plain = dict(batch_size=2, q_length=6, kv_length=6, mask_function=causal)
-    assert hf.build_mask(**plain) is None
-    assert hf.build_mask(**plain, attention_mask=torch.ones(2, 6, dtype=torch.bool)) is None
+    assert hf.build_mask(**versioned(plain)) is None
+    ones = torch.ones(2, 6, dtype=torch.bool)
+    assert hf.build_mask(**versioned(plain), attention_mask=ones) is None
     padded = torch.ones(2, 6, dtype=torch.bool)
     padded[0, 0] = False
     for changed in (dict(attention_mask=padded), dict(allow_is_causal_skip=False),
                     dict(q_length=1, kv_length=7, q_offset=6),
                     dict(q_length=3, kv_length=9, q_offset=6, attention_mask=padded.repeat(1, 2)[:, :9])):
         kwargs = {**plain, **changed}
-        mask, expected = hf.build_mask(**kwargs), sdpa_mask(**kwargs)
+        mask, expected = hf.build_mask(**versioned(kwargs)), sdpa_mask(**kwargs)
         assert (mask is None) == (expected is None) and (mask is None or torch.equal(mask, expected))
         assert mask is not None or changed.get("q_length") == 1, changed
     window = dict(plain, mask_function=sliding_window_causal_mask_function(3), local_size=3)
     assert sdpa_mask(**window) is not None
-    assert hf.build_mask(**window, config=config("mistral", sliding_window=3)) is None
-    assert hf.build_mask(**window, config=config("mistral", sliding_window=4)) is not None
+    assert hf.build_mask(**versioned(window), config=config("mistral", sliding_window=3)) is None
+    assert hf.build_mask(**versioned(window), config=config("mistral", sliding_window=4)) is not None
     chunked = config("mistral", sliding_window=3)
     chunked.attention_chunk_size = 3  # Llama 4's chunked attention: not a sliding window
-    assert torch.equal(hf.build_mask(**window, config=chunked), sdpa_mask(**window))
+    assert torch.equal(hf.build_mask(**versioned(window), config=chunked), sdpa_mask(**window))
 
 
 def test_refused_arguments_and_bad_windows():
