@@ -277,6 +277,11 @@ def switch_model(model):
         return names, (f"the model runs attn_implementation={implementation!r}; gptfast.patch "
                        f"switches HF's default 'sdpa' (or load it with attn_implementation="
                        f"{NAME!r} after gptfast.hf.register())")
+    cls = type(model)
+    if not getattr(cls, "_supports_flash_attn", getattr(cls, "_supports_flash_attn_2", True)):
+        # gptfast reads sliding_window/position_ids from the attention call, as FA2 does
+        return names, (f"{cls.__name__} does not support flash attention, so its attention "
+                       f"calls may lack the arguments (sliding_window...) that FA2 and gptfast read")
     try:
         register()
     except RuntimeError as err:

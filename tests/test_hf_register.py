@@ -214,6 +214,14 @@ def test_patch_switches_a_hf_model_and_says_so():
     assert "attn_implementation='eager'" in skipped.skipped["model.layers.0.self_attn"]
     assert eager.config._attn_implementation == "eager"
 
+    class NoFlash(transformers.LlamaForCausalLM):
+        _supports_flash_attn = False
+
+    no_flash = NoFlash(config("llama"))
+    _, skipped = gptfast.patch(no_flash, return_report=True)
+    assert "does not support flash attention" in skipped.skipped["model.layers.1.self_attn"]
+    assert no_flash.config._attn_implementation == "sdpa"
+
 
 def test_mask_builder_leaves_only_what_it_computes_to_us():
     """No mask for plain causal and the config's sliding window; SDPA's mask for the rest."""
