@@ -9,7 +9,8 @@ then runs its causal self-attention through ``gptfast.functional.attention``:
 - sliding windows (Mistral, Qwen2 ``sliding_attention`` layers): HF's window w lets query i
   see keys ``i - w < j <= i``, which is ``window_left = w - 1``;
 - packed sequences: ``position_ids`` that do not step by 1 start a new document (the rule of
-  transformers' masks; FA2's "restart at 0" is a case of it), run as ``document_ids``. HF
+  transformers' masks; FA2's "restart at 0" is a case of it), or FA's ``cu_seq_lens_q/k``
+  for a batch of one packed row, run as ``document_ids``. HF
   builds a 4-D mask for them; it is compared once per forward with the document mask and used
   only if equal.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import weakref
 
 import torch
 
@@ -34,7 +36,7 @@ MIN_TRANSFORMERS = (4, 53)  # the first release with AttentionMaskInterface (mas
 # Arguments of transformers' attention functions whose math neither gptfast nor SDPA computes.
 _REFUSED = ("softcap", "s_aux")
 # Arguments that change the math in ways SDPA's function handles and ours does not.
-_SDPA_ONLY = ("position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
+_SDPA_ONLY = ("position_bias",)
 
 logger = logging.getLogger("gptfast")
 _LOGGED: set = set()  # fallback reasons already logged
@@ -148,7 +150,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                      query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     window_left = _window_left(sliding_window)
     documents = _document_ids(kwargs.get("position_ids"), query.shape[0], seq)
-    reason = _unsupported(attention_mask, dropout, window_left, documents, kwargs)
+    reason = None
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        # FA's varlen boundaries (HF's DataCollatorWithFlattening): FA2 prefers them too
+        documents = _documents_from_boundaries(kwargs.get("cu_seq_lens_q"),
+                                               kwargs.get("cu_seq_lens_k"), query.shape[0], seq)
+        if documents is None:
+            reason = "cu_seq_lens_q/k that are not one packed row of queries and keys alike"
+    reason = reason or _unsupported(attention_mask, dropout, window_left, documents, kwargs)
     if reason is None:
         out = functional.attention(query, key, value, scaling, causal=True,
                                    window_left=window_left, document_ids=documents)
@@ -205,6 +214,32 @@ def _document_ids(position_ids, batch, seq):
         documents = None  # one sequence per row
     _DOCUMENTS[position_ids] = ((position_ids._version, batch), documents)
     return documents
+
+
+def _documents_from_boundaries(cu_q, cu_k, batch, seq):
+    """(1, seq) document ids from FA's cumulative lengths, or None unless the batch is one
+    packed row and cu_seq_lens_q == cu_seq_lens_k == [0, ..., seq]."""
+    if (batch != 1 or not isinstance(cu_q, torch.Tensor) or not isinstance(cu_k, torch.Tensor)
+            or cu_q.dim() != 1 or cu_q.shape != cu_k.shape or cu_q.shape[0] < 2
+            or cu_q.is_floating_point()):
+        return None
+    if torch.compiler.is_compiling():  # no value checks: only the same tensor for q and k
+        return _documents_within(cu_q, seq) if cu_k is cu_q else None
+    cached = _DOCUMENTS.get(cu_q)
+    if (cached is not None and cached[0] == (cu_q._version, cu_k._version, seq)
+            and cached[1]() is cu_k):
+        return cached[2]
+    valid = (int(cu_q[0]) == 0 and int(cu_q[-1]) == seq and bool((cu_q[1:] >= cu_q[:-1]).all())
+             and (cu_k is cu_q or torch.equal(cu_q, cu_k)))
+    documents = _documents_within(cu_q, seq) if valid else None
+    # a weak reference: cu_k is often cu_q itself, which a strong one would keep alive forever
+    _DOCUMENTS[cu_q] = ((cu_q._version, cu_k._version, seq), weakref.ref(cu_k), documents)
+    return documents
+
+
+def _documents_within(cu, seq):
+    positions = torch.arange(seq, device=cu.device, dtype=cu.dtype)
+    return torch.bucketize(positions, cu[1:], right=True).to(torch.int32)[None]
 
 
 def _documents_from(position_ids, batch):

@@ -161,6 +161,31 @@ def test_packed_sequences_run_as_documents(family, use_cache, backend, attention
     assert_same(got, expected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fa_varlen_boundaries_run_as_documents(backend, attention_calls, fallbacks):
+    """cu_seq_lens_q/k (HF's DataCollatorWithFlattening(return_flash_attn_kwargs=True)) mark
+    the documents, as for FA2; boundaries that differ between q and k fall back."""
+    ours, eager = model("llama", "gptfast"), model("llama", "eager")
+    lengths = [5, 3, 8]
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 5, 8, 16], dtype=torch.int32)
+    varlen = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8, max_length_k=8)
+    with gptfast.use_backend(backend):
+        got = ours(ids, position_ids=positions, use_cache=False, **varlen).logits
+    assert attention_calls == [(-1, True)] * LAYERS and fallbacks() == []
+    expected = torch.cat([eager(ids[:, a:b]).logits for a, b in ((0, 5), (5, 8), (8, 16))], 1)
+    torch.testing.assert_close(got, expected, **TOL)
+
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 16, 8)
+    other = torch.tensor([0, 4, 8, 16], dtype=torch.int32)
+    out, _ = hf.attention_forward(module, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=other)
+    assert len(attention_calls) == LAYERS and "cu_seq_lens" in fallbacks()[-1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.testing.assert_close(out, sdpa.transpose(1, 2))
+
+
 def test_padding_falls_back_to_sdpa_and_logs_once(attention_calls, fallbacks):
     ours, eager = model("llama", "gptfast"), model("llama", "eager")
     ids = torch.randint(0, VOCAB, (2, 16))
