@@ -269,7 +269,7 @@ def _is_our_mask(mask, window_left, documents) -> bool:
 
 
 def _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    if reason not in _LOGGED:
+    if reason not in _LOGGED and not torch.compiler.is_compiling():  # a log line breaks graphs
         _LOGGED.add(reason)
         logger.warning("attn_implementation=%r: %s runs transformers' SDPA attention, not "
                        "gptfast's (logged once)", NAME, reason)

@@ -186,6 +186,19 @@ def test_fa_varlen_boundaries_run_as_documents(backend, attention_calls, fallbac
     torch.testing.assert_close(out, sdpa.transpose(1, 2))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_compiles_without_graph_breaks(use_cache):
+    """torch.compile(fullgraph=True) traces the attention function: position_ids become
+    document ids without reading their values; a 4-D mask (HF builds one for every call under
+    compile without a cache) cannot be checked there and runs SDPA, without a log line."""
+    ours, eager = model("mistral", "gptfast"), model("mistral", "eager")
+    ids = torch.randint(0, VOCAB, (2, 13))
+    compiled = torch.compile(lambda i: ours(i, use_cache=use_cache).logits, backend="eager",
+                             fullgraph=True)
+    with gptfast.use_backend("reference"):
+        torch.testing.assert_close(compiled(ids), eager(ids).logits, **TOL)
+
+
 def test_padding_falls_back_to_sdpa_and_logs_once(attention_calls, fallbacks):
     ours, eager = model("llama", "gptfast"), model("llama", "eager")
     ids = torch.randint(0, VOCAB, (2, 16))
