@@ -10,9 +10,9 @@ then runs its causal self-attention through ``gptfast.functional.attention``:
   see keys ``i - w < j <= i``, which is ``window_left = w - 1``;
 - packed sequences: ``position_ids`` that do not step by 1 start a new document (the rule of
   transformers' masks; FA2's "restart at 0" is a case of it), or FA's ``cu_seq_lens_q/k``
-  for a batch of one packed row, run as ``document_ids``. HF
-  builds a 4-D mask for them; it is compared once per forward with the document mask and used
-  only if equal.
+  for a batch of one packed row, run as ``document_ids``. Where HF builds a 4-D mask for
+  them (no cache), it is compared once per forward with the document mask and used only if
+  equal.
 
 Anything else (a padding or custom mask, decoding with a KV cache, attention dropout in
 training, non-causal attention, ``position_bias``) runs transformers' SDPA function with the
