@@ -38,6 +38,7 @@ _LAZY = {
     "backend": "gptfast.backend",
     "testing": "gptfast.testing",
     "flash_attn_interface": "gptfast.flash_attn_interface",
+    "hf": "gptfast.hf",
 }
 
 __all__ = [

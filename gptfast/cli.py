@@ -20,6 +20,8 @@ OPS = ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "rotary_qk_no
 NOTES = (
     "attention dropout > 0 in training (gptfast.nn.CausalSelfAttention) runs PyTorch SDPA, "
     "not the Triton kernel",
+    "attn_implementation='gptfast' (Hugging Face) runs transformers' SDPA for padding masks, "
+    "KV-cache decoding and attention dropout in training, and logs why once",
     "cross_entropy keeps the logits by default (backward allocates an N x V gradient); "
     "keep_logits=False lets triton write the gradient into op-made logits instead",
 )
@@ -59,6 +61,12 @@ def _optional_info() -> dict:
             for module, version in installed_versions().items()}
 
 
+def _hf_availability() -> str:
+    from .hf import availability
+
+    return availability()
+
+
 def _cuda_version_string(version):
     """13000 -> '13.0' (CUDA encodes major*1000 + minor*10)."""
     return None if not version else f"{version // 1000}.{version % 1000 // 10}"
@@ -90,6 +98,7 @@ def collect_info() -> dict:
         "extension": _extension_info(),
         "ops": {op: describe(op, device) for op in OPS},
         "optional": _optional_info(),
+        "hf_attention": _hf_availability(),
         "notes": list(NOTES),
     }
     if cuda:
@@ -132,6 +141,7 @@ def format_info(info: dict) -> str:
     lines += [f"  {module:<{width}}  "
               + (entry["version"] if entry["version"] else f"not installed ({entry['install']})")
               + f": {entry['for']}" for module, entry in info["optional"].items()]
+    lines += ["", f"attn_implementation='gptfast' (Hugging Face): {info['hf_attention']}"]
     lines += ["", "notes:"] + [f"  - {note}" for note in info["notes"]]
     return "\n".join(lines)
 

@@ -333,6 +333,7 @@ class CausalSelfAttention(nn.Module):
 LAYER_NORM = "LayerNorm"
 NANOGPT_ATTENTION = "nanoGPT attention"
 HF_GPT2_ATTENTION = "GPT2Attention"
+HF_ATTENTION = "HF attention"  # other transformers models: switched to attn_implementation "gptfast"
 HF_IMPLEMENTATION = "gptfast"  # the name gptfast registers in transformers' AttentionInterface
 
 
@@ -397,10 +398,13 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
       ``report.checked`` says what the probe found.
     - Hugging Face ``GPT2Attention`` modules running the "sdpa" implementation (HF's default)
       run through the attention function "gptfast", registered in transformers'
-      AttentionInterface: a pure causal call goes to ``gptfast.causal_attention``; any other call
-      (a padding mask, decoding with a KV cache, attention dropout in training) runs HF's SDPA
-      function, exactly as before. Cross-attention and models loaded with another
+      AttentionInterface (``gptfast.hf``): a pure causal call goes to gptfast's attention; any
+      other call (a padding mask, decoding with a KV cache, attention dropout in training) runs
+      HF's SDPA function, exactly as before. Cross-attention and models loaded with another
       ``attn_implementation`` (eager, flash, flex) are skipped.
+    - Other Hugging Face models (Llama, Mistral, Qwen2...) running "sdpa" switch to
+      attn_implementation "gptfast" (``gptfast.hf``); their attention modules are reported
+      as ``"HF attention"``, or skipped with the reason.
 
     - nanochat's ``GPT`` (recognised by structure) goes to ``gptfast.patching.nanochat``: its
       module-level ``norm`` (process-wide; ``layer_norm=False`` keeps it), attention and, with
@@ -431,6 +435,8 @@ def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, 
             _patch_layer_norm_like(name, module, report)
         elif attention:
             _patch_attention(name, module, model, report)
+    if attention:
+        _patch_hf_model(model, report)
     if verbose:
         print(report)
     return (model, report) if return_report else model
@@ -681,52 +687,44 @@ _PATCHED_FORWARDS = {
 
 # ------------------------------------------------------------- Hugging Face GPT-2 --
 
-# Arguments of transformers' attention functions that change the math away from plain causal
-# attention; when any is set, the call goes to HF's SDPA function.
-_HF_SPECIAL_ARGUMENTS = ("softcap", "sliding_window", "position_bias", "s_aux", "cu_seq_lens_q",
-                         "cu_seq_lens_k")
-
-
 def _is_hf_gpt2_attention(module: nn.Module) -> bool:
     return any(cls.__name__ == "GPT2Attention" and cls.__module__.startswith("transformers.")
                for cls in type(module).__mro__)
 
 
-def _hf_fast_path(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
-    """True for a pure causal call: no mask, no cache offset, no dropout, nothing special."""
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    return (getattr(module, "_gptfast_attention", False) and causal and attention_mask is None
-            and not dropout and query.shape[2] == key.shape[2]
-            and all(kwargs.get(name) is None for name in _HF_SPECIAL_ARGUMENTS))
+def hf_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention function registered as attn_implementation "gptfast":
+    :func:`gptfast.hf.attention_forward`."""
+    from .hf import attention_forward
 
-
-def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                 is_causal=None, **kwargs):
-    """transformers' attention-function interface: q, k, v (B, H, T, D) -> ((B, T, H, D), None).
-
-    Registered as attn_implementation "gptfast". Pure causal calls of patched modules run
-    ``gptfast.causal_attention``; everything else runs HF's "sdpa" function unchanged.
-    """
-    if _hf_fast_path(module, query, key, attention_mask, dropout, is_causal, kwargs):
-        return functional.causal_attention(query, key, value, scale=scaling).transpose(1, 2), None
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
-                                           scaling=scaling, is_causal=is_causal, **kwargs)
+    return attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register_hf_attention() -> Optional[str]:
-    """Registers "gptfast" with transformers (attention function and SDPA's masks); None or why not."""
+    """Registers "gptfast" with transformers (gptfast.hf.register); None or why not."""
+    from . import hf
+
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError as err:
-        return (f"this transformers has no AttentionInterface/AttentionMaskInterface ({err}); "
-                "patching GPT2Attention needs transformers >= 4.53")
-    AttentionInterface.register(HF_IMPLEMENTATION, hf_attention)
-    # SDPA's masks: None for a pure causal call (that is the fast path), a boolean mask otherwise
-    AttentionMaskInterface.register(HF_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        hf.register()
+    except RuntimeError as err:
+        return str(err)
     return None
+
+
+def _patch_hf_model(model: nn.Module, report: PatchReport) -> None:
+    """Any transformers model but GPT-2 (above): its attn_implementation becomes "gptfast"."""
+    from . import hf  # imports transformers only for a transformers model
+
+    if report.names(HF_GPT2_ATTENTION) or not hf.is_transformers_model(model):
+        return
+    names, outcome = hf.switch_model(model)
+    for name in names:
+        if outcome is None:
+            report._add(name, HF_ATTENTION)
+        elif outcome == hf.ALREADY:
+            report.already.append(name)
+        else:
+            report.skipped[name] = outcome
 
 
 def _patch_hf_attention(module: nn.Module) -> Optional[str]:

@@ -71,15 +71,18 @@ class NanoBlock(nn.Module):
 
 @pytest.fixture
 def attention_calls(monkeypatch):
-    """Counts calls of gptfast.causal_attention, to tell the fast path from a fallback."""
+    """Counts calls of gptfast.causal_attention and functional.attention (which HF models'
+    attn_implementation "gptfast" runs), to tell the fast path from a fallback."""
     calls = []
-    original = functional.causal_attention
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
+    def counting(original):
+        def count(*args, **kwargs):
+            calls.append(args[0].shape)
+            return original(*args, **kwargs)
+        return count
 
-    monkeypatch.setattr(functional, "causal_attention", counting)
+    for name in ("causal_attention", "attention"):
+        monkeypatch.setattr(functional, name, counting(getattr(functional, name)))
     return calls
 
 
