@@ -357,10 +357,13 @@ class GPT(nn.Module):
         return None, self.fused_loss(x, targets)
 
     def logits(self, x):
-        """lm_head(x), soft-capped in fp32 (c * tanh(logits / c)) when ``logit_softcap`` is c."""
+        """lm_head(x), soft-capped (c * tanh(logits / c)) in fp32 or wider when ``logit_softcap``
+        is c, as nanochat caps its bf16 logits in fp32."""
         logits = self.lm_head(x)
         cap = self.config.logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits.float() / cap)
+        if cap is None:
+            return logits
+        return cap * torch.tanh(logits.to(torch.promote_types(logits.dtype, torch.float32)) / cap)
 
     def fused_loss(self, x, targets):
         """Mean cross-entropy of the logits of hidden states x (B, T, C) against targets (B, T)

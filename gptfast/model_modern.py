@@ -34,10 +34,13 @@ from .nn import KVCache, LayerNorm
 __all__ = ["ModernGPT", "rotary_tables"]
 
 
-def rotary_tables(length: int, head_dim: int, base: float) -> tuple:
-    """cos, sin (length, head_dim / 2) in fp32: angle t / base^(2i / head_dim) at position t."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+def rotary_tables(length: int, head_dim: int, base: float, dtype=torch.float32) -> tuple:
+    """cos, sin (length, head_dim / 2): angle t / base^(2i / head_dim) at position t, computed
+    in ``dtype`` (fp32 by default, as nanochat). With fp32 tables cos^2 + sin^2 is 1 only to
+    fp32's precision, so nanochat's rotate-then-norm and rotary_qk_norm's norm-then-rotate
+    differ by ~1e-7 relative, far below bf16's resolution."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=dtype), inv_freq)
     return angles.cos(), angles.sin()
 
 
