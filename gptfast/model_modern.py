@@ -12,7 +12,8 @@
 - separate ``c_q``, ``c_k``, ``c_v`` (nanochat's names; Muon orthogonalises each), GQA with
   ``n_kv_head``, per-layer windows from ``window_pattern`` (``gptfast.causal_attention``);
 - ``mlp="relu2"``: relu(x)^2; untied head; ``logit_softcap``: the training loss is
-  ``gptfast.linear_cross_entropy(..., softcap=c)``, which never holds the logits.
+  ``gptfast.linear_cross_entropy(..., softcap=c)``, which never holds the logits;
+- ``dropout`` after the embedding and on each branch's output (no attention dropout).
 
 Weights start as nanochat's ``init_weights`` (karpathy/nanochat 92d63d4, nanochat/gpt.py).
 """

@@ -3,7 +3,9 @@
 nanoGPT's train.py on gptfast's model, ops and token loader: GPT-2 124M by default, warmup +
 cosine learning rate, AdamW without decay on biases and LayerNorms (fused on CUDA), gradient
 accumulation, gradient clipping, bf16 autocast (fp16 with a GradScaler), periodic evaluation on
-the val shards, checkpoints that resume exactly, and DDP.
+the val shards, checkpoints that resume exactly, and DDP. ``--preset nanochat-d20`` trains
+today's architecture (:mod:`gptfast.model_modern`), ``--optimizer muon`` with nanochat's Muon +
+AdamW split (:mod:`gptfast.optim`).
 
 Settings come from :class:`TrainConfig`'s defaults, then (``--init resume``) the checkpoint's
 saved settings, then ``--config FILE.toml``, then command-line flags, each overriding the last.

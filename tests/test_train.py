@@ -841,3 +841,12 @@ def test_two_gloo_ranks_with_muon_match_one_process_with_doubled_grad_accum(data
     np.testing.assert_allclose([v for _, v in ddp], [v for _, v in single], rtol=1e-3)
     state = checkpoint(tmp_path / "ddp")
     assert state["world_size"] == 2 and "muon" in state
+
+
+def test_a_plain_gpt2_checkpoint_keeps_nanogpts_model_args_only():
+    """Today's fields at GPT-2's values stay out of model_args (nanoGPT's GPTConfig(**args))."""
+    assert set(trainer.saved_model_args(GPTConfig())) == \
+        {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
+    modern = trainer.saved_model_args(GPTConfig(norm="rmsnorm", n_kv_head=4))
+    assert (modern["norm"], modern["n_kv_head"]) == ("rmsnorm", 4) and "mlp" not in modern
+    assert GPT(GPTConfig(**{**modern, "n_layer": 1, "n_embd": 32, "n_head": 4, "n_kv_head": 2}))
