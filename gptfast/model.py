@@ -339,6 +339,7 @@ class GPT(nn.Module):
         target is -1 ignored. With ``return_logits=False`` the loss comes from the fused
         ``gptfast.linear_cross_entropy``, which never holds the (B*T, V) logits, and logits is
         None. Without targets: the logits of the last position only, (B, 1, V), and None.
+        Logits are :meth:`logits`' (soft-capped, in fp32 or wider, with ``logit_softcap``).
         """
         x = self.hidden_states(idx, document_ids=document_ids)
         if targets is None:

@@ -826,8 +826,8 @@ def test_preset_block_size_and_bad_optimizer_settings_are_errors(data, tmp_path,
 
 def test_two_gloo_ranks_with_muon_match_one_process_with_doubled_grad_accum(data, tmp_path):
     """As test_two_gloo_ranks_match_one_process_with_doubled_grad_accum, for a preset model
-    trained with Muon + AdamW. Muon orthogonalises in bf16, so the two runs agree to bf16's
-    rounding of the (all-reduced vs accumulated) gradients, not bit for bit."""
+    trained with Muon + AdamW. The losses came out equal here; the bound leaves room for
+    Muon's bf16 orthogonalisation rounding the (all-reduced vs accumulated) gradients apart."""
     same = dict(sampler="sequential", max_iters=3, eval_iters=1, preset="nanochat-d12",
                 optimizer="muon")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -838,7 +838,7 @@ def test_two_gloo_ranks_with_muon_match_one_process_with_doubled_grad_accum(data
     assert train(data, tmp_path / "single", grad_accum=2, **same) == 0
     ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert [it for it, _ in ddp] == [0, 1, 2]
-    np.testing.assert_allclose([v for _, v in ddp], [v for _, v in single], rtol=1e-3)
+    np.testing.assert_allclose([v for _, v in ddp], [v for _, v in single], rtol=1e-4)
     state = checkpoint(tmp_path / "ddp")
     assert state["world_size"] == 2 and "muon" in state
 
