@@ -36,6 +36,10 @@ A100_BF16_FLOPS = 312e12  # the peak nanoGPT's estimate_mfu divides by, on every
 
 ATTENTION_KINDS = ("causal", "document")
 
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+MLP_ACTIVATIONS = ("gelu", "relu2")
+
 # (n_layer, n_head, n_embd) of the four GPT-2 sizes
 _PRESETS = {
     "gpt2": (12, 12, 768),          # 124M
@@ -43,6 +47,51 @@ _PRESETS = {
     "gpt2-large": (36, 20, 1280),   # 774M
     "gpt2-xl": (48, 25, 1600),      # 1558M
 }
+
+# nanochat's depth-d models (karpathy/nanochat at 92d63d4, scripts/base_train.py and
+# nanochat/gpt.py): n_embd = 64 * d rounded up to a multiple of the head dim 128
+# (--aspect-ratio 64, --head-dim 128), n_head = n_embd / 128, n_kv_head = n_head,
+# sequence_len 2048 (--max-seq-len), vocab 32768 (scripts/tok_train.py, 2**15),
+# window_pattern "SSSL" with the last layer always long, rotary base 100000, q and k
+# RMS-normed and scaled by 1.2, ReLU^2 MLP, untied head, no biases, softcap 15, RMSNorm
+# after the embedding. Not modelled here: its value embeddings, smear, backout and the
+# per-layer residual scalars (resid_lambdas, x0_lambdas).
+_NANOCHAT_DEPTHS = {"nanochat-d12": 12, "nanochat-d20": 20, "nanochat-d26": 26}
+NANOCHAT_HEAD_DIM = 128
+
+
+def _nanochat_fields(depth: int) -> dict:
+    n_embd = -(-depth * 64 // NANOCHAT_HEAD_DIM) * NANOCHAT_HEAD_DIM
+    return dict(block_size=2048, vocab_size=32768, n_layer=depth, n_head=n_embd // NANOCHAT_HEAD_DIM,
+                n_embd=n_embd, bias=False, norm="rmsnorm", position="rotary", rotary_base=100000.0,
+                mlp="relu2", qk_norm=True, qk_scale=1.2, tie_embeddings=False,
+                window_pattern="SSSL", logit_softcap=15.0, embedding_norm=True)
+
+
+PRESET_NAMES = (*_PRESETS, *_NANOCHAT_DEPTHS)
+
+# GPTConfig fields beyond GPT-2's block, with the value that keeps GPT-2's choice
+MODERN_DEFAULTS = dict(norm="layernorm", position="learned", rotary_base=10000.0, mlp="gelu",
+                       qk_norm=False, qk_scale=1.0, tie_embeddings=True, n_kv_head=None,
+                       window_pattern=None, short_window=None, logit_softcap=None,
+                       embedding_norm=False)
+
+
+def _positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"GPTConfig.{name} must be {'None or ' if allow_none else ''}a positive "
+                         f"int, got {value!r}")
+
+
+def _positive_number(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"GPTConfig.{name} must be {'None or ' if allow_none else ''}a finite "
+                         f"number > 0, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -57,6 +106,18 @@ class GPTConfig:
     ``eot_token`` (GPT-2's ``<|endoftext|>``, 50256), which is the first input of the document
     it precedes. ``window`` (int >= 1) further limits each token to the last ``window``
     positions, itself included.
+
+    Today's choices (nanochat, modded-nanogpt), each defaulting to GPT-2's:
+    ``norm`` "layernorm" or "rmsnorm" (parameter-free, as nanochat); ``position`` "learned"
+    or "rotary" (``rotary_base``); ``mlp`` "gelu" (tanh) or "relu2" (ReLU squared);
+    ``qk_norm`` RMS-normalises q and k per head, times ``qk_scale``; ``tie_embeddings``;
+    ``n_kv_head`` (grouped-query attention, None = n_head); ``window_pattern`` a string of
+    S/L tiled over the layers, the last layer always L: S layers see ``short_window`` earlier
+    tokens (flash-attention's window_left; None: nanochat's rule, a quarter of block_size
+    rounded up to a multiple of 128), L layers ``window`` (None: all); ``logit_softcap`` c
+    gives logits c * tanh(logits / c); ``embedding_norm`` normalises the embeddings before
+    the first block. Any of them away from GPT-2's value makes ``GPT(config)`` the modern
+    model of :mod:`gptfast.model_modern`.
     """
 
     block_size: int = 1024
@@ -69,6 +130,18 @@ class GPTConfig:
     attention: str = "causal"
     window: Optional[int] = None
     eot_token: int = 50256
+    norm: str = "layernorm"
+    position: str = "learned"
+    rotary_base: float = 10000.0
+    mlp: str = "gelu"
+    qk_norm: bool = False
+    qk_scale: float = 1.0
+    tie_embeddings: bool = True
+    n_kv_head: Optional[int] = None
+    window_pattern: Optional[str] = None
+    short_window: Optional[int] = None
+    logit_softcap: Optional[float] = None
+    embedding_norm: bool = False
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -96,13 +169,80 @@ class GPTConfig:
         if self.attention == "document" and self.eot_token >= self.vocab_size:
             raise ValueError(f"GPTConfig.eot_token ({self.eot_token}) must be a token id below "
                              f"vocab_size ({self.vocab_size}) when attention='document'")
+        self._check_modern()
+
+    def _check_modern(self):
+        for name, value, choices in (("norm", self.norm, NORMS), ("position", self.position, POSITIONS),
+                                     ("mlp", self.mlp, MLP_ACTIVATIONS)):
+            if value not in choices:
+                raise ValueError(f"GPTConfig.{name} must be one of {choices}, got {value!r}")
+        for name in ("qk_norm", "tie_embeddings", "embedding_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        _positive_number("rotary_base", self.rotary_base)
+        _positive_number("qk_scale", self.qk_scale)
+        _positive_number("logit_softcap", self.logit_softcap, allow_none=True)
+        _positive_int("n_kv_head", self.n_kv_head, allow_none=True)
+        _positive_int("short_window", self.short_window, allow_none=True)
+        if self.qk_scale != 1.0 and not self.qk_norm:
+            raise ValueError("GPTConfig.qk_scale scales the normalised q and k: it needs qk_norm=True")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head "
+                             f"({self.kv_heads})")
+        if self.position == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: rotary positions need an even head dim, got "
+                             f"{self.n_embd // self.n_head}")
+        pattern = self.window_pattern
+        if pattern is not None and (not isinstance(pattern, str) or not pattern
+                                    or set(pattern.upper()) - set("SL")):
+            raise ValueError(f"GPTConfig.window_pattern must be None or a string of S and L, got "
+                             f"{pattern!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def is_modern(self) -> bool:
+        """Whether any of today's choices differs from GPT-2's (then GPT builds the modern model)."""
+        return any(getattr(self, name) != value for name, value in MODERN_DEFAULTS.items()
+                   if name not in ("n_kv_head", "rotary_base", "short_window")) \
+            or self.kv_heads != self.n_head
+
+    @property
+    def short_window_size(self) -> int:
+        """Earlier tokens an S layer sees: short_window, or nanochat's rule for None (a quarter
+        of block_size rounded up to a multiple of 128, FA3's key tile: 512 at 2048)."""
+        if self.short_window is not None:
+            return self.short_window
+        return -(-self.block_size // 4 // 128) * 128
+
+    def layer_windows(self) -> list:
+        """The attention window of each layer (``gptfast.causal_attention``'s: query i sees keys
+        i - w < j <= i; None = unlimited): ``window`` everywhere without a window_pattern."""
+        if self.window_pattern is None:
+            return [self.window] * self.n_layer
+        short = self.short_window_size
+        pattern = self.window_pattern.upper()
+        kinds = [pattern[i % len(pattern)] for i in range(self.n_layer)]
+        kinds[-1] = "L"
+        # short_window counts the earlier keys (window_left); causal_attention's counts itself too
+        return [short + 1 if kind == "S" else self.window for kind in kinds]
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """A GPT-2 size: "gpt2", "gpt2-medium", "gpt2-large" or "gpt2-xl" (block_size 1024,
-        vocab_size 50257, bias), with any field overridden, e.g. ``vocab_size=50304``."""
+        """A named architecture with any field overridden, e.g. ``vocab_size=50304``:
+        - "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl": the GPT-2 sizes (block_size 1024,
+          vocab_size 50257, bias);
+        - "nanochat-d12", "nanochat-d20", "nanochat-d26": nanochat's depth-d models (see
+          ``_nanochat_fields``: n_embd 768/1280/1664, head dim 128, block_size 2048, vocab 32768,
+          rotary, RMSNorm, QK-norm, ReLU^2, untied, "SSSL" windows, softcap 15).
+        """
+        if name in _NANOCHAT_DEPTHS:
+            return cls(**{**_nanochat_fields(_NANOCHAT_DEPTHS[name]), **overrides})
         if name not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         n_layer, n_head, n_embd = _PRESETS[name]
         fields = dict(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head,
                       n_embd=n_embd, bias=True)
@@ -145,6 +285,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2's architecture (nanoGPT's names). ``GPT(config)`` of a config with any of today's
+    choices (:attr:`GPTConfig.is_modern`) builds :class:`gptfast.model_modern.ModernGPT`, a
+    subclass sharing generation, accounting and loading."""
+
+    def __new__(cls, config=None, *args, **kwargs):
+        if cls is GPT and isinstance(config, GPTConfig) and config.is_modern:
+            from .model_modern import ModernGPT  # imports this module: resolved at call time
+
+            cls = ModernGPT
+        return super().__new__(cls)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
@@ -188,25 +339,41 @@ class GPT(nn.Module):
         target is -1 ignored. With ``return_logits=False`` the loss comes from the fused
         ``gptfast.linear_cross_entropy``, which never holds the (B*T, V) logits, and logits is
         None. Without targets: the logits of the last position only, (B, 1, V), and None.
+        Logits are :meth:`logits`' (soft-capped, in fp32 or wider, with ``logit_softcap``).
         """
         x = self.hidden_states(idx, document_ids=document_ids)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.logits(x[:, [-1], :]), None
         if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
             raise ValueError(
                 f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got "
                 f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}"
             )
         if return_logits:
-            logits = self.lm_head(x)
+            logits = self.logits(x)
             rows, flat_targets = logits.view(-1, logits.size(-1)), targets.view(-1)
             # the logits are returned: the Triton loss must not write its gradient into them
             loss = functional.cross_entropy(rows, flat_targets, ignore_index=-1, keep_logits=True)
             return logits, loss
+        return None, self.fused_loss(x, targets)
+
+    def logits(self, x):
+        """lm_head(x), soft-capped (c * tanh(logits / c)) in fp32 or wider when ``logit_softcap``
+        is c, as nanochat caps its bf16 logits in fp32."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap is None:
+            return logits
+        return cap * torch.tanh(logits.to(torch.promote_types(logits.dtype, torch.float32)) / cap)
+
+    def fused_loss(self, x, targets):
+        """Mean cross-entropy of the logits of hidden states x (B, T, C) against targets (B, T)
+        (-1 ignored), soft-capped as :meth:`logits`, by ``gptfast.linear_cross_entropy``: the
+        (B*T, V) logits are never held (on the Triton backend)."""
         x, weight = _autocast_inputs(x, self.lm_head.weight)
-        loss = functional.linear_cross_entropy(x.reshape(-1, x.size(-1)), weight,
-                                               targets.reshape(-1), ignore_index=-1)
-        return None, loss
+        return functional.linear_cross_entropy(x.reshape(-1, x.size(-1)), weight,
+                                               targets.reshape(-1), ignore_index=-1,
+                                               softcap=self.config.logit_softcap)
 
     def hidden_states(self, idx, kv_caches: Optional[list] = None, document_ids=None):
         """The final hidden states (B, T, n_embd), after ln_f, of tokens idx (B, T).
@@ -215,6 +382,19 @@ class GPT(nn.Module):
         tokens), idx continues the cached sequence: its positions start at the cached length,
         and ``document_ids`` (given or derived) are those of the new tokens.
         """
+        start = self._start_position(idx, kv_caches)
+        end = start + idx.size(1)
+        document_ids = self._document_ids(idx, kv_caches, document_ids)
+        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pending = None
+        for i, block in enumerate(self.transformer.h):
+            x, pending = block(x, pending, None if kv_caches is None else kv_caches[i],
+                               document_ids)
+        return self.transformer.ln_f.add_and_norm(pending, x)[0]
+
+    def _start_position(self, idx, kv_caches) -> int:
+        """The position of idx's first token (the cached length), after checking idx and the caches."""
         if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() \
                 or idx.dtype == torch.bool:
             raise TypeError(
@@ -233,14 +413,7 @@ class GPT(nn.Module):
                 f"cannot forward a sequence of length {end}: block_size is only "
                 f"{self.config.block_size}"
             )
-        document_ids = self._document_ids(idx, kv_caches, document_ids)
-        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        pending = None
-        for i, block in enumerate(self.transformer.h):
-            x, pending = block(x, pending, None if kv_caches is None else kv_caches[i],
-                               document_ids)
-        return self.transformer.ln_f.add_and_norm(pending, x)[0]
+        return start
 
     def document_ids_of(self, idx):
         """Document ids (B, T) of tokens idx: ``cumsum(idx == eot_token)`` along T, so each
@@ -301,7 +474,7 @@ class GPT(nn.Module):
                         cache.reset()
                     uncached = idx[:, -block_size:]
                 x = self.hidden_states(uncached, caches)
-            logits = self.lm_head(x[:, -1, :])
+            logits = self.logits(x[:, -1, :])
             next_token = _sample(logits, temperature, top_k)
             idx = torch.cat((idx, next_token), dim=1)
             uncached = next_token

@@ -3,7 +3,9 @@
 nanoGPT's train.py on gptfast's model, ops and token loader: GPT-2 124M by default, warmup +
 cosine learning rate, AdamW without decay on biases and LayerNorms (fused on CUDA), gradient
 accumulation, gradient clipping, bf16 autocast (fp16 with a GradScaler), periodic evaluation on
-the val shards, checkpoints that resume exactly, and DDP.
+the val shards, checkpoints that resume exactly, and DDP. ``--preset nanochat-d20`` trains
+today's architecture (:mod:`gptfast.model_modern`), ``--optimizer muon`` with nanochat's Muon +
+AdamW split (:mod:`gptfast.optim`).
 
 Settings come from :class:`TrainConfig`'s defaults, then (``--init resume``) the checkpoint's
 saved settings, then ``--config FILE.toml``, then command-line flags, each overriding the last.
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from .char_vocab import META_PKL, CharEncoding, MetaPickleError, read_meta_pkl
+from .optim import EMBEDDING_LR, MATRIX_LR, UNEMBEDDING_LR
 
 CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -55,6 +58,7 @@ ATTENTIONS = ("causal", "document")
 ALIGNS = ("none", "eot")
 GPT2_EOT = 50256
 BACKENDS = ("auto", "triton", "reference")
+OPTIMIZERS = ("adamw", "muon")
 
 
 class TrainError(RuntimeError):
@@ -82,6 +86,7 @@ class TrainConfig:
     out: Optional[str] = None
     init: str = "scratch"
     model: str = "gpt2"
+    preset: Optional[str] = None
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
@@ -98,6 +103,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    matrix_lr: float = MATRIX_LR
+    embedding_lr: float = EMBEDDING_LR
+    unembedding_lr: float = UNEMBEDDING_LR
     dropout: float = 0.0
     eval_interval: int = 2000
     eval_iters: int = 200
@@ -127,7 +136,13 @@ HELP = {
     "out": "output directory: ckpt.pt and metrics.jsonl",
     "init": "scratch, resume (from OUT/ckpt.pt), or a path: a local Hugging Face GPT-2 directory "
             "or a nanoGPT checkpoint",
-    "model": "architecture preset for --init scratch: gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+    "model": "architecture preset for --init scratch: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+             "(or any --preset name)",
+    "preset": "architecture preset for --init scratch, as --model: gpt2, gpt2-medium, gpt2-large, "
+              "gpt2-xl, or nanochat-d12, nanochat-d20, nanochat-d26 (today's GPT: rotary, RMSNorm, "
+              "QK-norm, ReLU^2, untied head, SSSL windows, logit softcap 15; --block-size "
+              "defaults to the preset's, 2048). --n-layer/--n-head/--n-embd/--block-size override "
+              "its sizes",
     "n_layer": "override the preset's number of layers",
     "n_head": "override the preset's number of heads",
     "n_embd": "override the preset's width",
@@ -146,6 +161,16 @@ HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "optimizer": "adamw (nanoGPT's: --lr, --weight-decay, --beta1/2 for every parameter) or muon "
+                 "(nanochat's: torch.optim.Muon for the blocks' matrices at --matrix-lr with "
+                 "--weight-decay, AdamW for the head at --unembedding-lr and the embeddings at "
+                 "--embedding-lr, both times (n_embd/768)^-0.5; every rate follows the warmup + "
+                 "cosine shape of --lr/--min-lr)",
+    "matrix_lr": "--optimizer muon: Muon's peak learning rate (nanochat's default)",
+    "embedding_lr": "--optimizer muon: AdamW's peak rate for embeddings before the width scaling "
+                    "(nanochat's default)",
+    "unembedding_lr": "--optimizer muon: AdamW's peak rate for lm_head, biases and norm weights "
+                      "before the width scaling (nanochat's default)",
     "dropout": "dropout rate (0 for pretraining)",
     "eval_interval": "evaluate on the val shards and write a checkpoint every N steps",
     "eval_iters": "val batches per evaluation",
@@ -243,6 +268,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("backend", cfg.backend, BACKENDS)
     _check_choice("attention", cfg.attention, ATTENTIONS)
     _check_choice("align", cfg.align, ALIGNS)
+    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr"):
+        if not getattr(cfg, name) > 0:
+            raise TrainError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.preset is not None and cfg.model not in ("gpt2", cfg.preset):
+        raise TrainError(f"--preset {cfg.preset} and --model {cfg.model} name two architectures; "
+                         "give one")
     if cfg.window is not None and cfg.window < 0:
         raise TrainError(f"window must be >= 1 (or 0 for none), got {cfg.window}")
     if cfg.window == 0:
@@ -272,7 +304,8 @@ def cpu_defaults(given: dict) -> dict:
     for name, value in CPU_DEFAULTS.items():
         if name in given:
             continue
-        if name in ARCHITECTURE and (given.get("init", "scratch") != "scratch" or "model" in given):
+        if name in ARCHITECTURE and (given.get("init", "scratch") != "scratch" or "model" in given
+                                     or "preset" in given):
             continue
         chosen[name] = value
     if "lr_decay_iters" in chosen and "max_iters" in given:
@@ -298,14 +331,26 @@ def resolve(overrides: dict, config_file=None) -> tuple[TrainConfig, Optional[di
         checkpoint = load_checkpoint(Path(given["out"]) / CHECKPOINT_NAME)
         saved = {k: v for k, v in checkpoint["config"].items() if k in base}
         base.update(saved)
-    elif _device_is_cpu(given.get("device", base["device"])):
-        applied = cpu_defaults(given)
-        base.update(applied)
+    else:
+        base["block_size"] = _preset_block_size(given.get("preset"), base["block_size"])
+        if _device_is_cpu(given.get("device", base["device"])):
+            applied = cpu_defaults(given)
+            base.update(applied)
     base.update(given)
     for name in ("data", "out", "train_files", "val_files"):
         if base[name]:
             base[name] = os.path.abspath(base[name])  # a resumed run may start elsewhere
     return validate(TrainConfig(**base)), checkpoint, applied
+
+
+def _preset_block_size(preset: Optional[str], default: int) -> int:
+    """The context length of a --preset (nanochat's 2048), else default."""
+    from .model import GPTConfig
+
+    try:
+        return GPTConfig.preset(preset).block_size if preset else default
+    except ValueError:
+        return default  # an unknown name: build_model reports it
 
 
 def _device_is_cpu(setting: str) -> bool:
@@ -586,7 +631,8 @@ def build_model(cfg: TrainConfig, data_vocab: int, checkpoint: Optional[dict],
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
         try:
             vocab = scratch_vocab or padded_vocab_size(data_vocab)
-            config = GPTConfig.preset(cfg.model, vocab_size=vocab, block_size=cfg.block_size,
+            config = GPTConfig.preset(cfg.preset or cfg.model, vocab_size=vocab,
+                                      block_size=cfg.block_size,
                                       dropout=cfg.dropout, bias=bool(cfg.bias),  # unset: False
                                       **sizes, **masks)
         except ValueError as err:
@@ -876,8 +922,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = build_model(cfg, data_vocab, checkpoint, model_vocab_size(self.meta),
                                      eot_token(self.meta)).to(device)
-        self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.lr,
-                                                             (cfg.beta1, cfg.beta2), device.type)
+        self.optimizers = self._make_optimizers()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.train_loader, self.val_loader = self._make_loaders()
         self.val_start = self.val_loader.state_dict() if self.val_loader is not None else None
@@ -930,8 +975,31 @@ class Trainer:
                        "names them)")
         return train, val
 
+    def _make_optimizers(self) -> list:
+        """[AdamW] (nanoGPT's) or, with --optimizer muon, [AdamW, Muon] (nanochat's)."""
+        cfg, model = self.cfg, self.raw_model
+        if cfg.optimizer == "adamw":
+            return [model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                               self.device.type)]
+        from .optim import muon_and_adamw
+
+        try:
+            return muon_and_adamw(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr,
+                                  cfg.weight_decay, self.device.type)
+        except RuntimeError as err:
+            raise TrainError(str(err)) from None
+
     def _restore(self, checkpoint: dict) -> None:
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        saved = (checkpoint.get("config") or {}).get("optimizer", "adamw")
+        if saved != self.cfg.optimizer:
+            raise TrainError(f"the checkpoint was trained with --optimizer {saved}; resume it with "
+                             f"that (not {self.cfg.optimizer})")
+        states = [checkpoint["optimizer"]] + ([checkpoint["muon"]] if "muon" in checkpoint else [])
+        if len(states) != len(self.optimizers):
+            raise TrainError(f"the checkpoint holds {len(states)} optimizer state(s), this run "
+                             f"has {len(self.optimizers)}")
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         try:
@@ -973,8 +1041,10 @@ class Trainer:
     def train_step(self, it: int) -> torch.Tensor:
         """One optimizer step; returns this step's mean loss as a device tensor (no host sync)."""
         lr = learning_rate(it, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:  # muon's groups: their own peak, lr's shape
+                peak = group.get("peak_lr")
+                group["lr"] = lr if peak is None else peak * (lr / self.cfg.lr)
         accum = self.cfg.grad_accum
         total = None
         for micro in range(accum):
@@ -987,12 +1057,15 @@ class Trainer:
             total = loss.detach() if total is None else total + loss.detach()
         self.in_update = True
         if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                             self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.nonfinite |= ~torch.isfinite(total)
         return total
 
@@ -1098,7 +1171,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "model": model.state_dict(),
             "model_args": saved_model_args(model.config),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizers[0].state_dict(),
             "scaler": self.scaler.state_dict(),
             "loader": self.snapshot["loader"],
             "iter_num": self.snapshot["iter_num"],
@@ -1109,6 +1182,8 @@ class Trainer:
             "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss,
         }
+        if len(self.optimizers) > 1:
+            state["muon"] = self.optimizers[1].state_dict()
         save_checkpoint(self.checkpoint_path, state)
 
     # -- the loop --
@@ -1175,8 +1250,8 @@ class Trainer:
         return (f"gptfast train: {self.raw_model.num_params() / 1e6:.2f}M parameters "
                 f"(n_layer {config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}, "
                 f"vocab {config.vocab_size}, block {config.block_size}, "
-                f"{'' if config.bias else 'no '}bias) on {self.device}, "
-                f"{self._attention_text()}, "
+                f"{'' if config.bias else 'no '}bias{_modern_text(config)}) on {self.device}, "
+                f"{self._attention_text()}, optimizer {cfg.optimizer}, "
                 f"{str(self.dtype).removeprefix('torch.')}, backend {cfg.backend}"
                 f"{', compiled' if cfg.compile else ''}, {self.dist.world_size} rank(s); "
                 f"{self.tokens_per_iter:,} tokens per iteration; iterations "
@@ -1197,14 +1272,38 @@ class Trainer:
                 loader.close()
 
 
+def _modern_text(config) -> str:
+    """Today's choices of a modern GPT for the summary line ("" for GPT-2's block)."""
+    if not getattr(config, "is_modern", False):
+        return ""
+    parts = [config.norm, f"{config.position} positions", config.mlp]
+    if config.qk_norm:
+        parts.append(f"qk-norm x{config.qk_scale:g}")
+    if config.kv_heads != config.n_head:
+        parts.append(f"{config.kv_heads} kv heads")
+    if not config.tie_embeddings:
+        parts.append("untied head")
+    if config.window_pattern:
+        parts.append(f"windows {config.window_pattern} (short {config.short_window_size})")
+    if config.logit_softcap is not None:
+        parts.append(f"softcap {config.logit_softcap:g}")
+    return ", " + ", ".join(parts)
+
+
 def saved_model_args(config) -> dict:
     """The checkpoint's model_args: GPTConfig's fields, without the attention fields when they
-    are the defaults (plain causal attention), so that nanoGPT's own GPTConfig(**model_args)
-    still loads a plain run's checkpoint. GPT.from_pretrained reads both kinds."""
+    are the defaults (plain causal attention) and without today's choices left at GPT-2's
+    values, so that nanoGPT's own GPTConfig(**model_args) still loads a plain run's
+    checkpoint. GPT.from_pretrained reads every kind."""
+    from .model import MODERN_DEFAULTS
+
     args = dataclasses.asdict(config)
     if args.get("attention", "causal") == "causal" and args.get("window") is None:
         for name in ("attention", "window", "eot_token"):
             args.pop(name, None)
+    for name, default in MODERN_DEFAULTS.items():
+        if name in args and args[name] == default:
+            args.pop(name)
     return args
 
 

@@ -726,3 +726,127 @@ def test_align_eot_on_few_long_documents_warns_with_the_numbers(tmp_path, docume
             f"only") in capsys.readouterr().err
     assert train(documents, tmp_path / "many", max_iters=1, align="eot") == 0
     assert "usable windows cover" not in capsys.readouterr().err
+
+
+# -------------------------------------------------------- --preset, --optimizer muon --
+
+PRESET_RUN = dict(preset="nanochat-d12", grad_accum=1, dropout=0.1, eval_interval=2,
+                  lr_decay_iters=4)  # TINY's sizes override the preset's; dropout: RNG resumes
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_preset_run_trains_resumes_bit_for_bit_and_samples(tmp_path, optimizer, capsys):
+    char_data = write_shakespeare_char(tmp_path / "data" / "shakespeare_char")
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert train(char_data, whole, max_iters=4, optimizer=optimizer, **PRESET_RUN) == 0
+    assert train(char_data, half, max_iters=2, optimizer=optimizer, **PRESET_RUN) == 0
+    assert cli.main(["train", "--out", str(half), "--init", "resume", "--max-iters", "4"]) == 0
+    assert losses(half) == losses(whole)  # exact float equality
+    first, last = losses(whole)[0][1], losses(whole)[-1][1]
+    assert last < first - 0.05, (first, last)
+    state = checkpoint(half)
+    for key, value in checkpoint(whole)["model"].items():
+        assert torch.equal(state["model"][key], value), key
+    assert state["config"]["optimizer"] == optimizer and ("muon" in state) is (optimizer == "muon")
+    cfg = trainer.TrainConfig(**{k: v for k, v in state["config"].items() if k != "dataset"})
+    shape = trainer.learning_rate(3, cfg) / cfg.lr  # the last step's point on the schedule
+    groups = state["optimizer"]["param_groups"] + state.get("muon", {}).get("param_groups", [])
+    if optimizer == "muon":  # every group at its own peak times the schedule's shape
+        scale = (64 / 768) ** -0.5
+        assert [g["peak_lr"] for g in groups] == [0.008 * scale, 0.3 * scale, 0.02]
+        assert [g["lr"] for g in groups] == [g["peak_lr"] * shape for g in groups]
+    else:
+        assert [g["lr"] for g in groups] == [trainer.learning_rate(3, cfg)] * 2
+    args = state["model_args"]
+    assert (args["norm"], args["position"], args["mlp"], args["qk_norm"], args["logit_softcap"],
+            args["tie_embeddings"], args["window_pattern"]) == \
+        ("rmsnorm", "rotary", "relu2", True, 15.0, False, "SSSL")
+    assert (args["n_layer"], args["n_embd"], args["block_size"]) == (2, 64, 32)  # the flags won
+    assert "lm_head.weight" in state["model"] and "transformer.wpe.weight" not in state["model"]
+    assert f"optimizer {optimizer}" in capsys.readouterr().out
+
+    model = GPT.from_pretrained(half)  # what gptfast sample loads
+    assert type(model).__name__ == "ModernGPT" and model.config.logit_softcap == 15.0
+    assert cli.main(["sample", "--ckpt", str(half), "--start", "First", "--num-samples", "2",
+                     "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    drawn = [text[:-1] for text in capsys.readouterr().out.split("---------------\n")[:-1]]
+    assert len(drawn) == 2  # print's newline dropped: 12 new characters after the prompt
+    assert all(text.startswith("First") and len(text) == len("First") + 12
+               and set(text) <= set(CHARS) for text in drawn), drawn
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest_at_nanochats_rates(data):
+    from gptfast.optim import muon_and_adamw, split_parameters
+
+    cfg = scratch_config(data, preset="nanochat-d12", n_layer=2, n_head=2, n_embd=64)
+    model = trainer.build_model(cfg, VOCAB, None)
+    roles = split_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in roles["matrices"]) == sorted(
+        n for n in names.values() if n.startswith("transformer.h.") and n.endswith(".weight"))
+    assert [names[id(p)] for p in roles["head"]] == ["lm_head.weight"]
+    assert [names[id(p)] for p in roles["embeddings"]] == ["transformer.wte.weight"]
+    adamw, muon = muon_and_adamw(model, weight_decay=0.28)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    scale = (64 / 768) ** -0.5
+    assert [(g["lr"], g["betas"], g["weight_decay"]) for g in adamw.param_groups] == \
+        [(0.008 * scale, (0.8, 0.96), 0.01), (0.3 * scale, (0.8, 0.995), 0.001)]
+    (group,) = muon.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["ns_steps"]) == \
+        (0.02, 0.95, 0.28, 5)
+    assert sum(len(g["params"]) for o in (adamw, muon) for g in o.param_groups) == len(names)
+    # GPT-2 with a tied head: the shared matrix is the head's, wpe an embedding, biases vectors
+    gpt2 = trainer.build_model(scratch_config(data, bias=True), VOCAB, None)
+    roles = split_parameters(gpt2)
+    assert [p is gpt2.lm_head.weight for p in roles["head"]] == [True]
+    assert len(roles["embeddings"]) == 1 and roles["vectors"]
+
+
+def test_preset_block_size_and_bad_optimizer_settings_are_errors(data, tmp_path, capsys,
+                                                                  monkeypatch):
+    cfg = scratch_config(data, preset="nanochat-d12", optimizer="muon", device="cpu")
+    assert (cfg.block_size, cfg.n_layer) == (32, 2)  # TINY's flags beat the preset's 2048
+    cfg, _, applied = trainer.resolve({"data": str(data), "out": "o", "device": "cpu",
+                                       "preset": "nanochat-d20"})
+    assert cfg.block_size == 2048 and not set(trainer.ARCHITECTURE) & set(applied)
+    with pytest.raises(trainer.TrainError, match="optimizer must be one of adamw, muon"):
+        scratch_config(data, optimizer="sgd")
+    with pytest.raises(trainer.TrainError, match="--preset nanochat-d12 and --model gpt2-xl"):
+        scratch_config(data, preset="nanochat-d12", model="gpt2-xl")
+    out = tmp_path / "adamw"
+    assert train(data, out, max_iters=1, preset="nanochat-d12") == 0
+    argv = ["train", "--out", str(out), "--init", "resume", "--max-iters", "2"]
+    assert cli.main(argv + ["--optimizer", "muon"]) == 1
+    assert "trained with --optimizer adamw" in capsys.readouterr().err
+    monkeypatch.delattr(torch.optim, "Muon")
+    assert train(data, tmp_path / "old-torch", max_iters=1, optimizer="muon") == 1
+    assert f"needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}" in \
+        capsys.readouterr().err
+
+
+def test_two_gloo_ranks_with_muon_match_one_process_with_doubled_grad_accum(data, tmp_path):
+    """As test_two_gloo_ranks_match_one_process_with_doubled_grad_accum, for a preset model
+    trained with Muon + AdamW. The losses came out equal here; the bound leaves room for
+    Muon's bf16 orthogonalisation rounding the (all-reduced vs accumulated) gradients apart."""
+    same = dict(sampler="sequential", max_iters=3, eval_iters=1, preset="nanochat-d12",
+                optimizer="muon")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "gptfast", *flags(data, tmp_path / "ddp", grad_accum=1, **same)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert train(data, tmp_path / "single", grad_accum=2, **same) == 0
+    ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert [it for it, _ in ddp] == [0, 1, 2]
+    np.testing.assert_allclose([v for _, v in ddp], [v for _, v in single], rtol=1e-4)
+    state = checkpoint(tmp_path / "ddp")
+    assert state["world_size"] == 2 and "muon" in state
+
+
+def test_a_plain_gpt2_checkpoint_keeps_nanogpts_model_args_only():
+    """Today's fields at GPT-2's values stay out of model_args (nanoGPT's GPTConfig(**args))."""
+    assert set(trainer.saved_model_args(GPTConfig())) == \
+        {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
+    modern = trainer.saved_model_args(GPTConfig(norm="rmsnorm", n_kv_head=4))
+    assert (modern["norm"], modern["n_kv_head"]) == ("rmsnorm", 4) and "mlp" not in modern
+    assert GPT(GPTConfig(**{**modern, "n_layer": 1, "n_embd": 32, "n_head": 4, "n_kv_head": 2}))
