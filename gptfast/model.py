@@ -12,6 +12,7 @@ KV cache.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
 import math
@@ -284,6 +285,17 @@ class Block(nn.Module):
         return x, self.mlp(h)
 
 
+# The modern architecture is a subclass defined on top of this module ("module:class", as
+# gptfast.functional names its kernels): imported by name when a config asks for it, so this
+# module never imports the module that imports it.
+MODERN_GPT = "gptfast.model_modern:ModernGPT"
+
+
+def _modern_gpt_class():
+    module_name, _, name = MODERN_GPT.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 class GPT(nn.Module):
     """GPT-2's architecture (nanoGPT's names). ``GPT(config)`` of a config with any of today's
     choices (:attr:`GPTConfig.is_modern`) builds :class:`gptfast.model_modern.ModernGPT`, a
@@ -291,9 +303,7 @@ class GPT(nn.Module):
 
     def __new__(cls, config=None, *args, **kwargs):
         if cls is GPT and isinstance(config, GPTConfig) and config.is_modern:
-            from .model_modern import ModernGPT  # imports this module: resolved at call time
-
-            cls = ModernGPT
+            cls = _modern_gpt_class()
         return super().__new__(cls)
 
     def __init__(self, config: GPTConfig):

@@ -1,6 +1,8 @@
 """No import cycle inside the package: gptfast, gptfast.kernels (kernels/) and gptfast.bench
 (bench/), counting imports inside functions too (a lazy import hides a cycle from Python, not
-from the reader who has to understand one module before the other)."""
+from the reader who has to understand one module before the other). Entry points named by a
+"module:function" string (the kernels registered in gptfast.functional, the modern GPT class in
+gptfast.model) are late bindings, not imports: the named module builds on the naming one."""
 
 import ast
 from pathlib import Path
