@@ -28,6 +28,11 @@ OPTIONAL = {
     "pytest": ("pytest", "test", "the tests and bench/test_microbench.py"),
     "pytest_benchmark": ("pytest-benchmark", "test", "bench/test_microbench.py"),
     "liger_kernel": ("liger-kernel", None, "Liger as a peer in the kernel benchmarks"),
+    "flash_attn": ("flash-attn", None, "FA2 as a peer in the nanochat attention benchmark"),
+    "flash_attn_interface": ("flash_attn_3", None, "FA3 (built from flash-attention's hopper/) "
+                             "as a peer in the nanochat attention benchmark"),
+    "kernels": ("kernels", None, "FA3 from the Hugging Face kernels hub (cached, never "
+                "downloaded by the benchmark) as a peer in the nanochat attention benchmark"),
 }
 
 
