@@ -172,3 +172,23 @@ def test_nanochat_models_come_from_the_preset_family():
     assert (d20.n_layer, d20.n_embd, d20.vocab_size, d20.logit_softcap) == (20, 1280, 32768, 15.0)
     tiny = gpt.model_config("nanochat-tiny", 4096)
     assert tiny.is_modern and tiny.block_size == 4096 and tiny.window_pattern == "SSSL"
+
+
+def test_headline_nanochat_step_rows_compare_ours_with_the_stand_in(monkeypatch, stand_in):
+    from gptfast.bench import headline_stages
+    from gptfast.bench.common import Meter
+
+    stand_in.COMPUTE_DTYPE = torch.bfloat16  # the headline step is bf16
+    sizes = headline_stages.DRY
+    ctx = headline_stages.Context("gpt", sizes, torch.device("cpu"), Meter("cpu"), True)
+    rows = [r for impl in ("gptfast", "nanochat-eager")
+            for r in headline_stages._gpt_cell(ctx, impl, None, arch="nanochat")]
+    headline_stages.add_gpt_ratios(rows)
+    speed = {r["impl"]: r for r in rows if r["metric"] == "tokens_per_s"}
+    assert set(speed) == {"gptfast nanochat", "nanochat-eager"}
+    assert all(r["status"] == "ok" and r["value"] > 0 for r in speed.values())
+    assert speed["gptfast nanochat"]["best_peer"] == "nanochat-eager"
+    assert speed["gptfast nanochat"]["ratio_to_best_peer"] > 0
+    model, batch, seq = sizes.nanochat_gpt
+    assert stand_in.built[0].config.n_layer == gpt.model_config(model, seq).n_layer
+    assert speed["nanochat-eager"]["name"] == f"{model} train B{batch} T{seq}"
