@@ -154,8 +154,9 @@ class GPTCell:
 
 def model_config(model: str, context_length: int) -> GPTConfig:
     """The config of ``model`` ("tiny": 2 layers, 4 heads, 128 wide; "micro": 2 layers, 2 heads,
-    32 wide and a 512-token vocabulary, for smoke runs; or a GPT-2 size) with nanoGPT's padded
-    vocabulary and a block_size that fits ``context_length``."""
+    32 wide and a 512-token vocabulary, for smoke runs; or a GPT-2 size, with nanoGPT's padded
+    vocabulary; or a nanochat preset, or "nanochat-tiny") with a block_size that fits
+    ``context_length``."""
     if model == "nanochat-tiny":
         base = GPTConfig.preset("nanochat-d12", n_layer=2, n_head=2, n_embd=128, vocab_size=4096)
     elif model in NANOCHAT_MODELS:
