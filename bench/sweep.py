@@ -241,6 +241,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
     if plan.out_dir.exists() and not plan.out_dir.is_dir():
         raise UsageError(f"--out {plan.out_dir} exists and is not a directory")
+    if "gpt" in plan.suites and not gpt.cells(plan.impls, plan.modes, (1,), (1,),
+                                             attentions=plan.attention, archs=plan.archs):
+        raise UsageError(
+            f"no --impls {','.join(plan.impls)} runs under --arch {','.join(plan.archs)} "
+            "(nanogpt-* are gpt2's baselines, nanochat-* nanochat's)")
     if "gpt" in plan.suites and not _gpt_cells(plan):
         raise UsageError(
             f"no gpt cell has B*T <= --max-tokens {plan.max_tokens} (the smallest B*T is "
