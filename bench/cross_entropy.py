@@ -69,19 +69,25 @@ def cross_entropy_providers():
     return providers
 
 
-def linear_providers():
-    """name -> loss(x, weight, target) of cross_entropy(x @ weight.T, target)."""
+def softcapped(logits, softcap=None):
+    """fp32 logits, capped as nanochat caps them: softcap * tanh(logits / softcap)."""
+    logits = logits.float()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def linear_providers(softcap=None):
+    """name -> loss(x, weight, target) of cross_entropy(softcapped(x @ weight.T), target)."""
     import gptfast
 
     def ours(x, weight, target):
         with gptfast.use_backend("triton"):
-            return gptfast.linear_cross_entropy(x, weight, target)
+            return gptfast.linear_cross_entropy(x, weight, target, softcap=softcap)
 
     def eager(x, weight, target):
-        return F.cross_entropy((x @ weight.t()).float(), target)
+        return F.cross_entropy(softcapped(x @ weight.t(), softcap), target)
 
     providers = {"gptfast": ours, "eager": eager, "torch.compile": compiled(eager, dynamic=False)}
-    liger = _liger("LigerFusedLinearCrossEntropyLoss")
+    liger = None if softcap is not None else _liger("LigerFusedLinearCrossEntropyLoss")
     if liger is not None:
         module = liger()
         providers["Liger"] = lambda x, weight, target: module(weight, x, target)
@@ -163,14 +169,14 @@ def bench_cross_entropy(rows, vocab, dtype, providers, device="cuda", meter=None
     return row, notes
 
 
-def bench_linear(rows, hidden, vocab, dtype, providers, device="cuda", meter=None):
-    """As :func:`bench_cross_entropy`, for cross_entropy(x @ W.T, target)."""
+def bench_linear(rows, hidden, vocab, dtype, providers, device="cuda", meter=None, softcap=None):
+    """As :func:`bench_cross_entropy`, for cross_entropy(softcapped(x @ W.T), target)."""
     meter = meter or Meter(device)
     x0 = torch.randn(rows, hidden, device=device).to(dtype)
     w0 = (torch.randn(vocab, hidden, device=device) / hidden ** 0.5).to(dtype)
     target = _target(rows, vocab, device)
     with torch.no_grad():
-        expected = F.cross_entropy((x0 @ w0.t()).float(), target).item()
+        expected = F.cross_entropy(softcapped(x0 @ w0.t(), softcap), target).item()
     row, notes = {"N": rows, "C": hidden, "V": vocab, "measured": {}}, []
     for name, loss_fn in providers.items():
         _fill_row(row, notes, _linear_cell(loss_fn, x0, w0, target, expected, meter), name, rows)

@@ -9,7 +9,18 @@ Implementations:
 - ``gptfast-compile``: ``gptfast.GPT`` (backend "auto") under ``torch.compile``;
 - ``nanogpt-eager``: the nanoGPT baseline (:mod:`.nanogpt`: PyTorch, SDPA, fp32-upcast loss),
   the reference point of every speed-up;
-- ``nanogpt-compile``: the baseline under ``torch.compile``, as nanoGPT's train.py runs it.
+- ``nanogpt-compile``: the baseline under ``torch.compile``, as nanoGPT's train.py runs it;
+- ``nanochat-eager``, ``nanochat-compile``: nanochat's own ``nanochat.gpt.GPT`` (its SDPA
+  fallback off Hopper), when ``import nanochat.gpt`` works (nanochat is not on PyPI: put a checkout
+  on PYTHONPATH); otherwise its cells are "unavailable" rows saying why.
+
+Architectures (the ``--arch`` axis): ``gpt2`` (GPT-2 block, the gptfast and nanoGPT impls at
+``settings.model``), ``nanochat`` (the gptfast impls run our modern GPT at
+``settings.nanochat_model``, a nanochat preset, against the nanochat impls at the same shapes; the
+row's impl reads e.g. ``gptfast nanochat``). nanochat's model also carries its value embeddings,
+smear, backout and per-layer scalars, which ours does not: same shapes, not the same work.
+nanochat computes in its own ``COMPUTE_DTYPE`` (``NANOCHAT_DTYPE``, bf16 on Ampere and later,
+fp32 on the CPU) without autocast; a cell whose dtype differs from it is "unavailable".
 
 Attention (the ``--attention`` axis): ``causal`` (every cell), or ``document`` for the gptfast
 implementations: ``GPTConfig(attention="document")`` on batches whose tokens hold an end-of-text
@@ -79,12 +90,21 @@ IMPLS = {
                             compiled=True),
     "nanogpt-eager": Impl("nanoGPT baseline: PyTorch, SDPA, fp32-upcast cross-entropy", "nanogpt"),
     "nanogpt-compile": Impl("nanoGPT baseline under torch.compile", "nanogpt", compiled=True),
+    "nanochat-eager": Impl("nanochat's own GPT (import nanochat.gpt; arch nanochat only)",
+                           "nanochat"),
+    "nanochat-compile": Impl("nanochat's own GPT under torch.compile (arch nanochat only)",
+                             "nanochat", compiled=True),
 }
 IMPL_ALIASES = {"eager": "nanogpt-eager", "compile": "nanogpt-compile",
                 "reference": "gptfast-reference"}
 BASELINE = "nanogpt-eager"
 MODES = ("train", "infer")
 MODELS = ("micro", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# "nanochat-tiny": 2 layers, 2 heads, 128 wide, vocab 4096, otherwise nanochat-d12 (CPU runs)
+NANOCHAT_MODELS = ("nanochat-tiny", "nanochat-d12", "nanochat-d20", "nanochat-d26")
+ARCHS = ("gpt2", "nanochat")
+ARCH_FAMILIES = {"gpt2": ("gptfast", "nanogpt"), "nanochat": ("gptfast", "nanochat")}
+ARCH_BASELINES = {"gpt2": BASELINE, "nanochat": "nanochat-eager"}
 MAX_CONTEXT_LENGTH = 65536  # the longest T the sweep accepts
 VOCAB_SIZE = 50304          # GPT-2's 50257 padded to a multiple of 64, as nanoGPT trains it
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -101,6 +121,7 @@ class GPTSettings:
     dtype: str
     warmup: int
     repeats: int
+    nanochat_model: str = "nanochat-d20"  # the model of the "nanochat" arch cells
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +131,19 @@ class GPTCell:
     batch_size: int
     context_length: int
     attention: str = "causal"
+    arch: str = "gpt2"
 
     @property
     def row_impl(self) -> str:
-        """The impl a result row names: the implementation, plus the attention if not causal."""
-        return self.impl if self.attention == "causal" else f"{self.impl} {self.attention}"
+        """The impl a result row names: the implementation, plus the arch when gptfast runs
+        another than gpt2, plus the attention if not causal."""
+        name = self.impl
+        if self.arch != "gpt2" and IMPLS[self.impl].family == "gptfast":
+            name += f" {self.arch}"
+        return name if self.attention == "causal" else f"{name} {self.attention}"
+
+    def model(self, settings: "GPTSettings") -> str:
+        return settings.model if self.arch == "gpt2" else settings.nanochat_model
 
     @property
     def label(self) -> str:
@@ -125,9 +154,14 @@ class GPTCell:
 
 def model_config(model: str, context_length: int) -> GPTConfig:
     """The config of ``model`` ("tiny": 2 layers, 4 heads, 128 wide; "micro": 2 layers, 2 heads,
-    32 wide and a 512-token vocabulary, for smoke runs; or a GPT-2 size) with nanoGPT's padded
-    vocabulary and a block_size that fits ``context_length``."""
-    if model == "micro":
+    32 wide and a 512-token vocabulary, for smoke runs; or a GPT-2 size, with nanoGPT's padded
+    vocabulary; or a nanochat preset, or "nanochat-tiny") with a block_size that fits
+    ``context_length``."""
+    if model == "nanochat-tiny":
+        base = GPTConfig.preset("nanochat-d12", n_layer=2, n_head=2, n_embd=128, vocab_size=4096)
+    elif model in NANOCHAT_MODELS:
+        base = GPTConfig.preset(model)
+    elif model == "micro":
         base = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=512)
     elif model == "tiny":
         base = GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=VOCAB_SIZE)
@@ -165,16 +199,54 @@ def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+class Unavailable(RuntimeError):
+    """A cell that cannot run on this machine (e.g. nanochat not importable): a result row."""
+
+
+def nanochat_gpt():
+    """The ``nanochat.gpt`` module, or :class:`Unavailable` saying why not."""
+    import importlib
+
+    try:
+        return importlib.import_module("nanochat.gpt")
+    except Exception as err:  # ImportError, or a checkout whose imports fail
+        raise Unavailable(f"import nanochat.gpt failed ({type(err).__name__}: {err}); nanochat "
+                          "is not on PyPI: put a checkout of karpathy/nanochat on PYTHONPATH") \
+            from None
+
+
+def build_nanochat(config: GPTConfig, dtype: str, device: torch.device) -> torch.nn.Module:
+    """nanochat's own GPT at ``config``'s shapes, built as its base_train.py does (meta device,
+    ``to_empty``, ``init_weights``)."""
+    module = nanochat_gpt()
+    compute = getattr(module, "COMPUTE_DTYPE", None)
+    if compute is not None and compute != DTYPES[dtype]:
+        raise Unavailable(f"nanochat computes in {compute} (its COMPUTE_DTYPE, set by "
+                          f"NANOCHAT_DTYPE before it is imported), not {dtype}")
+    nano_config = module.GPTConfig(sequence_len=config.block_size, vocab_size=config.vocab_size,
+                                   n_layer=config.n_layer, n_head=config.n_head,
+                                   n_kv_head=config.kv_heads, n_embd=config.n_embd,
+                                   window_pattern=config.window_pattern or "L")
+    with torch.device("meta"):
+        model = module.GPT(nano_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 def make_step(cell: GPTCell, settings: GPTSettings) -> Callable[[], None]:
     """A fresh model, optimizer and batch for ``cell``, and the function running one step."""
     impl, device = IMPLS[cell.impl], settings.device
-    config = model_config(settings.model, cell.context_length)
+    config = model_config(cell.model(settings), cell.context_length)
     eot = config.vocab_size - 1
     if cell.attention == "document":
         config = dataclasses.replace(config, attention="document", eot_token=eot)
     torch.manual_seed(0)
-    with device:
-        model = GPT(config) if impl.family == "gptfast" else NanoGPT(config)
+    if impl.family == "nanochat":
+        model = build_nanochat(config, settings.dtype, device)
+    else:
+        with device:
+            model = GPT(config) if impl.family == "gptfast" else NanoGPT(config)
     runner = compiled(model) if impl.compiled else model
     tokens = torch.randint(config.vocab_size - 1, (cell.batch_size, cell.context_length + 1),
                            device=device)
@@ -182,7 +254,9 @@ def make_step(cell: GPTCell, settings: GPTSettings) -> Callable[[], None]:
         tokens[torch.rand(tokens.shape, device=device) < 1 / DOCUMENT_LENGTH] = eot
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     loss_options = {"return_logits": False} if impl.family == "gptfast" else {}
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if settings.dtype == "bf16"
+    # nanochat casts to its own COMPUTE_DTYPE itself; the others run under autocast, as nanoGPT
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if settings.dtype == "bf16" and impl.family != "nanochat"
                 else contextlib.nullcontext())
 
     def backend():
@@ -201,7 +275,8 @@ def make_step(cell: GPTCell, settings: GPTSettings) -> Callable[[], None]:
     optimizer = adamw(model, device)
 
     def train_step():
-        logits, loss = forward()  # logits stay alive through the step, as in nanoGPT's loop
+        out = forward()  # logits stay alive through the step, as in nanoGPT's loop
+        loss = out if impl.family == "nanochat" else out[1]  # nanochat returns the loss only
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -245,15 +320,16 @@ def percentile(samples: list, q: float) -> float:
 # ------------------------------------------------------------------------------ cells --
 
 def cells(impls, modes, batch_sizes, context_lengths, max_tokens: int = 0,
-          attentions=("causal",)) -> list[GPTCell]:
+          attentions=("causal",), archs=("gpt2",)) -> list[GPTCell]:
     """The grid, T-major so that an interrupted sweep leaves whole comparisons behind; cells
-    with B*T above ``max_tokens`` (when not 0), and nanoGPT cells of a non-causal attention,
-    are left out."""
-    return [GPTCell(mode, impl, batch, seq, attention)
+    with B*T above ``max_tokens`` (when not 0), baseline cells of a non-causal attention, and
+    impls of another arch (nanoGPT under nanochat, nanochat under gpt2) are left out."""
+    return [GPTCell(mode, impl, batch, seq, attention, arch)
             for seq in context_lengths for batch in batch_sizes
             if not max_tokens or batch * seq <= max_tokens
-            for attention in attentions for impl in impls
-            if attention == "causal" or IMPLS[impl].family == "gptfast"
+            for arch in archs for attention in attentions for impl in impls
+            if IMPLS[impl].family in ARCH_FAMILIES[arch]
+            and (attention == "causal" or IMPLS[impl].family == "gptfast")
             for mode in modes]
 
 
@@ -263,7 +339,8 @@ def measure(cell: GPTCell, settings: GPTSettings) -> dict:
     times = time_steps(make_step(cell, settings), device, settings.warmup, settings.repeats)
     median_ms = percentile(times.samples_ms, 50)
     tokens_per_s = cell.batch_size * cell.context_length / (median_ms / 1e3)
-    flops = flops_per_token(settings.model, cell.mode, cell.context_length) * tokens_per_s
+    # nanochat's cells: our model's count at the same shapes (its value embeddings etc. left out)
+    flops = flops_per_token(cell.model(settings), cell.mode, cell.context_length) * tokens_per_s
     peak = device_peak_flops(device)
     return {
         "tokens_per_s": tokens_per_s,
@@ -295,14 +372,16 @@ def _fresh_start(device: torch.device, is_compiled: bool) -> None:
 
 def run_cell(cell: GPTCell, settings: GPTSettings) -> dict:
     """One result row: the cell, its status ("ok", "oom", "error") and its measures."""
-    row = {"suite": "gpt", "mode": cell.mode, "impl": cell.row_impl, "model": settings.model,
-           "attention": cell.attention,
+    row = {"suite": "gpt", "mode": cell.mode, "impl": cell.row_impl, "arch": cell.arch,
+           "model": cell.model(settings), "attention": cell.attention,
            "batch_size": cell.batch_size, "context_length": cell.context_length,
            "tokens_per_step": cell.batch_size * cell.context_length}
     is_compiled = IMPLS[cell.impl].compiled
     _fresh_start(settings.device, is_compiled)
     try:
         row.update(measure(cell, settings), status="ok")
+    except Unavailable as err:
+        row.update(status="unavailable", error=str(err))
     except Exception as err:  # KeyboardInterrupt is not an Exception: it ends the sweep
         row.update(status="oom" if is_out_of_memory(err) else "error", error=short_reason(err))
     # here, after the handler, the traceback and the model its frames held are released

@@ -8,7 +8,8 @@ Stages, in order: ``env`` (device, versions, the matmul and copy ceilings of thi
 the reference in fp32), ``kernels`` (the bench/ANCHORS.md kernel rows side by side with their
 peers), ``nanochat`` (nanochat's attention shapes: gptfast against nanochat's SDPA
 fallback, FlexAttention and FA2/FA3, :mod:`.nanochat_attention`),
-``gpt`` (the GPT-2 124M training step, gptfast and nanoGPT, eager and compiled), ``loader``.
+``gpt`` (the GPT-2 124M training step, gptfast and nanoGPT, eager and compiled; the
+nanochat-d20 step, ours against nanochat's own model when it imports), ``loader``.
 
 Each stage runs in its own process, inside a time box: its share of what is left of the budget.
 A child process means that a stage that crashes, hangs, or breaks the CUDA context (an illegal

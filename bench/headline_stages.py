@@ -50,6 +50,12 @@ class Sizes:
     unit_estimates: bool          # skip a unit that cannot finish inside the stage's box
     # (head_dim, heads, T, mean document length, window): the document-mask row in `kernels`
     document_attention: tuple = ()
+    # nanochat's pieces (issue 25): its parameter-free RMSNorm (N, C), rotary + QK-norm
+    # (B, T, H, Hkv, D), the softcapped linear cross-entropy (N, C, V), the GPT step (model, B, T)
+    nanochat_norm: tuple = ()
+    nanochat_rotary: tuple = ()
+    nanochat_softcap_ce: tuple = ()
+    nanochat_gpt: tuple = ()
 
 
 GPU = Sizes(
@@ -68,7 +74,9 @@ GPU = Sizes(
                        ("hd64 GQA 12/4 T1024", 4, 12, 4, 1024, 64, False)),
     correct_norm_rows=(65536, 768), correct_gpt=("gpt2", 4, 1024),
     warmup_ms=25, repeat_ms=100, unit_estimates=True,
-    document_attention=((64, 12, 8192, 2048, None),))
+    document_attention=((64, 12, 8192, 2048, None),),
+    nanochat_norm=(65536, 1280), nanochat_rotary=(8, 2048, 10, 10, 128),
+    nanochat_softcap_ce=(16384, 1280, 32768), nanochat_gpt=("nanochat-d20", 8, 2048))
 
 # The same stages at shapes the Triton interpreter and 2 CPU cores get through in seconds.
 # fp32 and fp16 in `correct`: bf16 tl.dot is wrong in the interpreter.
@@ -87,7 +95,9 @@ DRY = Sizes(
                        ("hd16 GQA 4/2 T48", 1, 4, 2, 48, 16, False)),
     correct_norm_rows=(48, 96), correct_gpt=("tiny", 2, 16),
     warmup_ms=0, repeat_ms=20, unit_estimates=False,
-    document_attention=((16, 2, 64, 16, None),))
+    document_attention=((16, 2, 64, 16, None),),
+    nanochat_norm=(64, 96), nanochat_rotary=(1, 8, 2, 1, 16), nanochat_softcap_ce=(32, 32, 500),
+    nanochat_gpt=("nanochat-tiny", 2, 16))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -357,6 +367,65 @@ def _linear_cross_entropy(ctx: Context) -> list:
     return rows
 
 
+def _bandwidth_rows(op, name, table, shape, dtype_name) -> list:
+    """TB/s rows of a bench table keyed "impl direction" (and "copy", the ceiling's peer)."""
+    rows = []
+    for column, measured in table["measured"].items():
+        impl, _, direction = column.partition(" ")
+        common = dict(shape=shape, op=op, dtype=dtype_name, direction=direction or "copy")
+        if measured.status == "unavailable":
+            rows.append(row("kernels", f"{name} {direction}", impl, "tb_per_s", None, "TB/s",
+                            status="unavailable", message=measured.error, **common))
+            continue
+        nbytes = table["bytes"][column]
+        rows.append(_timed_row("kernels", f"{name} {direction or 'copy'}", impl, "tb_per_s",
+                               "TB/s", measured, lambda ms, nbytes=nbytes: nbytes / ms / 1e9,
+                               ceiling_of="copy", **common))
+    add_peer_ratios(rows, "gptfast", sorted({r["impl"] for r in rows} - {"gptfast", "copy"}))
+    return rows
+
+
+def _nanochat_norm(ctx: Context) -> list:
+    """nanochat's norm: parameter-free F.rms_norm with the dtype's eps, bf16."""
+    from . import layernorm
+
+    n, c = ctx.sizes.nanochat_norm
+    impls = layernorm.implementations(param_dtype_is_x=True, op="rms_norm_no_weight")
+    table = layernorm.bench_size(n, c, torch.bfloat16, impls, device=ctx.device,
+                                 meter=ctx.meter, op="rms_norm_no_weight")
+    return _bandwidth_rows("rms_norm", f"rms_norm no weight {n}x{c} bf16", table, f"{n}x{c}",
+                           "bf16")
+
+
+def _nanochat_rotary(ctx: Context) -> list:
+    """rotary_qk_norm against nanochat's rotate, rms_norm, * 1.2 (bench/rotary.py), bf16."""
+    from . import rotary
+
+    shape = ctx.sizes.nanochat_rotary
+    table = rotary.bench_shape(shape, torch.bfloat16, rotary.implementations(),
+                               device=ctx.device, meter=ctx.meter)
+    text = "B{} T{} H{} Hkv{} D{}".format(*shape)
+    return _bandwidth_rows("rotary_qk_norm", f"rotary_qk_norm {text} bf16", table, text, "bf16")
+
+
+NANOCHAT_SOFTCAP = 15.0
+
+
+def _softcap_linear_cross_entropy(ctx: Context) -> list:
+    """nanochat's loss: cross_entropy of 15 * tanh(fp32 logits / 15), bf16 x and weight."""
+    from . import cross_entropy
+
+    n, c, v = ctx.sizes.nanochat_softcap_ce
+    providers = cross_entropy.linear_providers(softcap=NANOCHAT_SOFTCAP)
+    table, _ = cross_entropy.bench_linear(n, c, v, torch.bfloat16, providers, device=ctx.device,
+                                          meter=ctx.meter, softcap=NANOCHAT_SOFTCAP)
+    rows = _loss_rows("linear_cross_entropy_softcap", table, f"{n}x{c} @ {v}x{c}",
+                      f"linear_cross_entropy softcap15 N{n} C{c} V{v} bf16", 6 * n * c * v,
+                      "matmul", "bf16")
+    add_peer_ratios(rows, "gptfast", [p for p in providers if p != "gptfast"])
+    return rows
+
+
 def kernels_units(ctx: Context, clock) -> list:
     s = ctx.sizes
     units = [Unit(f"attention {group} H{heads} T{seq}",
@@ -369,6 +438,11 @@ def kernels_units(ctx: Context, clock) -> list:
                    lambda dtype=dtype: _layer_norm(ctx, dtype), 40) for dtype in ("fp32", "bf16")]
     units += [Unit(f"cross_entropy N{s.ce_rows}", lambda: _cross_entropy(ctx), 30),
               Unit(f"linear_cross_entropy N{s.ce_rows}", lambda: _linear_cross_entropy(ctx), 30)]
+    if s.nanochat_norm:
+        units += [Unit("nanochat rms_norm (no weight)", lambda: _nanochat_norm(ctx), 30),
+                  Unit("nanochat rotary_qk_norm", lambda: _nanochat_rotary(ctx), 30),
+                  Unit("nanochat softcapped linear_cross_entropy",
+                       lambda: _softcap_linear_cross_entropy(ctx), 30)]
     return units
 
 
@@ -378,22 +452,30 @@ GPT_IMPLS = ("gptfast-compile", "nanogpt-compile", "gptfast", "nanogpt-eager")
 GPT_PEERS = ("nanogpt-compile", "nanogpt-eager")
 
 
-def _gpt_cell(ctx: Context, impl, batch) -> list:
+def _gpt_cell(ctx: Context, impl, batch, arch="gpt2") -> list:
+    """A training-step cell: GPT-2 at the goal shapes, or (arch "nanochat") our modern GPT or
+    nanochat's own model at ``sizes.nanochat_gpt``."""
     from . import gpt
 
     s = ctx.sizes
+    model, seq = s.gpt_model, s.gpt_seq
+    if arch == "nanochat":
+        model, batch, seq = s.nanochat_gpt
     settings = gpt.GPTSettings(model=s.gpt_model, device=ctx.device, dtype="bf16",
-                               warmup=s.gpt_warmup, repeats=s.gpt_repeats)
+                               warmup=s.gpt_warmup, repeats=s.gpt_repeats,
+                               nanochat_model=s.nanochat_gpt[0] if s.nanochat_gpt else "")
     with gpt.nanogpt_matmul_precision(ctx.device):
-        result = gpt.run_cell(gpt.GPTCell("train", impl, batch, s.gpt_seq), settings)
-    name = f"{s.gpt_model} train B{batch} T{s.gpt_seq}"
-    shape = f"B{batch} T{s.gpt_seq}"
-    common = dict(shape=shape, op="gpt", batch_size=batch, goal_cell=batch == s.gpt_batches[0])
+        result = gpt.run_cell(gpt.GPTCell("train", impl, batch, seq, arch=arch), settings)
+    impl = result["impl"]
+    name = f"{model} train B{batch} T{seq}"
+    shape = f"B{batch} T{seq}"
+    common = dict(shape=shape, op="gpt", batch_size=batch, arch=arch,
+                  goal_cell=arch == "gpt2" and batch == s.gpt_batches[0])
     if result["status"] != "ok":
         return [row("gpt", name, impl, "tokens_per_s", None, "tok/s",
                     status=result["status"], message=result.get("error"), **common)]
     ms = result["step_ms"]
-    tokens = batch * s.gpt_seq
+    tokens = batch * seq
     flops_per_step = result["tflops"] * 1e12 * ms / 1e3
     return [
         row("gpt", name, impl, "tokens_per_s", result["tokens_per_s"], "tok/s",
@@ -413,15 +495,31 @@ def _gpt_cell(ctx: Context, impl, batch) -> list:
     ]
 
 
+NANOCHAT_GPT_IMPLS = ("gptfast-compile", "nanochat-compile", "gptfast", "nanochat-eager")
+NANOCHAT_GPT_PEERS = ("nanochat-compile", "nanochat-eager")
+
+
 def gpt_units(ctx: Context) -> list:
-    return [Unit(f"gpt train {impl} B{batch}", lambda i=impl, b=batch: _gpt_cell(ctx, i, b),
-                 60 if "compile" in impl else 15)
-            for batch in ctx.sizes.gpt_batches for impl in GPT_IMPLS]
+    """The goal cell's units, then the nanochat step's (before the other GPT-2 batch sizes, so
+    that a tight box drops those first)."""
+    units = [Unit(f"gpt train {impl} B{batch}", lambda i=impl, b=batch: _gpt_cell(ctx, i, b),
+                  60 if "compile" in impl else 15)
+             for batch in ctx.sizes.gpt_batches for impl in GPT_IMPLS]
+    if ctx.sizes.nanochat_gpt:
+        model, batch, seq = ctx.sizes.nanochat_gpt
+        nanochat = [Unit(f"{model} train {impl} B{batch} T{seq}",
+                         lambda i=impl: _gpt_cell(ctx, i, None, arch="nanochat"),
+                         90 if "compile" in impl else 20) for impl in NANOCHAT_GPT_IMPLS]
+        goal = len(GPT_IMPLS)
+        units = units[:goal] + nanochat + units[goal:]
+    return units
 
 
 def add_gpt_ratios(rows: list) -> None:
     gpt_rows = [r for r in rows if r["stage"] == "gpt"]
     add_peer_ratios(gpt_rows, ("gptfast", "gptfast-compile"), GPT_PEERS)
+    add_peer_ratios(gpt_rows, ("gptfast nanochat", "gptfast-compile nanochat"),
+                    NANOCHAT_GPT_PEERS)
 
 
 # ----------------------------------------------------------------------------- loader --

@@ -40,7 +40,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
 # per op: its parameters (all of length C) and whether it adds a residual stream
 OPS = {"layer_norm": (("w", "b"), False), "rms_norm": (("w",), False),
-       "add_rms_norm": (("w",), True)}
+       "add_rms_norm": (("w",), True),
+       "rms_norm_no_weight": ((), False)}  # nanochat's norm: no weight, the dtype's eps
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -50,6 +51,8 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 def _liger(op: str):
     """Liger's autograd function for ``op`` (positional: eps, offset 0, llama casting, not in
     place); raises ImportError when liger_kernel, or this op in it, does not import."""
+    if op == "rms_norm_no_weight":
+        raise ImportError("Liger's RMSNorm always takes a weight")
     if op == "layer_norm":
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
         return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
@@ -77,6 +80,8 @@ def _torch_ops(op: str):
     if op == "layer_norm":
         return (lambda x, w, b: gptfast.layer_norm(x, w, b, EPS),
                 lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS))
+    if op == "rms_norm_no_weight":
+        return gptfast.rms_norm, lambda x: F.rms_norm(x, (x.shape[-1],))
     if op == "rms_norm":
         return (lambda x, w: gptfast.rms_norm(x, w, EPS),
                 lambda x, w: F.rms_norm(x, (x.shape[-1],), w, EPS))
@@ -188,7 +193,10 @@ def _cpu_sanity(op: str = "layer_norm") -> int:
         print(f"triton backend unavailable here ({err}); skipped")
         return 0
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    out64 = getattr(reference, op)(*leaves64, EPS)
+    if op == "rms_norm_no_weight":  # torch's eps: the dtype's
+        out64 = reference.rms_norm(*leaves64)
+    else:
+        out64 = getattr(reference, op)(*leaves64, EPS)
     outs, outs64 = (o if isinstance(o, tuple) else (o,) for o in (out, out64))
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     torch.autograd.backward(outs64, [torch.ones_like(o) for o in outs64])

@@ -173,7 +173,9 @@ def _grid_cell(row, base):
     return text
 
 
-def _gpt_section(rows, baseline, impl_order) -> list[str]:
+def _gpt_section(rows, baseline, impl_order, arch_baselines=None) -> list[str]:
+    """Tables per mode; each impl's speed-ups are against the baseline of its row's arch."""
+    arch_of = {r["impl"]: r.get("arch", "gpt2") for r in rows}
     lines = []
     for mode in _ordered((r["mode"] for r in rows), ("train", "infer")):
         of_mode = [r for r in rows if r["mode"] == mode]
@@ -181,18 +183,22 @@ def _gpt_section(rows, baseline, impl_order) -> list[str]:
         batches = _ordered(r["batch_size"] for r in of_mode)
         seqs = _ordered(r["context_length"] for r in of_mode)
         lines += [f"## GPT {MODE_TITLES.get(mode, mode)}", ""]
-        has_base = any(r["impl"] == baseline for r in of_mode)
-        lines += ["tokens/s" + (f" (speed-up vs {baseline} in the same cell)" if has_base else "")
+        bases = [b for b in dict.fromkeys([baseline, *(arch_baselines or {}).values()])
+                 if any(r["impl"] == b for r in of_mode)]
+        lines += ["tokens/s" + (f" (speed-up vs {' or '.join(bases)}, its arch's baseline, in "
+                                "the same cell)" if len(bases) > 1 else
+                                f" (speed-up vs {bases[0]} in the same cell)" if bases else "")
                   + "; rows: context length T, columns: batch size B"
                   + "; oom: out of memory, -: not run (B*T above --max-tokens or not reached)", ""]
         for impl in _ordered((r["impl"] for r in of_mode), impl_order):
             lines += [f"### {impl}", ""]
             table = []
+            base = (arch_baselines or {}).get(arch_of[impl], baseline)
             for seq in seqs:
                 entry = {"T \\ B": seq}
                 for batch in batches:
                     entry[str(batch)] = _grid_cell(cell.get((impl, batch, seq)),
-                                                   cell.get((baseline, batch, seq)))
+                                                   cell.get((base, batch, seq)))
                 table.append(entry)
             lines += [markdown_table(table, ["T \\ B", *map(str, batches)]), ""]
         lines += ["### every cell", ""]
@@ -293,7 +299,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     kernels = [r for r in rows if r["suite"] == "kernels"]
     loader = [r for r in rows if r["suite"] == "loader"]
     if gpt:
-        lines += _gpt_section(gpt, meta.get("baseline"), meta.get("impl_order", ()))
+        lines += _gpt_section(gpt, meta.get("baseline"), meta.get("impl_order", ()),
+                              meta.get("arch_baselines", {}))
     if kernels:
         lines += _kernel_section(kernels)
     if loader:

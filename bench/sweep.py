@@ -5,7 +5,7 @@ markdown and PNG plots.
                   [--context-lengths 256,1024,4096,16384] [--impls gptfast,nanogpt-eager,...]
                   [--modes train,infer] [--dtype bf16|fp32] [--device cuda|cpu] [--quick]
                   [--max-tokens 65536] [--warmup N] [--repeats N] [--out DIR]
-                  [--attention causal,document]
+                  [--attention causal,document] [--arch gpt2,nanochat]
 
 Without CUDA (or with ``--device cpu``) it runs a quick sweep of a tiny model on the CPU
 (reference ops against the nanoGPT baseline, small B and T) so that the command always works
@@ -37,6 +37,8 @@ CUDA_CONTEXT_LENGTHS = ((256, 1024, 4096, 16384), (256, 1024))
 CUDA_WARMUP_REPEATS = ((3, 20), (2, 10))
 CPU_BATCH_SIZES, CPU_CONTEXT_LENGTHS, CPU_WARMUP_REPEATS = (1, 2, 4), (64, 128), (2, 5)
 CPU_IMPLS = ("gptfast-reference", "nanogpt-eager")  # "auto" runs the reference ops on CPU anyway
+CPU_NANOCHAT_IMPLS = ("gptfast-reference", "nanochat-eager")
+NANOCHAT_MODEL = ("nanochat-d20", "nanochat-tiny")  # --arch nanochat's model: (CUDA, CPU)
 DEFAULT_MAX_TOKENS = 65536
 
 
@@ -96,6 +98,10 @@ def attention_list(text: str) -> tuple:
     return _name_list(text, gpt.ATTENTIONS, {}, "attention")
 
 
+def arch_list(text: str) -> tuple:
+    return _name_list(text, gpt.ARCHS, {}, "arch")
+
+
 def _count(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -143,6 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the window alone: gptfast vs FlexAttention (same block mask, "
                              "compiled) vs SDPA with a dense boolean mask vs gptfast's plain "
                              "causal kernel, TFLOP/s on the attended pairs and ms")
+    parser.add_argument("--arch", type=arch_list, default=("gpt2",), metavar="ARCH,...",
+                        help="gpt suite architectures (default gpt2): gpt2 (gptfast vs nanoGPT "
+                             "at --model), and/or nanochat: our modern GPT at nanochat-d20 "
+                             "(CPU: a 2-layer model of the same family) vs nanochat's own model "
+                             "(nanochat-eager/-compile, when import nanochat.gpt works; else "
+                             "'unavailable' rows)")
     parser.add_argument("--dtype", choices=tuple(gpt.DTYPES), default=None,
                         help="bf16 (autocast, fp32 weights) or fp32 (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
@@ -176,6 +188,7 @@ class Plan:
     context_lengths: tuple
     max_tokens: int
     attention: tuple
+    archs: tuple
     out_dir: Path
     started: datetime.datetime
 
@@ -189,6 +202,8 @@ class Plan:
                      f"repeats {self.gpt.repeats}")
         if self.attention != ("causal",):
             text += f"; attention {','.join(self.attention)}"
+        if self.archs != ("gpt2",):
+            text += f"; arch {','.join(self.archs)} (nanochat: {self.gpt.nanochat_model})"
         return text
 
 
@@ -203,6 +218,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     warmup, repeats = CUDA_WARMUP_REPEATS[pick] if on_cuda else CPU_WARMUP_REPEATS
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     started = datetime.datetime.now()
+    archs = getattr(args, "arch", ("gpt2",))
     plan = Plan(
         suites=SUITES if args.suite == "all" else (args.suite,),
         device=device,
@@ -210,19 +226,26 @@ def make_plan(args: argparse.Namespace) -> Plan:
         quick=quick,
         gpt=gpt.GPTSettings(model=args.model or ("gpt2" if on_cuda else "tiny"), device=device,
                             dtype=dtype, warmup=args.warmup or warmup,
-                            repeats=args.repeats or repeats),
-        impls=args.impls or (tuple(gpt.IMPLS) if on_cuda else CPU_IMPLS),
+                            repeats=args.repeats or repeats,
+                            nanochat_model=NANOCHAT_MODEL[0 if on_cuda else 1]),
+        impls=args.impls or _default_impls(on_cuda, archs),
         modes=args.modes,
         batch_sizes=args.batch_sizes or (CUDA_BATCH_SIZES[pick] if on_cuda else CPU_BATCH_SIZES),
         context_lengths=args.context_lengths or (
             CUDA_CONTEXT_LENGTHS[pick] if on_cuda else CPU_CONTEXT_LENGTHS),
         max_tokens=args.max_tokens,
         attention=getattr(args, "attention", ("causal",)),
+        archs=archs,
         out_dir=args.out or Path("bench-results") / started.strftime("%Y%m%d-%H%M%S"),
         started=started,
     )
     if plan.out_dir.exists() and not plan.out_dir.is_dir():
         raise UsageError(f"--out {plan.out_dir} exists and is not a directory")
+    if "gpt" in plan.suites and not gpt.cells(plan.impls, plan.modes, (1,), (1,),
+                                             attentions=plan.attention, archs=plan.archs):
+        raise UsageError(
+            f"no --impls {','.join(plan.impls)} runs under --arch {','.join(plan.archs)} "
+            "(nanogpt-* are gpt2's baselines, nanochat-* nanochat's)")
     if "gpt" in plan.suites and not _gpt_cells(plan):
         raise UsageError(
             f"no gpt cell has B*T <= --max-tokens {plan.max_tokens} (the smallest B*T is "
@@ -230,9 +253,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
+def _default_impls(on_cuda: bool, archs: tuple) -> tuple:
+    """Every impl on CUDA; on the CPU the reference ops against each arch's eager baseline."""
+    if on_cuda:
+        return tuple(gpt.IMPLS)
+    per_arch = {"gpt2": CPU_IMPLS, "nanochat": CPU_NANOCHAT_IMPLS}
+    return tuple(dict.fromkeys(i for arch in archs for i in per_arch[arch]))
+
+
 def _gpt_cells(plan: Plan) -> list:
     return gpt.cells(plan.impls, plan.modes, plan.batch_sizes, plan.context_lengths,
-                     plan.max_tokens, plan.attention)
+                     plan.max_tokens, plan.attention, plan.archs)
 
 
 def collect_units(plan: Plan) -> tuple[list, list]:
@@ -324,7 +355,11 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         notes.append(skipped)
     context = report.run_context(plan.device, plan.dtype, plan.started)
-    model = gpt.describe_model(plan.gpt.model) if "gpt" in plan.suites else None
+    model = None
+    if "gpt" in plan.suites:
+        names = [plan.gpt.model if arch == "gpt2" else plan.gpt.nanochat_model
+                 for arch in plan.archs]
+        model = "; ".join(gpt.describe_model(name) for name in names)
     print(f"gptfast bench on {context['device_name']}, {plan.dtype}"
           + (f", model {model}" if model else ""))
     print(plan.settings_text())
@@ -338,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {**context, "model": model, "model_name": plan.gpt.model,
             "settings": plan.settings_text(), "notes": notes, "interrupted": interrupted,
             "elapsed_s": time.perf_counter() - start, "baseline": gpt.BASELINE,
+            "arch_baselines": gpt.ARCH_BASELINES,
             "impl_order": tuple(gpt.IMPLS)}
     written = [report.write_markdown(writer.rows, plan.out_dir / "results.md", meta)]
     if write_plots is not None:

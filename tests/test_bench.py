@@ -123,6 +123,8 @@ def test_ctrl_c_keeps_the_rows_finished_before_it(tmp_path, monkeypatch, capsys)
     (["--repeats", "0"], "must be >= 1"),
     (["--max-tokens", "8", "--batch-sizes", "4", "--context-lengths", "64"], "no gpt cell"),
     (["--attention", "causal,sliding"], "unknown attention 'sliding'"),
+    (["--arch", "gpt2,llama"], "unknown arch 'llama'; choose from gpt2, nanochat"),
+    (["--impls", "nanochat-eager"], "no --impls nanochat-eager runs under --arch gpt2"),
 ])
 def test_bad_arguments_fail_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -66,15 +66,31 @@ def test_dry_run_runs_every_stage_and_writes_the_schema(tmp_path, capsys):
                          if name.startswith("document attention: >= 1.2x FlexAttention"))
     # FlexAttention has no CPU backward: the forward alone never makes the goal "met"
     assert document_goal["verdict"] in ("not measured", "not measured in full")
-    for op in ("layer_norm", "cross_entropy", "linear_cross_entropy"):
+    for op in ("layer_norm", "cross_entropy", "linear_cross_entropy", "rms_norm",
+               "rotary_qk_norm", "linear_cross_entropy_softcap"):
         ours = [r for r in rows if r.get("op") == op and r["impl"] == "gptfast"]
         assert ours and all(r["status"] == "ok" for r in ours), op
         assert any(r.get("best_peer") for r in ours), op
     ce_impls = {r["impl"] for r in rows if r.get("op") == "cross_entropy"}
     assert {"gptfast", "eager fp32 upcast", "torch.compile"} <= ce_impls
+    # nanochat's kernels against their eager torch peers: its weightless norm, its rotate + norm
+    # + 1.2, its softcap-15 loss
+    assert {r["impl"] for r in rows if r.get("op") == "rotary_qk_norm"} >= {"gptfast", "eager"}
+    assert all("no weight" in r["name"] for r in rows if r.get("op") == "rms_norm")
+    assert all("softcap15" in r["name"] for r in rows
+               if r.get("op") == "linear_cross_entropy_softcap")
     # gpt: the four implementations, compile time apart from the step time
-    gpt = {r["impl"]: r for r in rows if r["stage"] == "gpt" and r["metric"] == "tokens_per_s"}
+    gpt = {r["impl"]: r for r in rows if r["stage"] == "gpt" and r["metric"] == "tokens_per_s"
+           and r["arch"] == "gpt2"}
     assert set(gpt) == set(headline_stages.GPT_IMPLS)
+    # the nanochat step: ours at nanochat-tiny, nanochat's own model unavailable (not importable)
+    nano = {r["impl"]: r for r in rows if r["stage"] == "gpt" and r["metric"] == "tokens_per_s"
+            and r["arch"] == "nanochat"}
+    assert set(nano) == {"gptfast nanochat", "gptfast-compile nanochat", "nanochat-eager",
+                         "nanochat-compile"}
+    assert all(nano[i]["status"] == "ok" for i in ("gptfast nanochat", "gptfast-compile nanochat"))
+    assert all(r["name"] == "nanochat-tiny train B2 T16" and not r["goal_cell"]
+               for r in nano.values())
     assert all(r["status"] == "ok" and r["first_call_s"] > 0 for r in gpt.values())
     assert gpt["gptfast-compile"]["best_peer"] in headline_stages.GPT_PEERS
     # nanochat: its three kinds of case (window, window covering T, varlen), gptfast beside
