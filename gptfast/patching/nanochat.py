@@ -29,8 +29,10 @@ own code computes:
   (15 in nanochat today) are read by the probe. ``targets=None`` returns the logits from
   nanochat's own forward.
 
-Patched modules switch class (to a subclass with another ``forward``); they keep identity,
-parameters, hooks and state_dict keys, and survive deepcopy and pickling.
+This family takes the whole model (:func:`recognises`): no other family looks at a nanochat
+GPT. Patched modules switch class (:mod:`.classes`: a subclass with another ``forward``); they
+keep identity, parameters, hooks and state_dict keys, and survive deepcopy and pickling. The
+probes use :mod:`.probe`'s shared helpers; the report is :class:`.report.PatchReport`.
 """
 
 from __future__ import annotations
