@@ -30,7 +30,7 @@ _LAZY = {
     "GPT": "gptfast.model",
     "GPTConfig": "gptfast.model",
     "TokenLoader": "gptfast.data",
-    "patch": "gptfast.nn",
+    "patch": "gptfast.patching",
     "unpatch": "gptfast.patching",
     "nn": "gptfast.nn",
     "reference": "gptfast.reference",

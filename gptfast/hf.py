@@ -17,7 +17,8 @@ then runs its causal self-attention through ``gptfast.functional.attention``:
 Anything else (a padding or custom mask, decoding with a KV cache, attention dropout in
 training, non-causal attention, ``position_bias``) runs transformers' SDPA function with the
 mask SDPA would get, and logs once (``logging.getLogger("gptfast")``) why.
-``gptfast.patch(model)`` switches an HF model loaded with the default "sdpa" to "gptfast".
+``gptfast.patch(model)`` switches an HF model loaded with the default "sdpa" to "gptfast"
+(:mod:`gptfast.patching.hf`).
 """
 
 from __future__ import annotations
@@ -278,55 +279,3 @@ def _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, i
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
-
-# ----------------------------------------------------------------- gptfast.patch(model) --
-
-ALREADY = "already"  # switch_model's outcome for a model already on "gptfast"
-
-
-def is_transformers_model(model) -> bool:
-    """Whether ``model`` is a transformers ``PreTrainedModel`` (transformers is not imported)."""
-    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
-               for cls in type(model).__mro__)
-
-
-def _is_attention_module(module) -> bool:
-    """A transformers attention module (``*Attention`` with a config) other than GPT-2's, which
-    ``gptfast.patch`` handles module by module."""
-    cls = type(module)
-    return (cls.__module__.startswith("transformers.") and cls.__name__.endswith("Attention")
-            and cls.__name__ != "GPT2Attention" and hasattr(module, "config"))
-
-
-def switch_model(model):
-    """``gptfast.patch``'s step for a transformers model: switch a model running "sdpa" (HF's
-    default) to "gptfast". Returns (names of its attention modules, outcome): outcome None when
-    switched, :data:`ALREADY`, or why not."""
-    names = [name for name, module in model.named_modules() if _is_attention_module(module)]
-    if not names:
-        return [], None
-    implementation = model.config._attn_implementation
-    if implementation == NAME:
-        return names, ALREADY
-    if implementation != "sdpa":
-        return names, (f"the model runs attn_implementation={implementation!r}; gptfast.patch "
-                       f"switches HF's default 'sdpa' (or load it with attn_implementation="
-                       f"{NAME!r} after gptfast.hf.register())")
-    cls = type(model)
-    if not getattr(cls, "_supports_flash_attn", getattr(cls, "_supports_flash_attn_2", True)):
-        # gptfast reads sliding_window/position_ids from the attention call, as FA2 does
-        return names, (f"{cls.__name__} does not support flash attention, so its attention "
-                       f"calls may lack the arguments (sliding_window...) that FA2 and gptfast read")
-    try:
-        register()
-    except RuntimeError as err:
-        return names, str(err)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
-    else:  # transformers before set_attn_implementation
-        model.config._attn_implementation = NAME
-    if model.config._attn_implementation != NAME:
-        return names, (f"transformers kept attn_implementation="
-                       f"{model.config._attn_implementation!r} ({type(model).__name__} cannot "
-                       f"switch its attention implementation)")
-    return names, None

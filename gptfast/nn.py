@@ -1,4 +1,4 @@
-"""Drop-in modules built on ``gptfast.functional``, and ``patch(model)``.
+"""Drop-in modules built on ``gptfast.functional``.
 
 - :class:`LayerNorm`: a ``torch.nn.LayerNorm`` (same constructor, attributes and state_dict)
   whose forward is ``gptfast.layer_norm``; :meth:`LayerNorm.add_and_norm` fuses a residual add.
@@ -6,8 +6,9 @@
   fused ``gptfast.linear_cross_entropy`` (never materialises N x V) as modules.
 - :class:`CausalSelfAttention`: nanoGPT's attention (``c_attn``, ``c_proj``) with optional
   grouped-query heads and a :class:`KVCache` for generation.
-- :func:`patch`: makes another model's LayerNorms and causal attention (nanoGPT-style modules,
-  Hugging Face ``GPT2Attention``) run on gptfast's ops, in place.
+
+``patch(model)``, which makes other models (nanoGPT, Hugging Face, nanochat) run on these ops,
+is :mod:`gptfast.patching`; ``gptfast.nn.patch`` and ``PatchReport`` still name it.
 
 Every module runs wherever ``gptfast.functional`` runs: Triton kernels on CUDA, plain PyTorch
 elsewhere (see ``gptfast.use_backend``).
@@ -15,7 +16,7 @@ elsewhere (see ``gptfast.use_backend``).
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import math
 from typing import Optional
 
@@ -23,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, patch_probe, reference
-from .patching import nanochat
+from . import functional, reference
 
 __all__ = [
     "LayerNorm", "CrossEntropyLoss", "LinearCrossEntropy", "CausalSelfAttention", "KVCache",
@@ -328,415 +328,17 @@ class CausalSelfAttention(nn.Module):
         return f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}{window}"
 
 
-# ------------------------------------------------------------------------------ patch --
-
-LAYER_NORM = "LayerNorm"
-NANOGPT_ATTENTION = "nanoGPT attention"
-HF_GPT2_ATTENTION = "GPT2Attention"
-HF_ATTENTION = "HF attention"  # other transformers models: switched to attn_implementation "gptfast"
-HF_IMPLEMENTATION = "gptfast"  # the name gptfast registers in transformers' AttentionInterface
-
-
-@dataclasses.dataclass
-class PatchReport:
-    """What :func:`patch` did: qualified names replaced (with their kind), names skipped with why.
-
-    ``kinds`` maps each replaced name to ``"LayerNorm"``, ``"nanoGPT attention"`` or
-    ``"GPT2Attention"``; ``already`` lists the modules that ran on gptfast before the call
-    (gptfast's own modules, or patched by an earlier call).
-    """
-
-    replaced: list = dataclasses.field(default_factory=list)
-    skipped: dict = dataclasses.field(default_factory=dict)
-    kinds: dict = dataclasses.field(default_factory=dict)
-    already: list = dataclasses.field(default_factory=list)  # ran on gptfast before this call
-    checked: dict = dataclasses.field(default_factory=dict)  # attention name -> what the probe found
-
-    def names(self, kind: str) -> list:
-        """The replaced names of one kind, in module order."""
-        return [name for name in self.replaced if self.kinds.get(name) == kind]
-
-    def _add(self, name: str, kind: str) -> None:
-        self.replaced.append(name)
-        self.kinds[name] = kind
-
-    def __str__(self):
-        attention = len(self.replaced) - len(self.names(LAYER_NORM))
-        lines = [f"gptfast.patch: {len(self.names(LAYER_NORM))} LayerNorm(s) and {attention} "
-                 f"attention module(s) now run on gptfast, {len(self.already)} already did, "
-                 f"{len(self.skipped)} skipped"]
-        lines += [f"  skipped {name or '<root>'}: {why}" for name, why in self.skipped.items()]
-        return "\n".join(lines)
-
-
-def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, *,
-          layer_norm: bool = True, attention: bool = True, loss: bool = True):
-    """Make ``model`` compute its LayerNorms and causal attention with gptfast's ops, in place.
-
-    - Each exact ``torch.nn.LayerNorm`` over the last dim becomes a :class:`gptfast.nn.LayerNorm`
-      (its class is switched; :class:`LayerNorm` adds no state). LayerNorms over several dims
-      and subclasses of ``torch.nn.LayerNorm`` (which may override forward) are skipped.
-    - LayerNorm-like modules of other classes (nanoGPT's ``LayerNorm``: a 1-D ``weight``, an
-      optional ``bias``, no other state, ``F.layer_norm`` in forward) are recognised by what
-      they compute: their forward is checked against ``F.layer_norm`` on probe inputs (which
-      also pins ``eps``, from an ``eps``/``variance_epsilon`` attribute or 1e-5), and only a
-      match gets a forward on ``gptfast.layer_norm``. A module named "*Norm*" that does not
-      match (RMSNorm, GroupNorm...) is reported as skipped with the reason.
-    - nanoGPT-style attention (a module with ``c_attn``/``c_proj`` Linears and ``n_head``,
-      ``n_embd``, computing causal self-attention as nanoGPT's CausalSelfAttention) gets a
-      forward that runs ``gptfast.causal_attention``; in training with attention dropout > 0
-      it runs SDPA with that dropout instead, as nanoGPT's flash path does. Before switching
-      (``gptfast.patch_probe``), the module runs in fp64 on a probe as long as its block size
-      (its ``bias`` buffer, else a ``block_size``/``n_positions``... on the module, its config,
-      the model or the model's config, else 1024 tokens; capped so the probe's scores stay
-      within 512 MiB): a sliding window in its mask becomes ``causal_attention(window=w)``, any
-      other mask or other math (rotary embeddings, another scale...) leaves it alone, and
-      sequences longer than the probe run the module's own forward. Every dropout its training
-      forward applies, under any name, is traced: dropout on the attention probabilities (or
-      SDPA's ``dropout_p``) and on ``c_proj``'s returned output is kept, read from the same
-      submodule or attribute at each call; any other dropout leaves the module alone.
-      ``report.checked`` says what the probe found.
-    - Hugging Face ``GPT2Attention`` modules running the "sdpa" implementation (HF's default)
-      run through the attention function "gptfast", registered in transformers'
-      AttentionInterface (``gptfast.hf``): a pure causal call goes to gptfast's attention; any
-      other call (a padding mask, decoding with a KV cache, attention dropout in training) runs
-      HF's SDPA function, exactly as before. Cross-attention and models loaded with another
-      ``attn_implementation`` (eager, flash, flex) are skipped.
-    - Other Hugging Face models (Llama, Mistral, Qwen2...) running "sdpa" switch to
-      attn_implementation "gptfast" (``gptfast.hf``); their attention modules are reported
-      as ``"HF attention"``, or skipped with the reason.
-
-    - nanochat's ``GPT`` (recognised by structure) goes to ``gptfast.patching.nanochat``: its
-      module-level ``norm`` (process-wide; ``layer_norm=False`` keeps it), attention and, with
-      ``loss``, lm_head + softcap + cross-entropy as one fused loss; the report is a
-      ``NanochatReport``. ``gptfast.unpatch(model)`` undoes a patch.
-
-    Module objects keep their identity, Parameters, hooks and state_dict keys, so optimisers
-    already holding the parameters and existing checkpoints are unaffected. Patch before
-    ``torch.compile``. Patching twice is harmless: the second report lists the modules as
-    ``already`` on gptfast. Returns ``model``, or ``(model, PatchReport)``
-    with ``return_report=True``; ``verbose=True`` prints the report.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if nanochat.is_nanochat_gpt(model):
-        report = nanochat.patch(model, norm=layer_norm, attention=attention, loss=loss)
-        if verbose:
-            print(report)
-        return (model, report) if return_report else model
-    report = PatchReport()
-    for name, module in model.named_modules():
-        if _runs_on_gptfast(module):
-            report.already.append(name)
-        elif isinstance(module, nn.LayerNorm):
-            if layer_norm:
-                _patch_layer_norm(name, module, report)
-        elif layer_norm and _looks_like_layer_norm(module):
-            _patch_layer_norm_like(name, module, report)
-        elif attention:
-            _patch_attention(name, module, model, report)
-    if attention:
-        _patch_hf_model(model, report)
-    if verbose:
-        print(report)
-    return (model, report) if return_report else model
-
-
-def _patch_layer_norm(name: str, module: nn.LayerNorm, report: PatchReport) -> None:
-    if type(module) is not nn.LayerNorm:
-        report.skipped[name] = (f"{type(module).__qualname__} subclasses torch.nn.LayerNorm; its "
-                                "forward may differ, so it is left alone")
-    elif len(module.normalized_shape) != 1:
-        report.skipped[name] = (f"normalized_shape {tuple(module.normalized_shape)} spans more "
-                                "than the last dim")
-    else:
-        module._gptfast_replaced_class = type(module)  # for gptfast.unpatch
-        module.__class__ = LayerNorm
-        report._add(name, LAYER_NORM)
-
-
-def _patch_attention(name: str, module: nn.Module, root: nn.Module, report: PatchReport) -> None:
-    if _is_hf_gpt2_attention(module):
-        kind, reason, found = HF_GPT2_ATTENTION, _patch_hf_attention(module), None
-    elif _looks_like_nanogpt_attention(module):
-        kind = NANOGPT_ATTENTION
-        reason, found = _patch_nanogpt_attention(module, root)
-    else:
-        return
-    if reason is None:
-        report._add(name, kind)
-        if found is not None:
-            report.checked[name] = found
-    else:
-        report.skipped[name] = reason
-
-
-# ---------------------------------------------------------------- nanoGPT attention --
-
-def _looks_like_nanogpt_attention(module: nn.Module) -> bool:
-    if isinstance(module, CausalSelfAttention):  # gptfast's own: already on gptfast
-        return False
-    return all(hasattr(module, attr) for attr in ("c_attn", "c_proj", "n_head", "n_embd"))
-
-
-def _is_linear(module, in_features: int, out_features: int) -> bool:
-    return isinstance(module, nn.Linear) and (module.in_features, module.out_features) == (
-        in_features, out_features)
-
-
-def _nanogpt_shape_problem(module: nn.Module) -> Optional[str]:
-    n_head, n_embd = module.n_head, module.n_embd
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n_head, n_embd)) \
-            or n_embd % n_head:
-        return f"n_head={n_head!r}, n_embd={n_embd!r} are not positive ints with n_head | n_embd"
-    c_attn, c_proj = module.c_attn, module.c_proj
-    if not _is_linear(c_attn, n_embd, 3 * n_embd):
-        return f"c_attn is not a Linear({n_embd}, {3 * n_embd}) projecting to [q | k | v]"
-    if not _is_linear(c_proj, n_embd, n_embd):
-        return f"c_proj is not a Linear({n_embd}, {n_embd})"
-    return None
-
-
-def _nanogpt_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """nanoGPT's CausalSelfAttention.forward on gptfast.causal_attention, with the mask and
-    dropouts ``patch`` found in the module (``_gptfast_window``, ``_gptfast_dropout``)."""
-    if x.size(1) > self._gptfast_probe_length:  # longer than the probe proved: its own math
-        return type(self)._gptfast_original_class.forward(self, x)
-    y = _nanogpt_project(self, _nanogpt_attend(self, *_nanogpt_heads(self, x),
-                                               self._gptfast_window))
-    residual = self._gptfast_dropout.residual
-    return y if residual is None else residual.apply(self, y)
-
-
-def _nanogpt_heads(self, x: torch.Tensor) -> tuple:
-    """q, k, v (batch, n_head, seq, head_dim) from c_attn, as nanoGPT splits them."""
-    batch, seq, channels = x.size()
-    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-    return tuple(t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
-                 for t in (q, k, v))
-
-
-def _nanogpt_project(self, y: torch.Tensor) -> torch.Tensor:
-    """c_proj of the heads (batch, n_head, seq, head_dim) put back side by side."""
-    batch, _, seq, _ = y.shape
-    return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, self.n_embd))
-
-
-def _nanogpt_attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
-    attention = self._gptfast_dropout.attention
-    dropout_p = 0.0 if attention is None else attention.probability(self)
-    if dropout_p == 0.0:
-        return functional.causal_attention(q, k, v, window=window)
-    # SDPA applies the attention dropout, as nanoGPT's flash path does
-    if window is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    visible = reference.attention_mask(q.shape[-2], k.shape[-2], window=window, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
-
-
-def _probe_replacement(self, x: torch.Tensor, window: Optional[int]) -> torch.Tensor:
-    """The patched forward's math in eval mode with ``window``, for the mask probe."""
-    return _nanogpt_project(self, functional.causal_attention(*_nanogpt_heads(self, x),
-                                                               window=window))
-
-
-_PATCHED_CLASSES: dict = {}
-
-
-def _patched_class(original: type, kind: str) -> type:
-    """A subclass of ``original`` whose forward is ``_PATCHED_FORWARDS[kind]`` (one per class and kind).
-
-    It keeps the original's name; pickling and deepcopy go through :func:`_rebuild_patched`,
-    so a patched module survives both without this dynamically made class being importable.
-    """
-    patched = _PATCHED_CLASSES.get((original, kind))
-    if patched is None:
-        patched = type(original.__name__, (original,), {
-            "forward": _PATCHED_FORWARDS[kind],
-            "__reduce_ex__": _reduce_patched,
-            "_gptfast_original_class": original,
-            "_gptfast_kind": kind,
-            "__module__": original.__module__,
-            "__qualname__": original.__qualname__,
-        })
-        _PATCHED_CLASSES[(original, kind)] = patched
-    return patched
-
-
-def _rebuild_patched(original: type, kind: str) -> nn.Module:
-    return object.__new__(_patched_class(original, kind))
-
-
-def _reduce_patched(self, protocol):
-    cls = type(self)
-    return _rebuild_patched, (cls._gptfast_original_class, cls._gptfast_kind), self.__getstate__()
-
-
-def _runs_on_gptfast(module: nn.Module) -> bool:
-    """gptfast's own modules, and modules an earlier patch() switched."""
-    return (isinstance(module, (LayerNorm, CausalSelfAttention))
-            or getattr(type(module), "_gptfast_original_class", None) is not None
-            or bool(getattr(module, "_gptfast_attention", False)))
-
-
-def _patch_nanogpt_attention(module: nn.Module, root: nn.Module) -> tuple:
-    """(None, what was found) after switching the module, or (why not, None)."""
-    reason = _nanogpt_shape_problem(module)
-    if reason is None and module.c_attn.weight.device.type == "meta":
-        reason = "its parameters are on the meta device, so the patched forward cannot be checked"
-    if reason is not None:
-        return reason, None
-    original = type(module).forward
-    plan, reason = patch_probe.find_dropout_plan(module, original)
-    if reason is not None:
-        return reason, None
-    length = patch_probe.probe_length(module, root)
-    window, reason = patch_probe.probe_mask(module, length, original, _probe_replacement)
-    if reason is not None:
-        return reason, None
-    module._gptfast_window = window
-    module._gptfast_probe_length = length
-    module._gptfast_dropout = plan
-    module.__class__ = _patched_class(type(module), NANOGPT_ATTENTION)
-    mask = "causal" if window is None else f"sliding window {window}"
-    return None, f"{mask}, checked up to {length} tokens{_describe_dropout(plan)}"
-
-
-def _describe_dropout(plan) -> str:
-    kept = [f"{where} dropout from {source.name}" for where, source in
-            (("attention", plan.attention), ("residual", plan.residual)) if source is not None]
-    return "; keeps " + " and ".join(kept) if kept else ""
-
-
-# ------------------------------------------------------------ LayerNorm-like modules --
-
-_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
-
-
-def _looks_like_layer_norm(module: nn.Module) -> bool:
-    """A leaf whose state is a 1-D ``weight`` and an optional ``bias`` of the same shape."""
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    if next(module.children(), None) is not None or next(module.buffers(), None) is not None:
-        return False
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or weight.numel() == 0:
-        return False
-    if bias is not None and (not isinstance(bias, nn.Parameter) or bias.shape != weight.shape):
-        return False
-    allowed = {"weight"} | ({"bias"} if bias is not None else set())
-    return {name for name, _ in module.named_parameters(recurse=False)} == allowed
-
-
-def _layer_norm_like_eps(module: nn.Module) -> float:
-    for attribute in _EPS_ATTRIBUTES:
-        value = getattr(module, attribute, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
-    return 1e-5  # nanoGPT's LayerNorm passes 1e-5 to F.layer_norm in its forward
-
-
-def _layer_norm_like_forward(self, input: torch.Tensor) -> torch.Tensor:
-    """A LayerNorm-like module's forward on gptfast.layer_norm (its eps found by the probe)."""
-    return functional.layer_norm(input, self.weight, getattr(self, "bias", None), self._gptfast_eps)
-
-
-def _layer_norm_probe_mismatch(module: nn.Module, eps: float) -> Optional[str]:
-    """None when ``F.layer_norm`` with ``eps`` reproduces the module's forward, else why not.
-
-    The probe has ordinary rows and rows of variance ~1e-6, where a different eps shows.
-    """
-    weight, bias = module.weight, getattr(module, "bias", None)
-    if weight.device.type == "meta":
-        return "its parameters are on the meta device, so its forward cannot be checked"
-    generator = torch.Generator().manual_seed(0)
-    features = weight.numel()
-    x = torch.randn(2, 3, features, generator=generator, dtype=torch.float64)
-    x[1] = 0.5 + 1e-3 * x[1]
-    x = x.to(weight.device, weight.dtype)
-    try:
-        with torch.no_grad():
-            expected = type(module).forward(module, x)
-            actual = F.layer_norm(x, (features,), weight, bias, eps)
-    except Exception as err:
-        return f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
-    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
-        return "its forward does not return a tensor of its input's shape"
-    difference = patch_probe.probe_difference(expected, actual, full_precision_tolerance=1e-4)
-    if difference is not None:
-        return (f"its forward is not F.layer_norm over the last dim with eps={eps:g} on a probe "
-                f"input (max difference {difference:.2e}), so it is left alone")
-    return None
-
-
-def _patch_layer_norm_like(name: str, module: nn.Module, report: PatchReport) -> None:
-    eps = _layer_norm_like_eps(module)
-    reason = _layer_norm_probe_mismatch(module, eps)
-    if reason is None:
-        module._gptfast_eps = eps
-        module.__class__ = _patched_class(type(module), LAYER_NORM)
-        report._add(name, LAYER_NORM)
-    elif "norm" in type(module).__name__.lower():
-        report.skipped[name] = reason
-
-
-_PATCHED_FORWARDS = {
-    NANOGPT_ATTENTION: _nanogpt_attention_forward,
-    LAYER_NORM: _layer_norm_like_forward,
-}
-
-
-# ------------------------------------------------------------- Hugging Face GPT-2 --
-
-def _is_hf_gpt2_attention(module: nn.Module) -> bool:
-    return any(cls.__name__ == "GPT2Attention" and cls.__module__.startswith("transformers.")
-               for cls in type(module).__mro__)
-
-
-def hf_attention(module, query, key, value, attention_mask, **kwargs):
-    """The attention function registered as attn_implementation "gptfast":
-    :func:`gptfast.hf.attention_forward`."""
-    from .hf import attention_forward
-
-    return attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_hf_attention() -> Optional[str]:
-    """Registers "gptfast" with transformers (gptfast.hf.register); None or why not."""
-    from . import hf
-
-    try:
-        hf.register()
-    except RuntimeError as err:
-        return str(err)
-    return None
-
-
-def _patch_hf_model(model: nn.Module, report: PatchReport) -> None:
-    """Any transformers model but GPT-2 (above): its attn_implementation becomes "gptfast"."""
-    from . import hf  # imports transformers only for a transformers model
-
-    if report.names(HF_GPT2_ATTENTION) or not hf.is_transformers_model(model):
-        return
-    names, outcome = hf.switch_model(model)
-    for name in names:
-        if outcome is None:
-            report._add(name, HF_ATTENTION)
-        elif outcome == hf.ALREADY:
-            report.already.append(name)
-        else:
-            report.skipped[name] = outcome
-
-
-def _patch_hf_attention(module: nn.Module) -> Optional[str]:
-    if getattr(module, "is_cross_attention", False):
-        return "cross-attention (over encoder states, not causal) keeps HF's forward"
-    config = getattr(module, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", HF_IMPLEMENTATION):
-        return (f"the model runs attn_implementation={implementation!r}; gptfast.patch replaces "
-                "HF's default 'sdpa' (load the model with attn_implementation='sdpa' to patch it)")
-    reason = _register_hf_attention()
-    if reason is None:
-        config._attn_implementation = HF_IMPLEMENTATION
-        module._gptfast_attention = True
-    return reason
+# ----------------------------------------------------------- moved to gptfast.patching --
+
+# patch() lives in gptfast.patching (which builds on these modules); these names stay
+# importable from here, bound on first access by name, so nn never imports patching.
+_MOVED = {"patch": ("gptfast.patching", "patch"),
+          "PatchReport": ("gptfast.patching", "PatchReport"),
+          "hf_attention": ("gptfast.hf", "attention_forward")}
+
+
+def __getattr__(name):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _MOVED[name]
+    return getattr(importlib.import_module(module_name), attribute)

@@ -1,8 +1,21 @@
-"""``gptfast.patch`` by model family, and ``gptfast.unpatch``.
+"""``gptfast.patch(model)`` and ``gptfast.unpatch(model)``: foreign models on gptfast's ops.
 
-- :mod:`gptfast.patching.nanochat`: nanochat's GPT (norm, attention, fused softcapped loss).
-- nanoGPT-style modules and Hugging Face ``GPT2Attention``: still in :mod:`gptfast.nn`;
-  :func:`unpatch` undoes them from the marks their patch leaves on the modules.
+One file per model family, each recognising its own modules and probing them before it
+switches anything; all share :mod:`.probe` (running a module's own code on probe inputs),
+:mod:`.classes` (switching a module's class, and back) and :mod:`.report` (:class:`PatchReport`):
+
+- :mod:`.nanochat`: nanochat's GPT, recognised as a whole model and patched alone (its
+  module-level norm, attention, fused softcapped loss).
+- :mod:`.hf`: Hugging Face transformers (GPT-2's ``GPT2Attention`` module by module; any other
+  model switched to ``attn_implementation="gptfast"``).
+- :mod:`.nanogpt`: nanoGPT-style modules in any model (torch and nanoGPT LayerNorms,
+  ``c_attn``/``c_proj`` causal attention).
+
+A family is a module with either ``recognises(model)`` and ``patch(model, report, **parts)``
+(it takes the whole model: :data:`_WHOLE_MODEL`), or ``patch_module(name, module, root,
+report, **parts)`` returning whether it recognised the module, and optionally
+``patch_model(model, report, **parts)`` run after the walk (:data:`_PER_MODULE`, asked in
+order). Adding a family is adding a file and naming it in one of the two tuples.
 """
 
 from __future__ import annotations
@@ -11,11 +24,53 @@ import warnings
 
 from torch import nn
 
-from . import nanochat
+from . import classes, hf, nanochat, nanogpt
+from .report import PatchReport
 
-__all__ = ["unpatch", "nanochat"]
+__all__ = ["patch", "unpatch", "PatchReport"]
 
-_HF_IMPLEMENTATION = "gptfast"  # gptfast.nn.HF_IMPLEMENTATION (not imported: nn imports this)
+_WHOLE_MODEL = (nanochat,)
+_PER_MODULE = (hf, nanogpt)  # asked in this order for each module
+
+
+def patch(model: nn.Module, verbose: bool = False, return_report: bool = False, *,
+          layer_norm: bool = True, attention: bool = True, loss: bool = True):
+    """Make ``model`` compute its norms, causal attention (and, for nanochat, its loss) with
+    gptfast's ops, in place.
+
+    Each family (see the module docstring, and each family's module for what it recognises
+    and checks) probes a module's own forward before switching it: a module whose math
+    differs from what gptfast runs is left alone, named in ``report.skipped`` with the
+    reason; ``report.checked`` says what the probes found. ``layer_norm``, ``attention`` and
+    ``loss`` choose the parts.
+
+    Module objects keep their identity, Parameters, hooks and state_dict keys, so optimisers
+    already holding the parameters and existing checkpoints are unaffected. Patch before
+    ``torch.compile``. Patching twice is harmless: the second report lists the modules as
+    ``already`` on gptfast. Returns ``model``, or ``(model, PatchReport)`` with
+    ``return_report=True``; ``verbose=True`` prints the report. :func:`unpatch` undoes it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    report = PatchReport()
+    whole = next((family for family in _WHOLE_MODEL if family.recognises(model)), None)
+    if whole is not None:
+        whole.patch(model, report, layer_norm=layer_norm, attention=attention, loss=loss)
+    else:
+        parts = dict(layer_norm=layer_norm, attention=attention)
+        for name, module in model.named_modules():
+            if classes.runs_on_gptfast(module):
+                report.already.append(name)
+                continue
+            for family in _PER_MODULE:
+                if family.patch_module(name, module, model, report, **parts):
+                    break
+        for family in _PER_MODULE:
+            if hasattr(family, "patch_model"):
+                family.patch_model(model, report, **parts)
+    if verbose:
+        print(report)
+    return (model, report) if return_report else model
 
 
 def unpatch(model: nn.Module, verbose: bool = False) -> nn.Module:
@@ -31,7 +86,8 @@ def unpatch(model: nn.Module, verbose: bool = False) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = nanochat.unpatch(model)
     for name, module in model.named_modules():
-        if _undo_nn_patch(module):
+        hf.unpatch_module(module)
+        if classes.restore(module):
             restored.append(name or "<root>")
     if not restored:
         warnings.warn(f"gptfast.unpatch: nothing to undo, no module of this "
@@ -39,23 +95,3 @@ def unpatch(model: nn.Module, verbose: bool = False) -> nn.Module:
     elif verbose:
         print(f"gptfast.unpatch: restored {len(restored)}: {', '.join(restored)}")
     return model
-
-
-def _undo_nn_patch(module: nn.Module) -> bool:
-    """Undoes gptfast.nn's patch of one module (nanoGPT attention, LayerNorms, HF GPT2Attention)."""
-    state = vars(module)
-    original = getattr(type(module), "_gptfast_original_class", None)
-    if original is None:
-        original = state.get("_gptfast_replaced_class")  # an exact torch LayerNorm
-    hf = state.get("_gptfast_attention", False)
-    if original is None and not hf:
-        return False
-    if original is not None:
-        module.__class__ = original
-    if hf:
-        config = getattr(module, "config", None)
-        if getattr(config, "_attn_implementation", None) == _HF_IMPLEMENTATION:
-            config._attn_implementation = "sdpa"
-    for name in [name for name in state if name.startswith("_gptfast_")]:
-        delattr(module, name)
-    return True

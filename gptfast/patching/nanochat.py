@@ -29,8 +29,10 @@ own code computes:
   (15 in nanochat today) are read by the probe. ``targets=None`` returns the logits from
   nanochat's own forward.
 
-Patched modules switch class (to a subclass with another ``forward``); they keep identity,
-parameters, hooks and state_dict keys, and survive deepcopy and pickling.
+This family takes the whole model (:func:`recognises`): no other family looks at a nanochat
+GPT. Patched modules switch class (:mod:`.classes`: a subclass with another ``forward``); they
+keep identity, parameters, hooks and state_dict keys, and survive deepcopy and pickling. The
+probes use :mod:`.probe`'s shared helpers; the report is :class:`.report.PatchReport`.
 """
 
 from __future__ import annotations
@@ -46,65 +48,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backend, functional, patch_probe, reference
+from .. import backend, functional, reference
+from . import classes, probe
+from . import report as reports
+from .report import PatchReport
 
-NORM = "nanochat norm (module global)"
-ATTENTION = "nanochat attention"
-LOSS = "nanochat loss"
+NORM = reports.declare_kind("nanochat norm (module global)", reports.NORM)
+ATTENTION = reports.declare_kind("nanochat attention", reports.ATTENTION)
+LOSS = reports.declare_kind("nanochat loss", reports.LOSS)
 
 _GPT_ARGUMENTS = ("self", "idx", "targets", "kv_cache", "loss_reduction")
 _ATTENTION_ARGUMENTS = ("self", "x", "ve", "cos_sin", "window_size", "kv_cache")
 _ATTENTION_PARTS = ("c_q", "c_k", "c_v", "c_proj")
 _REDUCTIONS = ("mean", "none", "sum")
 _IGNORE_INDEX = -1  # nanochat's F.cross_entropy(..., ignore_index=-1); checked by the probe
-_FP64_TOLERANCE = 1e-7  # relative, as patch_probe's attention probe
+_FP64_TOLERANCE = 1e-7  # relative, as the nanoGPT attention probe
 _HALF = (torch.float16, torch.bfloat16)
-
-
-@dataclasses.dataclass
-class NanochatReport:
-    """What :func:`patch` did to a nanochat model (the fields of ``gptfast.nn.PatchReport``).
-
-    ``replaced`` names modules (and ``"<module>.norm"`` for a module-level norm), ``kinds``
-    maps them to ``"nanochat norm (module global)"``, ``"nanochat attention"`` or
-    ``"nanochat loss"``; ``checked`` says what the probes read (q/k scale, vocab, softcap);
-    ``process_wide`` lists the changes that reach beyond this model.
-    """
-
-    replaced: list = dataclasses.field(default_factory=list)
-    skipped: dict = dataclasses.field(default_factory=dict)
-    kinds: dict = dataclasses.field(default_factory=dict)
-    already: list = dataclasses.field(default_factory=list)
-    checked: dict = dataclasses.field(default_factory=dict)
-    process_wide: list = dataclasses.field(default_factory=list)
-
-    def names(self, kind: str) -> list:
-        return [name for name in self.replaced if self.kinds.get(name) == kind]
-
-    def _add(self, name: str, kind: str, found: Optional[str] = None) -> None:
-        self.replaced.append(name)
-        self.kinds[name] = kind
-        if found is not None:
-            self.checked[name] = found
-
-    def __str__(self):
-        counts = ", ".join(f"{len(self.names(kind))} {kind}" for kind in (NORM, ATTENTION, LOSS))
-        lines = [f"gptfast.patch (nanochat): {counts} now run on gptfast, {len(self.already)} "
-                 f"already did, {len(self.skipped)} skipped"]
-        lines += [f"  process-wide: {what}" for what in self.process_wide]
-        lines += [f"  skipped {name or '<root>'}: {why}" for name, why in self.skipped.items()]
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------- recognising --
 
-def _original_class(cls: type) -> type:
-    return getattr(cls, "_gptfast_original_class", cls)
-
-
 def _arguments(cls: type) -> tuple:
     try:
-        return tuple(inspect.signature(_original_class(cls).forward).parameters)
+        return tuple(inspect.signature(classes.original_class(cls).forward).parameters)
     except (TypeError, ValueError):
         return ()
 
@@ -130,41 +96,7 @@ def is_nanochat_attention(module) -> bool:
             and hasattr(module, "ve_gate") and _arguments(type(module)) == _ATTENTION_ARGUMENTS)
 
 
-# ------------------------------------------------------------------ class switching --
-
-_CLASSES: dict = {}
-
-
-def _switched_class(original: type, kind: str) -> type:
-    """A subclass of ``original`` (same name) whose forward is ``_FORWARDS[kind]``."""
-    switched = _CLASSES.get((original, kind))
-    if switched is None:
-        switched = type(original.__name__, (original,), {
-            "forward": _FORWARDS[kind], "__reduce_ex__": _reduce_switched,
-            "_gptfast_original_class": original, "_gptfast_kind": kind,
-            "__module__": original.__module__, "__qualname__": original.__qualname__,
-        })
-        _CLASSES[(original, kind)] = switched
-    return switched
-
-
-def _rebuild_switched(original: type, kind: str) -> nn.Module:
-    return object.__new__(_switched_class(original, kind))
-
-
-def _reduce_switched(self, protocol):
-    cls = type(self)
-    return _rebuild_switched, (cls._gptfast_original_class, cls._gptfast_kind), self.__getstate__()
-
-
-def _kind(module) -> Optional[str]:
-    return getattr(type(module), "_gptfast_kind", None)
-
-
-def _restore_class(module: nn.Module) -> None:
-    module.__class__ = _original_class(type(module))
-    for name in [name for name in vars(module) if name.startswith("_gptfast_")]:
-        delattr(module, name)
+_kind = classes.kind_of  # the kind a module was switched as
 
 
 # ----------------------------------------------------------------------------- norm --
@@ -190,7 +122,7 @@ def _norm_namespaces(model: nn.Module) -> dict:
     a global ``norm``."""
     found = {}
     for module in model.modules():
-        forward = getattr(_original_class(type(module)), "forward", None)
+        forward = getattr(classes.original_class(type(module)), "forward", None)
         code = getattr(forward, "__code__", None)
         if code is not None and "norm" in code.co_names and "norm" in forward.__globals__:
             found.setdefault(forward.__globals__.get("__name__", "?"), forward.__globals__)
@@ -222,7 +154,7 @@ def _norm_mismatch(norm: Callable) -> Optional[str]:
     return None
 
 
-def _patch_norms(model: nn.Module, report: NanochatReport) -> None:
+def _patch_norms(model: nn.Module, report: PatchReport) -> None:
     for module_name, namespace in _norm_namespaces(model).items():
         name = f"{module_name}.norm"
         swap = _NORM_SWAPS.get(module_name)
@@ -314,7 +246,7 @@ def _attention_forward(self, x, ve, cos_sin, window_size, kv_cache):
     left = _window_left(window_size, seq)
     tables = _rotary_tables(cos_sin, seq, self.head_dim // 2)
     if kv_cache is not None or left is None or tables is None:
-        return _original_class(type(self)).forward(self, x, ve, cos_sin, window_size, kv_cache)
+        return classes.original_class(type(self)).forward(self, x, ve, cos_sin, window_size, kv_cache)
     return _attend(self, x, ve, *tables, left, self._gptfast_qk_scale)
 
 
@@ -348,14 +280,14 @@ def _probe_attention(module: nn.Module) -> tuple:
     flash-attention's answer in fp64 (FA3 has no fp64): it gives the q and k the module hands
     to attention, hence the factor, and checks the call is causal with the window passed in.
     """
-    original = _original_class(type(module)).forward
+    original = classes.original_class(type(module)).forward
     namespace = original.__globals__
     if "flash_attn" not in original.__code__.co_names or "flash_attn" not in namespace:
         return None, "its forward does not call a module-level flash_attn namespace"
     weight = module.c_q.weight
     if weight.device.type == "meta":
         return None, "its parameters are on the meta device, so its forward cannot be checked"
-    dtype = patch_probe._probe_dtype(weight.device)
+    dtype = probe.probe_dtype(weight.device)
     generator = torch.Generator().manual_seed(0)
 
     def draw(*shape):
@@ -369,7 +301,7 @@ def _probe_attention(module: nn.Module) -> tuple:
     calls, saved = [], namespace["flash_attn"]
     try:
         namespace["flash_attn"] = _recording_flash_attn(calls)
-        with patch_probe._as_probe(module, training=False, dtype=dtype), \
+        with probe.as_probe(module, training=False, dtype=dtype), \
                 backend.use_backend("reference"):
             expected = original(module, x, ve, cos_sin, window, None)
             if len(calls) != 1:
@@ -393,7 +325,7 @@ def _probe_attention(module: nn.Module) -> tuple:
         return None, f"its forward could not be checked on a probe input ({type(err).__name__}: {err})"
     finally:
         namespace["flash_attn"] = saved
-    difference = patch_probe.probe_difference(expected, actual, _FP64_TOLERANCE
+    difference = probe.probe_difference(expected, actual, _FP64_TOLERANCE
                                               if dtype == torch.float64 else 1e-4)
     if difference is not None:
         return None, (f"its forward differs from nanochat's attention (rotary by -theta, QK "
@@ -402,7 +334,7 @@ def _probe_attention(module: nn.Module) -> tuple:
     return scale, None
 
 
-def _patch_attention(name: str, module: nn.Module, report: NanochatReport) -> None:
+def _patch_attention(name: str, module: nn.Module, report: PatchReport) -> None:
     if _kind(module) == ATTENTION:
         report.already.append(name)
         return
@@ -411,7 +343,7 @@ def _patch_attention(name: str, module: nn.Module, report: NanochatReport) -> No
         report.skipped[name] = reason
         return
     module._gptfast_qk_scale = scale
-    module.__class__ = _switched_class(type(module), ATTENTION)
+    module.__class__ = classes.switched_class(type(module), ATTENTION, _attention_forward)
     report._add(name, ATTENTION, f"q and k * {scale:g} after rotary and QK norm, causal with "
                                  "flash-attention's window_size; kv_cache calls keep nanochat's path")
 
@@ -456,7 +388,7 @@ def _fused_loss(model, x, targets, reduction, vocab: int, softcap: Optional[floa
 def _gpt_forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
     """nanochat's GPT.forward; with targets (no kv_cache), lm_head + softcap + cross-entropy
     run as one gptfast.linear_cross_entropy on lm_head's input."""
-    original = _original_class(type(self)).forward
+    original = classes.original_class(type(self)).forward
     if targets is None or kv_cache is not None or loss_reduction not in _REDUCTIONS:
         return original(self, idx, targets, kv_cache, loss_reduction)
     x, result = _head_input(self, original, idx, targets, loss_reduction)
@@ -504,11 +436,11 @@ def _read_softcap(model, original, idx) -> tuple:
                             f"output {tuple(chosen[0].shape)}")
     raw = chosen[0][..., :vocab].float()
     tolerance = 1e-5
-    if patch_probe.probe_difference(returned, raw, tolerance) is None:
+    if probe.probe_difference(returned, raw, tolerance) is None:
         return vocab, None, None
     at = raw.abs().argmax()
     softcap = _solve_softcap(raw.flatten()[at].abs().item(), returned.flatten()[at].abs().item())
-    difference = patch_probe.probe_difference(returned, softcap * torch.tanh(raw / softcap), tolerance)
+    difference = probe.probe_difference(returned, softcap * torch.tanh(raw / softcap), tolerance)
     if difference is not None:
         return None, None, (f"its logits are neither lm_head's nor softcap * tanh(logits / softcap) "
                             f"(closest softcap {softcap:g}, max difference {difference:.2e})")
@@ -518,7 +450,7 @@ def _read_softcap(model, original, idx) -> tuple:
 def _probe_loss(model: nn.Module) -> tuple:
     """``((vocab, softcap), None)`` when the fused loss reproduces the model's own loss
     ('none' and 'mean', targets with ignored -1 rows) on a small input, else ``(None, why)``."""
-    original = _original_class(type(model)).forward
+    original = classes.original_class(type(model)).forward
     weight = model.lm_head.weight
     if weight.device.type == "meta":
         return None, "its parameters are on the meta device, so its loss cannot be checked"
@@ -528,7 +460,7 @@ def _probe_loss(model: nn.Module) -> tuple:
     targets = torch.randint(0, tokens, (2, 6), generator=generator).to(weight.device)
     targets[0, 0] = targets[1, -1] = _IGNORE_INDEX
     try:
-        with patch_probe._as_probe(model, training=False), backend.use_backend("reference"):
+        with probe.as_probe(model, training=False), backend.use_backend("reference"):
             vocab, softcap, reason = _read_softcap(model, original, idx)
             if reason is not None:
                 return None, reason
@@ -540,7 +472,7 @@ def _probe_loss(model: nn.Module) -> tuple:
                 actual = _fused_loss(model, x, targets, reduction, vocab, softcap)
                 if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
                     return None, f"its loss with loss_reduction={reduction!r} is not F.cross_entropy's"
-                difference = patch_probe.probe_difference(expected, actual, 1e-4)
+                difference = probe.probe_difference(expected, actual, 1e-4)
                 if difference is not None:
                     return None, (f"its loss (reduction {reduction!r}) differs from "
                                   f"linear_cross_entropy(softcap={softcap}, ignore_index=-1) on a "
@@ -550,7 +482,7 @@ def _probe_loss(model: nn.Module) -> tuple:
     return (vocab, softcap), None
 
 
-def _patch_loss(model: nn.Module, report: NanochatReport) -> None:
+def _patch_loss(model: nn.Module, report: PatchReport) -> None:
     if _kind(model) == LOSS:
         report.already.append("")
         return
@@ -562,28 +494,31 @@ def _patch_loss(model: nn.Module, report: NanochatReport) -> None:
         report.skipped[""] = reason
         return
     model._gptfast_vocab, model._gptfast_softcap = found
-    model.__class__ = _switched_class(type(model), LOSS)
+    model.__class__ = classes.switched_class(type(model), LOSS, _gpt_forward)
     report._add("", LOSS, f"lm_head.weight[:{found[0]}] of {head.weight.shape[0]} rows, softcap "
                           f"{found[1]}, ignore_index -1, reductions 'mean'/'none'/'sum'")
 
 
-_FORWARDS = {ATTENTION: _attention_forward, LOSS: _gpt_forward}
-
 
 # ---------------------------------------------------------------------- entry points --
 
-def patch(model: nn.Module, *, norm: bool = True, attention: bool = True,
-          loss: bool = True) -> NanochatReport:
+def recognises(model: nn.Module) -> bool:
+    """The whole model is nanochat's GPT (:func:`is_nanochat_gpt`): this family patches it alone."""
+    return is_nanochat_gpt(model)
+
+
+def patch(model: nn.Module, report: PatchReport, *, layer_norm: bool = True,
+          attention: bool = True, loss: bool = True) -> None:
     """Patch a model :func:`is_nanochat_gpt` recognises, in place; see the module docstring.
 
-    ``norm``, ``attention``, ``loss`` choose the parts. Each part is probed first and left
-    alone, with the reason in the report, where its math differs from what gptfast runs.
+    ``layer_norm`` (the module-level norm), ``attention``, ``loss`` choose the parts. Each part
+    is probed first and left alone, with the reason in ``report``, where its math differs from
+    what gptfast runs.
     """
     if not is_nanochat_gpt(model):
         raise TypeError(f"{type(model).__name__} is not nanochat's GPT (lm_head, transformer.h, "
                         "forward(idx, targets, kv_cache, loss_reduction))")
-    report = NanochatReport()
-    if norm:
+    if layer_norm:
         _patch_norms(model, report)
     if attention:
         for name, module in model.named_modules():
@@ -591,7 +526,6 @@ def patch(model: nn.Module, *, norm: bool = True, attention: bool = True,
                 _patch_attention(name, module, report)
     if loss:
         _patch_loss(model, report)
-    return report
 
 
 def unpatch(model: nn.Module) -> list:
@@ -607,6 +541,6 @@ def unpatch(model: nn.Module) -> list:
                 del hooks[key]
             vars(module.lm_head).pop("_gptfast_stop", None)
         if kind in (LOSS, ATTENTION):
-            _restore_class(module)
+            classes.restore(module)
             restored.append(name or "<root>")
     return restored

@@ -1,6 +1,8 @@
-"""What ``gptfast.patch`` checks before it replaces a nanoGPT-style attention's forward.
+"""The probe every ``gptfast.patch`` family shares: run a module's own code on probe inputs.
 
-Two questions, each answered by running the module's own forward on probe inputs:
+Shared by every family: :func:`as_probe` (a module in a chosen mode and dtype, RNG and
+parameters restored), :func:`probe_dtype` and :func:`probe_difference`. For nanoGPT-style
+attention (``gptfast.patching.nanogpt``) it also answers two questions:
 
 - **Which mask?** (:func:`probe_mask`) The module runs in fp64 on a probe as long as its block
   size, and the replacement (plain causal) must reproduce it to fp64 precision. Where it does
@@ -31,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .. import backend
 
 # Probe lengths: the block size when the module or model names one, else DEFAULT; capped
 # where the fp64 probe's (heads, T, T) scores would pass _PROBE_SCORE_BYTES. A patched module
@@ -73,10 +77,10 @@ def probe_length(module: nn.Module, root: Optional[nn.Module] = None) -> int:
     return min(block_size(module, root) or DEFAULT_PROBE_LENGTH, cap)
 
 
-# ------------------------------------------------------------------ shared machinery --
+# ---------------------------------------------------------------- shared by families --
 
 @contextlib.contextmanager
-def _as_probe(module: nn.Module, training: bool, dtype: Optional[torch.dtype] = None):
+def as_probe(module: nn.Module, training: bool, dtype: Optional[torch.dtype] = None):
     """The module in ``training`` mode (and its floating tensors in ``dtype``), RNG untouched."""
     modes = {m: m.training for m in module.modules()}
     swapped = []
@@ -97,7 +101,7 @@ def _as_probe(module: nn.Module, training: bool, dtype: Optional[torch.dtype] = 
             m.training = mode
 
 
-def _probe_dtype(device: torch.device) -> torch.dtype:
+def probe_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
 
 
@@ -109,14 +113,12 @@ def probe_mask(module: nn.Module, length: int, original: Callable, replacement: 
     x)`` in eval mode on a probe of ``length`` tokens and a short one (window None: plain
     causal), else ``(None, why not)``."""
     weight = module.c_attn.weight
-    dtype = _probe_dtype(weight.device)
+    dtype = probe_dtype(weight.device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, length, module.n_embd, generator=generator, dtype=torch.float64)
     x = x.to(weight.device, dtype)
-    from . import backend
-
     try:
-        with _as_probe(module, training=False, dtype=dtype), backend.use_backend("reference"):
+        with as_probe(module, training=False, dtype=dtype), backend.use_backend("reference"):
             expected = original(module, x)
             if not isinstance(expected, torch.Tensor) or expected.shape != x.shape:
                 return None, "its forward does not return nanoGPT's (batch, seq, n_embd) tensor"
@@ -308,7 +310,7 @@ def find_dropout_plan(module: nn.Module, original: Callable) -> tuple[Optional[D
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(1, 5, module.n_embd, generator=generator).to(weight.device, weight.dtype)
     try:
-        with _as_probe(module, training=True):
+        with as_probe(module, training=True):
             return _plan(module, original, x)
     except Exception as err:
         return None, (f"its training forward could not be checked on a probe input "
