@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, loading with a version check, the random state of every
-generator, and the settings and tokenizer a checkpoint records."""
+generator, and the settings and tokenizer a checkpoint records. What goes into a checkpoint is
+assembled in :meth:`gptfast.train.trainer.Trainer.save` and read back in ``Trainer._restore``."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def seed_everything(seed: int) -> None:
 
 
 
-def _tokenizer_info(meta: Optional[dict]) -> Optional[dict]:
+def tokenizer_info(meta: Optional[dict]) -> Optional[dict]:
     """What gptfast sample needs to decode: the data's tiktoken encoding and rank file, or the
     characters of a nanoGPT meta.pkl vocabulary."""
     if meta is None:
@@ -82,9 +83,10 @@ def _tokenizer_info(meta: Optional[dict]) -> Optional[dict]:
     return {k: meta.get(k) for k in ("encoding", "tokenizer_file", "vocab_size", "eot_token")}
 
 
-def _saved_config(cfg, data, meta: Optional[dict]) -> dict:
-    """The settings (a TrainConfig; ``data`` is the run's DataFiles), plus nanoGPT's ``dataset`` for a meta.pkl vocabulary: nanoGPT's sample.py
-    then decodes with data/<dataset>/meta.pkl, as it does for its own checkpoints."""
+def saved_config(cfg, data, meta: Optional[dict]) -> dict:
+    """The settings (``cfg``, a TrainConfig), plus nanoGPT's ``dataset`` for a meta.pkl
+    vocabulary (the name of ``data.directory``, ``data`` the run's DataFiles): nanoGPT's
+    sample.py then decodes with data/<dataset>/meta.pkl, as it does for its own checkpoints."""
     config = dataclasses.asdict(cfg)
     if meta is not None and "meta_pkl" in meta:
         config["dataset"] = os.path.basename(os.path.normpath(data.directory))

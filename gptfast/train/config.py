@@ -72,14 +72,14 @@ class TrainConfig:
 
 
 
-def _field_types() -> dict:
+def field_types() -> dict:
     hints = typing.get_type_hints(TrainConfig)
     return {name: next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             for name, hint in hints.items()}
 
 
 def _coerce(name: str, value, source: str):
-    wanted = _field_types()[name]
+    wanted = field_types()[name]
     if value is None:
         return None
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):

@@ -1,11 +1,12 @@
-"""The command-line flags of ``gptfast train``: one per :class:`TrainConfig` field, with its help."""
+"""The command-line flags of ``gptfast train``: one per :class:`TrainConfig` field, with its
+help text."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from .config import CPU_DEFAULTS, TrainConfig, _field_types
+from .config import CPU_DEFAULTS, TrainConfig, field_types
 
 HELP = {
     "data": "data directory: token shards found by name (gptfast prepare's train_*.bin / "
@@ -89,7 +90,7 @@ def add_arguments(parser) -> None:
                      "names the ones applied.")
     parser.add_argument("--config", metavar="FILE.toml",
                         help="settings file (TrainConfig keys); command-line flags override it")
-    types = _field_types()
+    types = field_types()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default

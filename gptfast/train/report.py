@@ -14,7 +14,7 @@ import torch
 METRICS_NAME = "metrics.jsonl"
 
 
-def _format_train(r: dict) -> str:
+def format_train(r: dict) -> str:
     parts = [f"iter {r['iter']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
              f"{r['tokens_per_sec']:,.0f} tok/s"]
     if r["mfu"] is not None:
@@ -142,19 +142,19 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 
-def summary(t) -> str:
+def summary(trainer) -> str:
     """The line that opens a run: the model, device, attention, optimizer, dtype and iterations
-    of the trainer ``t``."""
-    cfg, config = t.cfg, t.raw_model.config
-    return (f"gptfast train: {t.raw_model.num_params() / 1e6:.2f}M parameters "
+    of the trainer ``trainer``."""
+    cfg, config = trainer.cfg, trainer.raw_model.config
+    return (f"gptfast train: {trainer.raw_model.num_params() / 1e6:.2f}M parameters "
             f"(n_layer {config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}, "
             f"vocab {config.vocab_size}, block {config.block_size}, "
-            f"{'' if config.bias else 'no '}bias{_modern_text(config)}) on {t.device}, "
+            f"{'' if config.bias else 'no '}bias{_modern_text(config)}) on {trainer.device}, "
             f"{_attention_text(cfg, config)}, optimizer {cfg.optimizer}, "
-            f"{str(t.dtype).removeprefix('torch.')}, backend {cfg.backend}"
-            f"{', compiled' if cfg.compile else ''}, {t.dist.world_size} rank(s); "
-            f"{t.tokens_per_iter:,} tokens per iteration; iterations "
-            f"{t.start_iter} -> {cfg.max_iters}")
+            f"{str(trainer.dtype).removeprefix('torch.')}, backend {cfg.backend}"
+            f"{', compiled' if cfg.compile else ''}, {trainer.dist.world_size} rank(s); "
+            f"{trainer.tokens_per_iter:,} tokens per iteration; iterations "
+            f"{trainer.start_iter} -> {cfg.max_iters}")
 
 
 def _attention_text(cfg, config) -> str:

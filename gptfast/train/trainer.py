@@ -15,14 +15,14 @@ import torch
 
 from .batches import (GPT2_PADDED_VOCAB, eot_token, find_data, make_loader, model_vocab_size,
                       read_data_meta)
-from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, _saved_config, _tokenizer_info,
+from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, saved_config, tokenizer_info,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import TrainConfig
 from .device import Distributed, autocast_dtype
 from .errors import EvaluationInterrupted, TrainError, TrainingDiverged
 from .loop import TrainResult, run_training
 from .model import build_model, saved_model_args, unwrap_model
-from .report import EvalProgress, Reporter, _format_train, peak_memory_gb
+from .report import EvalProgress, Reporter, format_train, peak_memory_gb
 from .schedule import learning_rate
 from .signals import StopRequest
 
@@ -260,7 +260,7 @@ class Trainer:
             "peak_memory_gb": peak_memory_gb(self.device),
             "elapsed_s": now - clock["start"],
         }
-        reporter.record(record, _format_train(record))
+        reporter.record(record, format_train(record))
         clock.update(iter=it + 1, time=time.perf_counter())
         self.data_wait = 0.0
         return loss_value
@@ -302,8 +302,8 @@ class Trainer:
             "iter_num": self.snapshot["iter_num"],
             "rng": rng,
             "world_size": self.dist.world_size,
-            "config": _saved_config(self.cfg, self.data, self.meta),
-            "tokenizer": _tokenizer_info(self.meta),
+            "config": saved_config(self.cfg, self.data, self.meta),
+            "tokenizer": tokenizer_info(self.meta),
             "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss,
         }
