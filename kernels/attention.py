@@ -1,9 +1,18 @@
-"""Fused causal attention (flash-attention style) forward and backward in Triton.
+"""Fused attention (flash-attention style), causal or bidirectional, forward and backward in Triton.
 
 Notation, per (batch, query head): Q (T, D), K and V (T, D) of the kv head the query head
 reads, ``scale`` (default 1/sqrt(D)):
 
-    S = scale * Q K^T,   P = softmax(S + causal mask),   O = P V
+    S = scale * Q K^T,   P = softmax(S + mask),   O = P V
+
+The mask keeps key j for query i when ``i - left <= j <= i + right`` (flash-attention's
+window (left, right), either side unlimited; causal: right = 0) and, with document ids,
+when both lie in one document. Row i so sees one contiguous band of keys
+[first_i, end_i), first_i = max(doc_start_i, i - left), end_i = min(doc_end_i, i + right + 1),
+both non-decreasing in i, and always contains i. The causal kernels (below) are the
+default; the ``BIDIRECTIONAL`` variants (constexpr, so the causal ones compile unchanged)
+bound every loop by the band: blocks outside it are skipped, blocks inside it for every row
+of the tile run unmasked, only the edge blocks are masked (:func:`_band_blocks`).
 
 Forward: each program owns BLOCK_M query rows and streams K/V in BLOCK_N tiles with the
 online softmax (running max m, running sum l, unnormalised accumulator), in fp32. Scores
@@ -47,7 +56,9 @@ second-order terms (``gptfast.double_backward``).
 
 Under torch.compile both passes are torch custom ops (``gptfast::causal_attention_forward``
 / ``gptfast::causal_attention_backward``) with fake implementations and a registered
-autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single graph nodes.
+autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single graph nodes;
+:func:`attention` (flash-attention's masks, optional lse) is ``gptfast::attention_forward``
+/ ``gptfast::attention_backward``, which take the window ints as they come.
 Eager calls run the same launchers under a plain autograd.Function.
 
 In the CPU interpreter (TRITON_INTERPRET=1) the kernels run with small fixed tiles; on GPU
@@ -1281,15 +1292,19 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None, window_rig
 
 
 def attention_backward(do, q, k, v, o, lse2, scale, atomic_dq=False, document_ids=None,
-                       window=None, window_right=0):
-    """Run the backward kernels: returns (dQ, dK, dV) in the dtypes of q, k, v."""
+                       window=None, window_right=0, dlse2=None):
+    """Run the backward kernels: returns (dQ, dK, dV) in the dtypes of q, k, v.
+
+    ``dlse2`` (B, H, T), the gradient of the forward's lse2 where it was used: since
+    d lse_i / d S_ij = P_ij, it adds P * dlse to dS, i.e. takes dlse (= dlse2 / ln 2) off
+    each row's delta."""
     with _on_device(q):
         return _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window,
-                                window_right)
+                                window_right, dlse2)
 
 
 def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, window=None,
-                     window_right=0):
+                     window_right=0, dlse2=None):
     b, h, t, d = q.shape
     hkv = k.shape[1]
     dq, dk, dv = _empty_bthd(q, h), _empty_bthd(k, hkv), _empty_bthd(v, hkv)
@@ -1302,6 +1317,8 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
     _bwd_delta_kernel[(b * h, triton.cdiv(t, block_t))](
         o, do, delta, *_bhtd_strides(o), *_bhtd_strides(do), h, t,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
+    if dlse2 is not None:
+        delta.sub_(dlse2.to(torch.float32), alpha=1.0 / math.log(2.0))
 
     tma_ok = _tma_ok(q, k, v, do)
     _tma_allocator(tma_ok)
@@ -1434,14 +1451,16 @@ def _fa_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     o: torch.Tensor, lse2: torch.Tensor, scale: float, atomic_dq: bool,
                     causal: bool, window_left: int, window_right: int,
                     document_ids: Optional[torch.Tensor] = None,
+                    dlse2: Optional[torch.Tensor] = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     window, right = kernel_windows(q.shape[2], causal, window_left, window_right)
-    return attention_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window, right)
+    return attention_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window, right,
+                              dlse2)
 
 
 @_fa_backward_op.register_fake
 def _fa_backward_fake(do, q, k, v, o, lse2, scale, atomic_dq, causal, window_left, window_right,
-                      document_ids=None):
+                      document_ids=None, dlse2=None):
     return _backward_fake(do, q, k, v, o, lse2, scale, atomic_dq)
 
 
@@ -1450,13 +1469,12 @@ def _fa_setup_context(ctx, inputs, output):
     o, lse2 = output
     ctx.save_for_backward(q, k, v, o, lse2, ids[0] if ids else None)
     ctx.masks = (scale, _ATOMIC_DQ, causal, window_left, window_right)
-    ctx.mark_non_differentiable(lse2)
 
 
-def _fa_backward(ctx, do, _dlse2):
+def _fa_backward(ctx, do, dlse2):
     q, k, v, o, lse2, document_ids = ctx.saved_tensors
     with torch.no_grad():
-        dq, dk, dv = _fa_backward_op(do, q, k, v, o, lse2, *ctx.masks, document_ids)
+        dq, dk, dv = _fa_backward_op(do, q, k, v, o, lse2, *ctx.masks, document_ids, dlse2)
     return (*_no_double_backward((dq, dk, dv)), None, None, None, None, None)
 
 
@@ -1535,15 +1553,17 @@ class _Attention(torch.autograd.Function):
         o, lse2 = attention_forward(q, k, v, scale, document_ids, window, right)
         ctx.save_for_backward(q, k, v, o, lse2, document_ids)
         ctx.scale, ctx.windows, ctx.atomic_dq = scale, (window, right), _ATOMIC_DQ
-        ctx.mark_non_differentiable(lse2)
+        ctx.set_materialize_grads(False)
         return o, lse2
 
     @staticmethod
-    def backward(ctx, do, _dlse2):
+    def backward(ctx, do, dlse2):
         q, k, v, o, lse2, document_ids = ctx.saved_tensors
+        if do is None:  # only the lse was used
+            do = torch.zeros_like(o)
         with torch.no_grad():
             dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq,
-                                            document_ids, *ctx.windows)
+                                            document_ids, *ctx.windows, dlse2)
         return (*_no_double_backward((dq, dk, dv)), None, None, None, None, None)
 
 
@@ -1552,7 +1572,9 @@ def attention(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
     """``gptfast.functional.attention`` on these kernels, for the cases
     :func:`attention_unsupported` accepts: Tq == Tk, causal or bidirectional, (left, right)
     windows, documents; with ``return_lse`` also the natural-log logsumexp (B, H, T) fp32
-    (the forward's lse2 * ln 2, not differentiable).
+    (the forward's lse2 * ln 2), differentiable as the reference's is: its gradient joins
+    the backward as a term of each row's delta (:func:`attention_backward`), at no cost when
+    the lse is not used.
 
     Under torch.compile this is the ``gptfast::attention_forward`` custom op, whose window
     ints are turned into kernel arguments only when it runs: layers with different windows
