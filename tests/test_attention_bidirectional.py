@@ -46,35 +46,39 @@ def make_ids(batch, seq, starts):
     return ids_from_starts(batch, seq, starts)
 
 
-def run_kernels(q, k, v, grad_out, document_ids, windows, scale):
+def run_kernels(q, k, v, grad_out, document_ids, windows, scale, grad_lse=None):
     """[O, dQ, dK, dV] and lse2 from the launchers, with the windows mapped as ``attention``
-    maps them (kernel_windows)."""
+    maps them (kernel_windows); ``grad_lse``: a gradient of the natural-log lse too."""
     window, right = attention.kernel_windows(q.shape[2], False, *windows)
     o, lse2 = attention.attention_forward(q, k, v, scale, document_ids, window, right)
+    dlse2 = None if grad_lse is None else grad_lse.float() * math.log(2)
     grads = attention.attention_backward(grad_out, q, k, v, o, lse2, scale,
                                          attention.atomic_dq_enabled(), document_ids, window,
-                                         right)
+                                         right, dlse2)
     return [o, *grads], lse2
 
 
-def run_reference(q, k, v, grad_out, document_ids, windows, scale):
+def run_reference(q, k, v, grad_out, document_ids, windows, scale, grad_lse=None):
     """[O, dQ, dK, dV] of ``reference.attention`` (causal=False) in the inputs' dtype, and its
     natural-log logsumexp."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse = reference.attention(*leaves, scale, False, *windows, document_ids, None, True)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [t.grad for t in leaves], lse
+    if grad_lse is None:
+        out.backward(grad_out.to(out.dtype))
+    else:
+        torch.autograd.backward((out, lse), (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return [out.detach()] + [t.grad for t in leaves], lse.detach()
 
 
-def check_against_fp64(q, k, v, grad_out, ids, windows, scale):
+def check_against_fp64(q, k, v, grad_out, ids, windows, scale, grad_lse=None):
     dtype = q.dtype
-    got, lse2 = run_kernels(q, k, v, grad_out, ids, windows, scale)
+    got, lse2 = run_kernels(q, k, v, grad_out, ids, windows, scale, grad_lse)
     for name, t in zip(("out", "dq", "dk", "dv"), got):
         assert t.dtype == dtype and t.shape == (q if name in ("out", "dq") else k).shape, name
         assert torch.isfinite(t).all(), name
     want, want_lse = run_reference(q.double(), k.double(), v.double(), grad_out.double(), ids,
-                                   windows, scale)
-    ref, _ = run_reference(q, k, v, grad_out, ids, windows, scale)
+                                   windows, scale, grad_lse)
+    ref, _ = run_reference(q, k, v, grad_out, ids, windows, scale, grad_lse)
     assert_as_good_as_reference(got, want, ref, dtype)
     want_lse2 = want_lse / math.log(2)
     bound = LSE_ULPS * torch.finfo(torch.float32).eps * max(want_lse2.abs().max().item(), 1.0)
@@ -120,7 +124,7 @@ def test_windows_and_documents_match_fp64(dtype, case):
 
 
 # Score magnitudes at the edges of each dtype (tests/test_attention_magnitudes.py), in every
-# config family. name -> (batch, heads, kv_heads, seq, document starts, windows, input kind)
+# config family, with a gradient on the lse as well as on the output. name -> (batch, heads, kv_heads, seq, document starts, windows, input kind)
 MAGNITUDE_CASES = {
     "full-wide-GQA": (1, 2, 1, 50, None, (-1, -1), "wide"),
     # every row sees one key, every score at the low edge: o == v
@@ -148,9 +152,11 @@ def test_every_config_family_at_dtype_edges(family, dtype, case):
                           generator)
     v = torch.randn(batch, kv_heads, seq, HEAD_DIM, generator=generator, dtype=torch.float64)
     grad_out = torch.randn(batch, heads, seq, HEAD_DIM, generator=generator, dtype=torch.float64)
+    # the lse's gradient too (its fp32 rows): dS gains P * dlse, taken off each row's delta
+    grad_lse = torch.randn(batch, heads, seq, generator=generator, dtype=torch.float64)
     q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
     check_against_fp64(q, k, v, grad_out, make_ids(batch, seq, starts), windows,
-                       HEAD_DIM ** -0.5)
+                       HEAD_DIM ** -0.5, grad_lse)
     family.check_it_ran()
 
 
@@ -173,11 +179,14 @@ ISOLATION = {
     # documents [0, 32), [32, 64), [64, 96): the middle one sees nothing of the others
     "documents": (96, [32, 64], (-1, -1), slice(32, 64), slice(32, 64)),
     "documents-window": (96, [32, 64], (3, 2), slice(32, 64), slice(32, 64)),
-    # no documents, window (3, 2): the query tiles [32, 64) and [64, 96) see keys [29, 98),
-    # the key tiles of the same rows queries [30, 99), and the key tiles [0, 32) and
-    # [96, 128) add (atomic dQ) into query rows [0, 48) and [80, 128): 16-row blocks below 16
-    # and from 112 on are in no band of rows [48, 80)
-    "window": (128, None, (3, 2), slice(16, 112), slice(48, 80)),
+    # no documents, window (3, 2), NaN in rows < 13 and >= 179. Loading is per tile, so NaN
+    # reaches more than the rows that see it: the forward tiles [0, 32) and [160, 192) load
+    # the NaN value rows for their rows 13..18 and 174..178 (masked P 0 times NaN V), so all
+    # their outputs, hence the deltas of rows [0, 32) and [160, 192), are NaN. The rows
+    # [64, 128) and their bands stay clear of both: their query tiles load keys [48, 144),
+    # their key tiles queries [48, 144), and the other key tiles adding into their dQ
+    # (atomic) read only their own clean rows.
+    "window": (192, None, (3, 2), slice(13, 179), slice(64, 128)),
 }
 
 
