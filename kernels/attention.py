@@ -1573,8 +1573,9 @@ def attention(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
     :func:`attention_unsupported` accepts: Tq == Tk, causal or bidirectional, (left, right)
     windows, documents; with ``return_lse`` also the natural-log logsumexp (B, H, T) fp32
     (the forward's lse2 * ln 2), differentiable as the reference's is: its gradient joins
-    the backward as a term of each row's delta (:func:`attention_backward`), at no cost when
-    the lse is not used.
+    the backward as a term of each row's delta (:func:`attention_backward`); an unused lse
+    costs nothing in eager mode and one (B, H, T) subtraction of zeros under torch.compile
+    (autograd hands the op a zero gradient).
 
     Under torch.compile this is the ``gptfast::attention_forward`` custom op, whose window
     ints are turned into kernel arguments only when it runs: layers with different windows
