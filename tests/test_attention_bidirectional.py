@@ -345,8 +345,10 @@ def test_custom_ops_pass_opcheck():
     for masks in ((False, 2, 1, ids), (False, -1, -1, None), (True, 3, -1, None)):
         torch.library.opcheck(forward, (q, k, v, 0.25, *masks))
         out, lse2 = forward(q, k, v, 0.25, *masks)
-        saved = (q.detach(), k.detach(), v.detach(), out.detach(), lse2)
+        saved = (q.detach(), k.detach(), v.detach(), out.detach(), lse2.detach())
         torch.library.opcheck(backward, (torch.randn_like(out), *saved, 0.25, False, *masks))
+        torch.library.opcheck(backward, (torch.randn_like(out), *saved, 0.25, False, *masks,
+                                         torch.randn_like(lse2)))
 
 
 def test_double_backward_raises(triton_backend):
