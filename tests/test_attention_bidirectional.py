@@ -117,14 +117,15 @@ CASES = {
 def test_windows_and_documents_match_fp64(dtype, case):
     batch, heads, kv_heads, seq, head_dim, starts, windows = case
     generator = torch.Generator().manual_seed(seq + head_dim)
+    q_shape, kv_shape = (batch, heads, seq, head_dim), (batch, kv_heads, seq, head_dim)
     q, k, v, grad_out = (torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-                         for shape in ((batch, heads, seq, head_dim), (batch, kv_heads, seq, head_dim),
-                                       (batch, kv_heads, seq, head_dim), (batch, heads, seq, head_dim)))
+                         for shape in (q_shape, kv_shape, kv_shape, q_shape))
     check_against_fp64(q, k, v, grad_out, make_ids(batch, seq, starts), windows, head_dim ** -0.5)
 
 
 # Score magnitudes at the edges of each dtype (tests/test_attention_magnitudes.py), in every
-# config family, with a gradient on the lse as well as on the output. name -> (batch, heads, kv_heads, seq, document starts, windows, input kind)
+# config family, with a gradient on the lse as well as on the output.
+# name -> (batch, heads, kv_heads, seq, document starts, windows, input kind)
 MAGNITUDE_CASES = {
     "full-wide-GQA": (1, 2, 1, 50, None, (-1, -1), "wide"),
     # every row sees one key, every score at the low edge: o == v
