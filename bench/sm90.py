@@ -374,6 +374,17 @@ def attention_cases(subset: str):
                    shape, dtype,
                    lambda q=q, k=k, v=v, o=o, lse2=lse2, do=do, s=scale, a=atomic, i=ids:
                    attn._launch_backward(do, q, k, v, o, lse2, s, a, i, window))
+        # bidirectional (causal=False): no window, and documents with (left, right) windows
+        for name, i, w, right in (("bidirectional", None, None, None),
+                                  ("bidirectional documents+windows", ids, window, window)):
+            yield (f"attention fwd {name}", shape, dtype,
+                   lambda q=q, k=k, v=v, s=scale, i=i, w=w, r=right:
+                   attn.attention_forward(q, k, v, s, i, w, r))
+            for atomic in (False, True):
+                yield (f"attention bwd {'atomic_dq' if atomic else 'deterministic'} {name}",
+                       shape, dtype,
+                       lambda q=q, k=k, v=v, o=o, lse2=lse2, do=do, s=scale, a=atomic, i=i, w=w,
+                       r=right: attn._launch_backward(do, q, k, v, o, lse2, s, a, i, w, r))
 
 
 def layernorm_cases(subset: str):

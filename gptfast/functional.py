@@ -371,7 +371,7 @@ def attention(q, k, v, scale=None, *, causal=True, window_left=-1, window_right=
     non-decreasing, only with Tq == Tk: also the same document. scale defaults to 1/sqrt(D).
 
     Returns the output (B, H, Tq, D) in q's dtype, and with ``return_lse`` also the natural-log
-    logsumexp of each row's scaled scores, (B, H, Tq) fp32 (not differentiable). A row that
+    logsumexp of each row's scaled scores, (B, H, Tq) fp32 (differentiable). A row that
     sees no key gets output 0 and logsumexp -inf. See ``gptfast.reference.attention``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):

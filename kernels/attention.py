@@ -1,9 +1,18 @@
-"""Fused causal attention (flash-attention style) forward and backward in Triton.
+"""Fused attention (flash-attention style), causal or bidirectional, forward and backward in Triton.
 
 Notation, per (batch, query head): Q (T, D), K and V (T, D) of the kv head the query head
 reads, ``scale`` (default 1/sqrt(D)):
 
-    S = scale * Q K^T,   P = softmax(S + causal mask),   O = P V
+    S = scale * Q K^T,   P = softmax(S + mask),   O = P V
+
+The mask keeps key j for query i when ``i - left <= j <= i + right`` (flash-attention's
+window (left, right), either side unlimited; causal: right = 0) and, with document ids,
+when both lie in one document. Row i so sees one contiguous band of keys
+[first_i, end_i), first_i = max(doc_start_i, i - left), end_i = min(doc_end_i, i + right + 1),
+both non-decreasing in i, and always contains i. The causal kernels (below) are the
+default; the ``BIDIRECTIONAL`` variants (constexpr, so the causal ones compile unchanged)
+bound every loop by the band: blocks outside it are skipped, blocks inside it for every row
+of the tile run unmasked, only the edge blocks are masked (:func:`_band_blocks`).
 
 Forward: each program owns BLOCK_M query rows and streams K/V in BLOCK_N tiles with the
 online softmax (running max m, running sum l, unnormalised accumulator), in fp32. Scores
@@ -47,7 +56,9 @@ second-order terms (``gptfast.double_backward``).
 
 Under torch.compile both passes are torch custom ops (``gptfast::causal_attention_forward``
 / ``gptfast::causal_attention_backward``) with fake implementations and a registered
-autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single graph nodes.
+autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single graph nodes;
+:func:`attention` (flash-attention's masks, optional lse) is ``gptfast::attention_forward``
+/ ``gptfast::attention_backward``, which take the window ints as they come.
 Eager calls run the same launchers under a plain autograd.Function.
 
 In the CPU interpreter (TRITON_INTERPRET=1) the kernels run with small fixed tiles; on GPU
@@ -181,7 +192,8 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     row_start=None, window=None,
-                    DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False):
+                    DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False,
+                    row_end=None, BAND_MASK: tl.constexpr = False):
     """Online softmax over key blocks [lo, hi) for one tile of query rows.
 
     With m2 the running row max of ``S * log2(e)`` and l the running row sum:
@@ -191,7 +203,8 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         acc = acc * exp2(m2 - m2') + P V
     ``CAUSAL_MASK`` (diagonal band only) drops keys after the query row; ``DOCUMENT_MASK``
     keys before the row's document start ``row_start``, ``WINDOW_MASK`` keys ``window`` or
-    more positions back. With either, a row may see no key of a block before its first
+    more positions back; ``BAND_MASK`` (bidirectional) keeps keys [row_start, row_end) of
+    each row. With any of them, a row may see no key of a block before its first
     visible one: its running max stays -inf (so the first key it does see sets the max,
     however far below 0 its score is), and only the exp2 arguments read it as 0, so that
     exp2(-inf - -inf) never makes a NaN: P and alpha come out 0 while the row has seen nothing.
@@ -209,9 +222,12 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
             qk = tl.where(offs_n[None, :] >= row_start[:, None], qk, float("-inf"))
         if WINDOW_MASK:
             qk = tl.where(offs_m[:, None] - offs_n[None, :] < window, qk, float("-inf"))
+        if BAND_MASK:
+            qk = tl.where((offs_n[None, :] >= row_start[:, None])
+                          & (offs_n[None, :] < row_end[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_exp = m_new  # the max subtracted in the exp2 arguments: finite
-        if DOCUMENT_MASK or WINDOW_MASK:
+        if DOCUMENT_MASK or WINDOW_MASK or BAND_MASK:
             m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale - m_exp[:, None])
         alpha = tl.math.exp2(m_i - m_exp)
@@ -255,6 +271,54 @@ def _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
 
 
 @triton.jit
+def _band(DOC_START, DOC_END, idx, T, before, after, DOCUMENTS: tl.constexpr,
+          LIMIT_BEFORE: tl.constexpr, LIMIT_AFTER: tl.constexpr):
+    """(first, end) of the positions visible from position(s) ``idx`` on the other axis of a
+    bidirectional mask: [max(doc_start, idx - before, 0), min(doc_end, idx + after, T)), each
+    side limited only where its flag says. Both bounds never decrease with idx. Positions
+    >= T (tile padding) may get an empty band."""
+    first = idx * 0
+    end = idx * 0 + T
+    if DOCUMENTS:
+        first = tl.load(DOC_START + idx, mask=idx < T, other=0)
+        end = tl.load(DOC_END + idx, mask=idx < T, other=0)
+    if LIMIT_BEFORE:
+        first = tl.maximum(first, idx - before)
+    if LIMIT_AFTER:
+        end = tl.minimum(end, idx + after)
+    return tl.maximum(first, 0), tl.minimum(end, T)
+
+
+@triton.jit
+def _band_blocks(DOC_START, DOC_END, batch, start, offs, T, before, after,
+                 BLOCK: tl.constexpr, STEP: tl.constexpr, DOCUMENTS: tl.constexpr,
+                 LIMIT_BEFORE: tl.constexpr, LIMIT_AFTER: tl.constexpr):
+    """Where the tile [start, start + BLOCK) of one axis looks on the other, under a
+    bidirectional mask (:func:`_band`), in STEP-sized blocks.
+
+    Returns (lo, full_lo, full_hi, hi, first, end), the bounds multiples of STEP: blocks
+    outside [lo, hi) are seen by no position of the tile (skipped); [full_lo, full_hi) by
+    every one, all below T (unmasked); [lo, full_lo) and [full_hi, hi) are the edges,
+    masked by the per-position bands [first, end).
+    """
+    if DOCUMENTS:
+        DOC_START += batch * T
+        DOC_END += batch * T
+    last = tl.minimum(start + BLOCK, T) - 1
+    first_start, end_start = _band(DOC_START, DOC_END, start, T, before, after,
+                                   DOCUMENTS, LIMIT_BEFORE, LIMIT_AFTER)
+    first_last, end_last = _band(DOC_START, DOC_END, last, T, before, after,
+                                 DOCUMENTS, LIMIT_BEFORE, LIMIT_AFTER)
+    first, end = _band(DOC_START, DOC_END, offs, T, before, after,
+                       DOCUMENTS, LIMIT_BEFORE, LIMIT_AFTER)
+    lo = first_start // STEP * STEP
+    hi = tl.maximum((end_last + STEP - 1) // STEP * STEP, lo)
+    full_lo = tl.minimum(tl.maximum((first_last + STEP - 1) // STEP * STEP, lo), hi)
+    full_hi = tl.maximum(tl.minimum(end_start // STEP * STEP, hi), full_lo)
+    return lo, full_lo, full_hi, hi, first, end
+
+
+@triton.jit
 def _query_tile(H, GROUP, BLOCK_M: tl.constexpr):
     """(batch * H + head, first query row, batch, head, kv head) of a program on the grid
     (B * H, cdiv(T, BLOCK_M)); query blocks are taken last-first, so the blocks that see the
@@ -292,7 +356,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      EVEN_T: tl.constexpr, DOC_START=None, window=None,
                      DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
                      TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False,
-                     BH=1, PERSISTENT: tl.constexpr = 0):
+                     BH=1, PERSISTENT: tl.constexpr = 0, DOC_END=None, window_right=None,
+                     BIDIRECTIONAL: tl.constexpr = False, SLIDING_RIGHT: tl.constexpr = False):
     """O and lse2 for BLOCK_M query rows of one (batch, query head).
 
     Grid (B * H, cdiv(T, BLOCK_M)). Query blocks are taken last-first: the last blocks see
@@ -301,6 +366,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
     they run unmasked; keys [start_m, start_m + BLOCK_M) are the masked diagonal band.
     With ``DOCUMENTS``/``SLIDING`` the tile's keys before the diagonal begin at
     :func:`_visible_keys`' bounds: blocks before ``lo`` are skipped, [lo, full_lo) masked.
+    With ``BIDIRECTIONAL`` row i sees keys [first_i, end_i) (:func:`_band`: its document,
+    ``window`` - 1 keys back if ``SLIDING``, ``window_right`` ahead if ``SLIDING_RIGHT``),
+    visited as :func:`_band_blocks` says: skipped, unmasked, or masked at the two edges.
     With ``PERSISTENT`` (programs per SM) the grid is min(tiles, SMs * PERSISTENT) programs,
     each looping over the tiles of that grid (``BH`` = B * H) in the same order.
     """
@@ -315,7 +383,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                            stride_vb, stride_vh, stride_vt, stride_vd,
                            stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
                            HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_T,
-                           DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+                           DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
+                           DOC_END, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
     else:
         pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
         _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
@@ -324,7 +393,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
                        HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_T,
-                       DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+                       DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
+                       DOC_END, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
 
 
 @triton.jit
@@ -336,7 +406,8 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                    DOC_START, window, DOCUMENTS: tl.constexpr, SLIDING: tl.constexpr,
-                   TMA: tl.constexpr, TMA_OK: tl.constexpr):
+                   TMA: tl.constexpr, TMA_OK: tl.constexpr, DOC_END, window_right,
+                   BIDIRECTIONAL: tl.constexpr, SLIDING_RIGHT: tl.constexpr):
     """The forward's work on one query tile (see _attn_fwd_kernel)."""
     Q_head = Q + batch * stride_qb + head * stride_qh
     K_head = K + batch * stride_kb + kv_head * stride_kh
@@ -355,31 +426,55 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_lo = 0
-    row_start = offs_m
-    if DOCUMENTS or SLIDING:
-        lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
-                                               BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
-        # Keys some rows of the tile may not see: masked.
+    if BIDIRECTIONAL:
+        lo, full_lo, full_hi, hi, row_first, row_end = _band_blocks(
+            DOC_START, DOC_END, batch, start_m, offs_m, T, window - 1, window_right + 1,
+            BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING, SLIDING_RIGHT)
+        # The edges, masked per row; a row's first visible key may lie in either.
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
                                         stride_kt, stride_kd, stride_vt, stride_vd,
                                         offs_m, lo, full_lo, T, qk_scale,
-                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION,
-                                        row_start, window, DOCUMENTS, SLIDING)
-    # Below the diagonal: keys < start_m <= T, no mask of any kind.
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                    stride_kt, stride_kd, stride_vt, stride_vd,
-                                    offs_m, full_lo, start_m, T, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
-    # The diagonal band. Every row sees at least key start_m, so m_i is finite afterwards.
-    # (With document or window masks every row still sees itself, in this band.)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                    stride_kt, stride_kd, stride_vt, stride_vd,
-                                    offs_m, start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
-                                    row_start, window, DOCUMENTS, SLIDING)
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T,
+                                        DOT_PRECISION, row_first, row_end=row_end,
+                                        BAND_MASK=True)
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                        stride_kt, stride_kd, stride_vt, stride_vd,
+                                        offs_m, full_hi, hi, T, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T,
+                                        DOT_PRECISION, row_first, row_end=row_end,
+                                        BAND_MASK=True)
+        # Keys every row of the tile sees (all < T): no mask of any kind.
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                        stride_kt, stride_kd, stride_vt, stride_vd,
+                                        offs_m, full_lo, full_hi, T, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+    else:
+        full_lo = 0
+        row_start = offs_m
+        if DOCUMENTS or SLIDING:
+            lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
+                                                   BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
+            # Keys some rows of the tile may not see: masked.
+            acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                            stride_kt, stride_kd, stride_vt, stride_vd,
+                                            offs_m, lo, full_lo, T, qk_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_N, False, False,
+                                            DOT_PRECISION, row_start, window, DOCUMENTS, SLIDING)
+        # Below the diagonal: keys < start_m <= T, no mask of any kind.
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                        stride_kt, stride_kd, stride_vt, stride_vd,
+                                        offs_m, full_lo, start_m, T, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+        # The diagonal band. Every row sees at least key start_m, so m_i is finite afterwards.
+        # (With document or window masks every row still sees itself, in this band.)
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
+                                        stride_kt, stride_kd, stride_vt, stride_vd,
+                                        offs_m, start_m, tl.minimum(start_m + BLOCK_M, T), T,
+                                        qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T,
+                                        DOT_PRECISION, row_start, window, DOCUMENTS, SLIDING)
 
-    if DOCUMENTS or SLIDING:  # padded rows >= T may see no key: l = 1 keeps their (unstored) O 0
+    if DOCUMENTS or SLIDING or BIDIRECTIONAL:
+        # padded rows >= T may see no key: l = 1 keeps their (unstored) O 0
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     lse2 = m_i + tl.math.log2(l_i)
     o = acc / l_i[:, None]
@@ -429,7 +524,8 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
                            CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
                            ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            key_end=None, window=None,
-                           DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False):
+                           DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False,
+                           key_first=None, BAND_MASK: tl.constexpr = False):
     """Add the query blocks [lo, hi) of one query head to a key block's dK/dV.
 
     Works on transposed scores so the key rows stay the M dimension of every matmul:
@@ -437,7 +533,8 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
         dP^T = V dO^T      dS^T = P^T * (dP^T - delta)      dK += dS^T Q
     With ``ATOMIC_DQ`` it also adds scale * dS K into the fp32 dQ buffer. ``DOCUMENT_MASK``
     drops queries at or after the key's document end ``key_end``, ``WINDOW_MASK`` queries
-    ``window`` or more positions after the key.
+    ``window`` or more positions after the key; ``BAND_MASK`` (bidirectional) keeps the
+    queries [key_first, key_end) of each key.
     """
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
@@ -454,6 +551,9 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
             p_t = tl.where(offs_m[None, :] < key_end[:, None], p_t, 0.0)
         if WINDOW_MASK:
             p_t = tl.where(offs_m[None, :] - offs_n[:, None] < window, p_t, 0.0)
+        if BAND_MASK:
+            p_t = tl.where((offs_m[None, :] >= key_first[:, None])
+                           & (offs_m[None, :] < key_end[:, None]), p_t, 0.0)
         # Rows >= T load q = dO = lse2 = delta = 0: p is finite there and dO = delta = 0
         # make their dV, dK (and dQ) contributions exactly zero.
         do = _load_rows(DO_head, start_m, stride_dot, stride_dod, offs_m, offs_d, T,
@@ -495,7 +595,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                           DOC_END=None, window=None,
                           DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
                           TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False,
-                          BHKV=1, PERSISTENT: tl.constexpr = 0):
+                          BHKV=1, PERSISTENT: tl.constexpr = 0, DOC_START=None, window_right=None,
+                          BIDIRECTIONAL: tl.constexpr = False,
+                          SLIDING_RIGHT: tl.constexpr = False):
     """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
 
     Grid (B * HKV, cdiv(T, BLOCK_N)). The first key blocks are seen by the most queries,
@@ -507,6 +609,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
     last_j = min(doc_end_j, j + window), which never decreases with j: queries before the
     first key's bound see every key of the block (unmasked), queries from there up to the
     last key's bound are masked (with the bounds check), and later ones are skipped.
+    With ``BIDIRECTIONAL`` key j is seen by queries [max(doc_start_j, j - window_right),
+    min(doc_end_j, j + window)): :func:`_band` with the two windows swapped, visited as
+    :func:`_band_blocks` says.
     With ``PERSISTENT`` (programs per SM) the grid is min(tiles, SMs * PERSISTENT) programs,
     each looping over the tiles of that grid (``BHKV`` = B * HKV) in the same order.
     """
@@ -527,7 +632,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                                 stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                                 H, T, GROUP, qk_scale, sm_scale,
                                 HEAD_DIM, BLOCK_D, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                                EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+                                EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
+                                DOC_START, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
     else:
         pid_bh = tl.program_id(0)
         start_n = tl.program_id(1) * BLOCK_N
@@ -543,7 +649,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                             stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                             H, T, GROUP, qk_scale, sm_scale,
                             HEAD_DIM, BLOCK_D, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                            EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK)
+                            EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
+                            DOC_START, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
 
 
 @triton.jit
@@ -560,7 +667,8 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
                         ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                         DOC_END, window, DOCUMENTS: tl.constexpr, SLIDING: tl.constexpr,
-                        TMA: tl.constexpr, TMA_OK: tl.constexpr):
+                        TMA: tl.constexpr, TMA_OK: tl.constexpr, DOC_START, window_right,
+                        BIDIRECTIONAL: tl.constexpr, SLIDING_RIGHT: tl.constexpr):
     """The dK/dV work on one key block (see _attn_bwd_dkdv_kernel)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -573,65 +681,107 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    diagonal_end = tl.minimum(start_n + BLOCK_N, T)
-    full_end = diagonal_end + (tl.maximum(T - diagonal_end, 0) // BLOCK_M) * BLOCK_M
-    edge_end = T
-    key_end = offs_n
-    if DOCUMENTS or SLIDING:
-        last_key = diagonal_end - 1
-        hi = T + start_n * 0
-        full_hi = T + start_n * 0
-        if DOCUMENTS:
-            ends = DOC_END + batch * T
-            key_end = tl.load(ends + offs_n, mask=offs_n < T, other=0)
-            full_hi = tl.load(ends + start_n)
-            hi = tl.load(ends + last_key)
-        if SLIDING:
-            full_hi = tl.minimum(full_hi, start_n + window)
-            hi = tl.minimum(hi, last_key + window)
-        full_end = tl.minimum(full_end, tl.maximum(full_hi // BLOCK_M * BLOCK_M, diagonal_end))
-        edge_end = tl.maximum((hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_end)  # hi <= T
-    for group_index in range(GROUP):
-        head = kv_head * GROUP + group_index
-        Q_head = Q + batch * stride_qb + head * stride_qh
-        DO_head = DO + batch * stride_dob + head * stride_doh
-        DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
-        Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
-        DO_head = _tile_source(DO_head, stride_dot, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
-        row_stats = (batch * H + head) * T
-        dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
-                                        LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                        stride_qt, stride_qd, stride_dot, stride_dod,
-                                        stride_dqt, stride_dqd,
-                                        start_n, diagonal_end, T, qk_scale, sm_scale,
-                                        HEAD_DIM, BLOCK_D, BLOCK_M, True, not EVEN_T,
-                                        ATOMIC_DQ, DOT_PRECISION,
-                                        key_end, window, DOCUMENTS, SLIDING)
-        dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
-                                        LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                        stride_qt, stride_qd, stride_dot, stride_dod,
-                                        stride_dqt, stride_dqd,
-                                        diagonal_end, full_end, T, qk_scale, sm_scale,
-                                        HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
-                                        ATOMIC_DQ, DOT_PRECISION)
-        if DOCUMENTS or SLIDING:
-            # Queries some keys of the block may not see, and the partial last block.
+    if BIDIRECTIONAL:
+        lo, full_lo, full_hi, hi, key_first, key_end = _band_blocks(
+            DOC_START, DOC_END, batch, start_n, offs_n, T, window_right, window,
+            BLOCK_N, BLOCK_M, DOCUMENTS, SLIDING_RIGHT, SLIDING)
+        for group_index in range(GROUP):
+            head = kv_head * GROUP + group_index
+            Q_head = Q + batch * stride_qb + head * stride_qh
+            DO_head = DO + batch * stride_dob + head * stride_doh
+            DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
+            Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                  TMA and TMA_OK)
+            DO_head = _tile_source(DO_head, stride_dot, T, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                   TMA and TMA_OK)
+            row_stats = (batch * H + head) * T
+            # the edges, masked per key, then the queries every key of the block sees
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
                                             stride_qt, stride_qd, stride_dot, stride_dod,
                                             stride_dqt, stride_dqd,
-                                            full_end, edge_end, T, qk_scale, sm_scale,
+                                            lo, full_lo, T, qk_scale, sm_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
+                                            ATOMIC_DQ, DOT_PRECISION, key_end,
+                                            key_first=key_first, BAND_MASK=True)
+            dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                            LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                            stride_qt, stride_qd, stride_dot, stride_dod,
+                                            stride_dqt, stride_dqd,
+                                            full_hi, hi, T, qk_scale, sm_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
+                                            ATOMIC_DQ, DOT_PRECISION, key_end,
+                                            key_first=key_first, BAND_MASK=True)
+            dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                            LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                            stride_qt, stride_qd, stride_dot, stride_dod,
+                                            stride_dqt, stride_dqd,
+                                            full_lo, full_hi, T, qk_scale, sm_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
+                                            ATOMIC_DQ, DOT_PRECISION)
+    else:
+        diagonal_end = tl.minimum(start_n + BLOCK_N, T)
+        full_end = diagonal_end + (tl.maximum(T - diagonal_end, 0) // BLOCK_M) * BLOCK_M
+        edge_end = T
+        key_end = offs_n
+        if DOCUMENTS or SLIDING:
+            last_key = diagonal_end - 1
+            hi = T + start_n * 0
+            full_hi = T + start_n * 0
+            if DOCUMENTS:
+                ends = DOC_END + batch * T
+                key_end = tl.load(ends + offs_n, mask=offs_n < T, other=0)
+                full_hi = tl.load(ends + start_n)
+                hi = tl.load(ends + last_key)
+            if SLIDING:
+                full_hi = tl.minimum(full_hi, start_n + window)
+                hi = tl.minimum(hi, last_key + window)
+            full_end = tl.minimum(full_end,
+                                  tl.maximum(full_hi // BLOCK_M * BLOCK_M, diagonal_end))
+            edge_end = tl.maximum((hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_end)  # hi <= T
+        for group_index in range(GROUP):
+            head = kv_head * GROUP + group_index
+            Q_head = Q + batch * stride_qb + head * stride_qh
+            DO_head = DO + batch * stride_dob + head * stride_doh
+            DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
+            Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                  TMA and TMA_OK)
+            DO_head = _tile_source(DO_head, stride_dot, T, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                   TMA and TMA_OK)
+            row_stats = (batch * H + head) * T
+            dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                            LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                            stride_qt, stride_qd, stride_dot, stride_dod,
+                                            stride_dqt, stride_dqd,
+                                            start_n, diagonal_end, T, qk_scale, sm_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_M, True, not EVEN_T,
                                             ATOMIC_DQ, DOT_PRECISION,
                                             key_end, window, DOCUMENTS, SLIDING)
-        elif not EVEN_T:
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
                                             stride_qt, stride_qd, stride_dot, stride_dod,
                                             stride_dqt, stride_dqd,
-                                            full_end, T, T, qk_scale, sm_scale,
-                                            HEAD_DIM, BLOCK_D, BLOCK_M, False, True,
+                                            diagonal_end, full_end, T, qk_scale, sm_scale,
+                                            HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
                                             ATOMIC_DQ, DOT_PRECISION)
+            if DOCUMENTS or SLIDING:
+                # Queries some keys of the block may not see, and the partial last block.
+                dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                                LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                                stride_qt, stride_qd, stride_dot, stride_dod,
+                                                stride_dqt, stride_dqd,
+                                                full_end, edge_end, T, qk_scale, sm_scale,
+                                                HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
+                                                ATOMIC_DQ, DOT_PRECISION,
+                                                key_end, window, DOCUMENTS, SLIDING)
+            elif not EVEN_T:
+                dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
+                                                LSE2 + row_stats, DELTA + row_stats, DQ_head,
+                                                stride_qt, stride_qd, stride_dot, stride_dod,
+                                                stride_dqt, stride_dqd,
+                                                full_end, T, T, qk_scale, sm_scale,
+                                                HEAD_DIM, BLOCK_D, BLOCK_M, False, True,
+                                                ATOMIC_DQ, DOT_PRECISION)
 
     _store_tile(DV + batch * stride_dvb + kv_head * stride_dvh
                 + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
@@ -649,7 +799,8 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, row_start=None, window=None,
-                       DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False):
+                       DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False,
+                       row_end=None, BAND_MASK: tl.constexpr = False):
     """Add the key blocks [lo, hi) to a query tile's dQ (unscaled):
 
         P = exp2(Q K^T * qk_scale - lse2),  dP = dO V^T,  dS = P * (dP - delta),  dQ += dS K
@@ -671,6 +822,9 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
             p = tl.where(offs_n[None, :] >= row_start[:, None], p, 0.0)
         if WINDOW_MASK:
             p = tl.where(offs_m[:, None] - offs_n[None, :] < window, p, 0.0)
+        if BAND_MASK:
+            p = tl.where((offs_n[None, :] >= row_start[:, None])
+                         & (offs_n[None, :] < row_end[:, None]), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
@@ -690,10 +844,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                         DOC_START=None, window=None,
                         DOCUMENTS: tl.constexpr = False, SLIDING: tl.constexpr = False,
-                        TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False):
+                        TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+                        DOC_END=None, window_right=None,
+                        BIDIRECTIONAL: tl.constexpr = False, SLIDING_RIGHT: tl.constexpr = False):
     """dQ for BLOCK_M query rows of one (batch, query head): keys [0, start_m) unmasked,
     then the masked diagonal band (BLOCK_M % BLOCK_N == 0). Grid (B * H, cdiv(T, BLOCK_M)),
-    last query blocks (the most keys) first. Document/window bounds as in the forward.
+    last query blocks (the most keys) first. Document/window and bidirectional bounds as in
+    the forward.
     """
     pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
     K_head = K + batch * stride_kb + kv_head * stride_kh
@@ -714,25 +871,44 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     delta = _load_row_stat(DELTA + row_stats + offs_m, offs_m, T, not EVEN_T)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_lo = 0
-    row_start = offs_m
-    if DOCUMENTS or SLIDING:
-        lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
-                                               BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
+    if BIDIRECTIONAL:
+        lo, full_lo, full_hi, hi, row_first, row_end = _band_blocks(
+            DOC_START, DOC_END, batch, start_m, offs_m, T, window - 1, window_right + 1,
+            BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING, SLIDING_RIGHT)
         dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
                                 stride_kt, stride_kd, stride_vt, stride_vd,
                                 lo, full_lo, T, qk_scale,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T, DOT_PRECISION,
+                                row_first, row_end=row_end, BAND_MASK=True)
+        dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                                stride_kt, stride_kd, stride_vt, stride_vd,
+                                full_lo, full_hi, T, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+        dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                                stride_kt, stride_kd, stride_vt, stride_vd,
+                                full_hi, hi, T, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T, DOT_PRECISION,
+                                row_first, row_end=row_end, BAND_MASK=True)
+    else:
+        full_lo = 0
+        row_start = offs_m
+        if DOCUMENTS or SLIDING:
+            lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
+                                                   BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
+            dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                                    stride_kt, stride_kd, stride_vt, stride_vd,
+                                    lo, full_lo, T, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION,
+                                    row_start, window, DOCUMENTS, SLIDING)
+        dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                                stride_kt, stride_kd, stride_vt, stride_vd,
+                                full_lo, start_m, T, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+        dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
+                                stride_kt, stride_kd, stride_vt, stride_vd,
+                                start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
                                 row_start, window, DOCUMENTS, SLIDING)
-    dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                            stride_kt, stride_kd, stride_vt, stride_vd,
-                            full_lo, start_m, T, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
-    dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                            stride_kt, stride_kd, stride_vt, stride_vd,
-                            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
-                            row_start, window, DOCUMENTS, SLIDING)
     _store_tile(DQ + batch * stride_dqb + head * stride_dqh
                 + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D,
@@ -867,7 +1043,8 @@ def _pruner(kind):
         args = {**named_args, **kwargs}
         block_d, t_bucket = args["BLOCK_D"], args["T_BUCKET"]
         atomic_dq = bool(args.get("ATOMIC_DQ", False))
-        masked = bool(args.get("DOCUMENTS", False)) or bool(args.get("SLIDING", False))
+        masked = any(bool(args.get(flag, False))
+                     for flag in ("DOCUMENTS", "SLIDING", "BIDIRECTIONAL"))
         itemsize = args["Q"].element_size()
         tile = 64 if t_bucket <= 64 else None
 
@@ -935,7 +1112,7 @@ def _even_t(args):
 # key (with the T bucket and, added by the autotuner, the tensor dtypes): the atomic and
 # deterministic backward, or fp32 ieee and tf32, never share one tuned config.
 _TUNING_KEY = ("HEAD_DIM", "BLOCK_D", "T_BUCKET", "ATOMIC_DQ", "DOT_PRECISION",
-               "DOCUMENTS", "SLIDING", "TMA_OK")
+               "DOCUMENTS", "SLIDING", "TMA_OK", "BIDIRECTIONAL", "SLIDING_RIGHT")
 
 
 def _build(kernel, kind, configs, reset_to_zero=None):
@@ -1055,23 +1232,43 @@ def document_bounds(document_ids):
     return start, end
 
 
-def _mask_args(document_ids, window, bound):
+def _mask_args(document_ids, window, bound, window_right=0):
     """Keyword arguments of a kernel launch for these masks; none for plain causal, so its
-    launch (and compiled kernel) is the unmasked one. ``bound`` is ``document_bounds``' index."""
-    if document_ids is None and window is None:
+    launch (and compiled kernel) is the unmasked one. ``bound`` is ``document_bounds``' index
+    a causal kernel reads; the bidirectional ones (``window_right`` != 0) read both."""
+    if document_ids is None and window is None and window_right == 0:
         return {}
     args = dict(DOCUMENTS=document_ids is not None, SLIDING=window is not None,
                 window=0 if window is None else int(window))
-    if document_ids is not None:
+    if window_right != 0:
+        args.update(BIDIRECTIONAL=True, SLIDING_RIGHT=window_right is not None,
+                    window_right=0 if window_right is None else int(window_right))
+        if document_ids is not None:
+            args["DOC_START"], args["DOC_END"] = document_bounds(document_ids)
+    elif document_ids is not None:
         args["DOC_END" if bound else "DOC_START"] = document_bounds(document_ids)[bound]
     return args
 
 
-def attention_forward(q, k, v, scale, document_ids=None, window=None):
+def kernel_windows(t, causal=True, window_left=-1, window_right=-1):
+    """flash-attention's (left, right) windows over T queries and keys as the launchers take
+    them: (window, window_right) with window = window_left + 1 (None: unlimited) and
+    window_right 0 (causal), None (unlimited) or a count >= 1. Windows that reach past the
+    sequence are unlimited, and a right window of 0 is the causal mask whatever ``causal``
+    says, so those calls run the causal kernels."""
+    window = None if window_left < 0 or window_left >= t - 1 else window_left + 1
+    if causal or window_right == 0:
+        return window, 0
+    return window, None if window_right < 0 or window_right >= t - 1 else window_right
+
+
+def attention_forward(q, k, v, scale, document_ids=None, window=None, window_right=0):
     """Run the forward kernel: returns (O, lse2) with lse2 (B, H, T) fp32 in base-2 units.
 
     ``document_ids`` (B, T) non-decreasing and ``window`` (int >= 1) restrict each query to
-    its document and the last ``window`` positions (``gptfast.causal_attention``)."""
+    its document and the last ``window`` positions (``gptfast.causal_attention``).
+    ``window_right`` 0 is causal; None lets each query see every later key (of its
+    document), an int >= 1 that many (:func:`kernel_windows`)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     o = _empty_bthd(q, h)
@@ -1090,18 +1287,24 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None):
                         HEAD_DIM=d, BLOCK_D=_block_d(d), T_BUCKET=_t_bucket(t),
                         DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, BH=b * h,
                         **_blocks("fwd"),
-                        **_mask_args(document_ids, window, 0))
+                        **_mask_args(document_ids, window, 0, window_right))
     return o, lse2
 
 
 def attention_backward(do, q, k, v, o, lse2, scale, atomic_dq=False, document_ids=None,
-                       window=None):
-    """Run the backward kernels: returns (dQ, dK, dV) in the dtypes of q, k, v."""
+                       window=None, window_right=0, dlse2=None):
+    """Run the backward kernels: returns (dQ, dK, dV) in the dtypes of q, k, v.
+
+    ``dlse2`` (B, H, T), the gradient of the forward's lse2 where it was used: since
+    d lse_i / d S_ij = P_ij, it adds P * dlse to dS, i.e. takes dlse (= dlse2 / ln 2) off
+    each row's delta."""
     with _on_device(q):
-        return _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window)
+        return _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window,
+                                window_right, dlse2)
 
 
-def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, window=None):
+def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, window=None,
+                     window_right=0, dlse2=None):
     b, h, t, d = q.shape
     hkv = k.shape[1]
     dq, dk, dv = _empty_bthd(q, h), _empty_bthd(k, hkv), _empty_bthd(v, hkv)
@@ -1114,6 +1317,8 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
     _bwd_delta_kernel[(b * h, triton.cdiv(t, block_t))](
         o, do, delta, *_bhtd_strides(o), *_bhtd_strides(do), h, t,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
+    if dlse2 is not None:
+        delta.sub_(dlse2.to(torch.float32), alpha=1.0 / math.log(2.0))
 
     tma_ok = _tma_ok(q, k, v, do)
     _tma_allocator(tma_ok)
@@ -1133,7 +1338,7 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
                          *_bhtd_strides(dq_accum),
                          h, hkv, t, group, qk_scale, scale,
                          ATOMIC_DQ=atomic_dq, BHKV=b * hkv, **common, **_blocks("dkdv"),
-                         **_mask_args(document_ids, window, 1))
+                         **_mask_args(document_ids, window, 1, window_right))
     if atomic_dq:
         return dq_accum.to(q.dtype), dk, dv
     grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
@@ -1141,7 +1346,7 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
                        *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
                        *_bhtd_strides(do), *_bhtd_strides(dq),
                        h, t, group, qk_scale, scale, **common, **_blocks("dq"),
-                       **_mask_args(document_ids, window, 0))
+                       **_mask_args(document_ids, window, 0, window_right))
     return dq, dk, dv
 
 
@@ -1224,6 +1429,58 @@ def _backward(ctx, do, _dlse2):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# flash-attention's masks (``attention``): the windows go in as they come (ints, -1 for
+# unlimited) and are turned into kernel arguments (kernel_windows) when the op runs, so
+# tracing never branches on their values.
+@torch.library.custom_op("gptfast::attention_forward", mutates_args=())
+def _fa_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                   window_left: int, window_right: int,
+                   document_ids: Optional[torch.Tensor] = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    window, right = kernel_windows(q.shape[2], causal, window_left, window_right)
+    return attention_forward(q, k, v, scale, document_ids, window, right)
+
+
+@_fa_forward_op.register_fake
+def _fa_forward_fake(q, k, v, scale, causal, window_left, window_right, document_ids=None):
+    return _forward_fake(q, k, v, scale)
+
+
+@torch.library.custom_op("gptfast::attention_backward", mutates_args=())
+def _fa_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    o: torch.Tensor, lse2: torch.Tensor, scale: float, atomic_dq: bool,
+                    causal: bool, window_left: int, window_right: int,
+                    document_ids: Optional[torch.Tensor] = None,
+                    dlse2: Optional[torch.Tensor] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    window, right = kernel_windows(q.shape[2], causal, window_left, window_right)
+    return attention_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids, window, right,
+                              dlse2)
+
+
+@_fa_backward_op.register_fake
+def _fa_backward_fake(do, q, k, v, o, lse2, scale, atomic_dq, causal, window_left, window_right,
+                      document_ids=None, dlse2=None):
+    return _backward_fake(do, q, k, v, o, lse2, scale, atomic_dq)
+
+
+def _fa_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, window_left, window_right, *ids = inputs
+    o, lse2 = output
+    ctx.save_for_backward(q, k, v, o, lse2, ids[0] if ids else None)
+    ctx.masks = (scale, _ATOMIC_DQ, causal, window_left, window_right)
+
+
+def _fa_backward(ctx, do, dlse2):
+    q, k, v, o, lse2, document_ids = ctx.saved_tensors
+    with torch.no_grad():
+        dq, dk, dv = _fa_backward_op(do, q, k, v, o, lse2, *ctx.masks, document_ids, dlse2)
+    return (*_no_double_backward((dq, dk, dv)), None, None, None, None, None)
+
+
+_fa_forward_op.register_autograd(_fa_backward, setup_context=_fa_setup_context)
+
+
 # ---------------------------------------------------------------------- entry points --
 
 class _CausalAttention(torch.autograd.Function):
@@ -1287,23 +1544,63 @@ def causal_attention_unsupported(q, k, v, scale=None, document_ids=None, window=
     return None
 
 
+class _Attention(torch.autograd.Function):
+    """The eager path of :func:`attention` (as _CausalAttention for causal_attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, window_left, window_right, document_ids=None):
+        window, right = kernel_windows(q.shape[2], causal, window_left, window_right)
+        o, lse2 = attention_forward(q, k, v, scale, document_ids, window, right)
+        ctx.save_for_backward(q, k, v, o, lse2, document_ids)
+        ctx.scale, ctx.windows, ctx.atomic_dq = scale, (window, right), _ATOMIC_DQ
+        ctx.set_materialize_grads(False)
+        return o, lse2
+
+    @staticmethod
+    def backward(ctx, do, dlse2):
+        q, k, v, o, lse2, document_ids = ctx.saved_tensors
+        if do is None:  # only the lse was used
+            do = torch.zeros_like(o)
+        with torch.no_grad():
+            dq, dk, dv = attention_backward(do, q, k, v, o, lse2, ctx.scale, ctx.atomic_dq,
+                                            document_ids, *ctx.windows, dlse2)
+        return (*_no_double_backward((dq, dk, dv)), None, None, None, None, None)
+
+
 def attention(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
               document_ids=None, key_lengths=None, return_lse=False):
     """``gptfast.functional.attention`` on these kernels, for the cases
-    :func:`attention_unsupported` accepts (causal masks: window_right 0)."""
-    window = None if window_left < 0 else window_left + 1
-    return causal_attention(q, k, v, scale, document_ids, window)
+    :func:`attention_unsupported` accepts: Tq == Tk, causal or bidirectional, (left, right)
+    windows, documents; with ``return_lse`` also the natural-log logsumexp (B, H, T) fp32
+    (the forward's lse2 * ln 2), differentiable as the reference's is: its gradient joins
+    the backward as a term of each row's delta (:func:`attention_backward`); an unused lse
+    costs nothing in eager mode and one (B, H, T) subtraction of zeros under torch.compile
+    (autograd hands the op a zero gradient).
+
+    Under torch.compile this is the ``gptfast::attention_forward`` custom op, whose window
+    ints are turned into kernel arguments only when it runs: layers with different windows
+    share one graph, and a window passed in as an argument recompiles at most once (dynamo
+    then makes it a symbolic int). Each (causal, documents, left limited, right limited)
+    combination is its own compiled Triton kernel; the window values are runtime arguments.
+    A right window of 0 (or ``causal``) runs the causal kernels.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = (q, k, v, scale, causal, window_left, window_right, document_ids)
+    if torch.compiler.is_compiling():
+        o, lse2 = _fa_forward_op(*args)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse2 = _Attention.apply(*args)
+    else:
+        window, right = kernel_windows(q.shape[2], causal, window_left, window_right)
+        o, lse2 = attention_forward(q, k, v, scale, document_ids, window, right)
+    return (o, lse2 * math.log(2.0)) if return_lse else o
 
 
 def attention_unsupported(q, k, v, scale=None, causal=True, window_left=-1, window_right=-1,
                           document_ids=None, key_lengths=None, return_lse=False):
     """None when the kernels handle this ``attention`` call, else the reason."""
-    if not causal and window_right != 0:
-        return "keys after the query (causal=False with window_right != 0)"
     if q.shape[2] != k.shape[2]:
         return f"as many queries as keys (Tq={q.shape[2]}, Tk={k.shape[2]})"
     if key_lengths is not None:
         return "key_lengths (per-row key counts)"
-    if return_lse:
-        return "return_lse"
     return causal_attention_unsupported(q, k, v, scale, document_ids)

@@ -347,6 +347,56 @@ def _masked_attention_program(mask, magnitude):
     for mask, magnitude in itertools.product(ATTENTION_MASKS, ATTENTION_MAGNITUDES)])
 def test_masked_attention_programs_at_any_magnitude(program):
     check_program(program)
+
+
+# ------------------------------------ attention: bidirectional masks x autograd (issue 24) --
+# causal=False through gptfast.functional.attention, q/k/v as leaves or split from one fused
+# projection, at T=40 (bands that start and end inside the interpreter's tiles), the output
+# and the (differentiable) logsumexp both in the loss, under every autograd mode. Unit-scale
+# scores: at |scores| ~ 150 both backends' fp32 dQ errors pass this file's fixed tolerance
+# (tests/test_attention_bidirectional.py compares every magnitude with fp64 instead).
+
+BIDIRECTIONAL_MASKS = {
+    "full": (None, (-1, -1)),
+    "window": (None, (3, 2)),
+    "documents": ([5, 18, 21, 33], (-1, -1)),
+    "documents_window": ([5, 18, 21, 33], (6, 1)),
+}
+
+
+def _bidirectional_attention_program(mask, kind, mode):
+    starts, (left, right) = BIDIRECTIONAL_MASKS[mask]
+
+    def program():
+        B, H, T, D = 1, 2, 40, 16
+        qkv = torch.randn(B, T, 3, H, D, requires_grad=True)
+        if kind == "fused_projection":
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            leaves = [qkv]
+        else:  # leaves, one kv head (GQA)
+            q, k, v = (t.detach().transpose(1, 2).contiguous() for t in qkv.unbind(2))
+            k, v = k[:, :1].clone(), v[:, :1].clone()
+            leaves = [t.requires_grad_() for t in (q, k, v)]
+        ids = None
+        if starts is not None:
+            begins = torch.zeros(T, dtype=torch.long)
+            begins[starts] = 1
+            ids = torch.cumsum(begins, 0)[None]
+        out, lse = gptfast.functional.attention(q, k, v, causal=False, window_left=left,
+                                                window_right=right, document_ids=ids,
+                                                return_lse=True)
+        loss = ((out * torch.randn(out.shape)).sum() + out.square().mean()
+                + (lse * torch.randn(lse.shape)).sum())
+        return [out, lse] + finish(loss, leaves, mode, lambda: leaves[0].mul_(2))
+    return program
+
+
+@pytest.mark.parametrize("program", [
+    pytest.param(_bidirectional_attention_program(mask, kind, mode), id=f"{mask}-{kind}-{mode}")
+    for mask, kind, mode in itertools.product(BIDIRECTIONAL_MASKS, ["leaves", "fused_projection"],
+                                              MODES)])
+def test_bidirectional_attention_programs(program):
+    check_program(program, triton_may_raise=(NO_DOUBLE_BACKWARD,))
 # ============================================================ patch(): masks, dropout ==
 # issue 23 (findings 3 and 4). The programs are attention modules a user can write: a mask
 # (causal, sliding windows, a window as long as the block, or anything else) kept as
