@@ -303,6 +303,18 @@ def _check_window(window):
     return int(window)
 
 
+def _check_qkv(q, k, v):
+    """q, k, v: floating 4-D (batch, heads, seq, head_dim) tensors of one dtype, k and v alike."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+
+
 def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
     """Causal softmax attention, == ``SDPA(q, k, v, is_causal=True, scale=scale)``.
 
@@ -319,14 +331,7 @@ def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
     today's plain causal op, bit for bit. Equivalent to SDPA with the boolean mask of
     ``gptfast.reference.attention_mask``; every row sees at least itself.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    _check_qkv(q, k, v)
     (b, h, t, d), (bk, hk, tk, dk) = q.shape, k.shape
     if bk != b or tk != t or dk != d:
         raise ValueError(
@@ -374,14 +379,7 @@ def attention(q, k, v, scale=None, *, causal=True, window_left=-1, window_right=
     logsumexp of each row's scaled scores, (B, H, Tq) fp32 (differentiable). A row that
     sees no key gets output 0 and logsumexp -inf. See ``gptfast.reference.attention``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    _check_qkv(q, k, v)
     (b, h, tq, d), (bk, hk, tk, dk) = q.shape, k.shape
     if bk != b or dk != d:
         raise ValueError(f"k must have q's batch and head_dim {(b, d)}, got {(bk, dk)}")
