@@ -1076,6 +1076,11 @@ def _pruner(kind):
             if (kind == "dkdv" and atomic_dq and c.kwargs.get("PERSISTENT", 0)
                     and block_d >= 128):
                 return False
+            # The persistent bidirectional dK/dV with 128-key blocks at head dim >= 128 (32-row
+            # query steps) spills 8 B on triton 3.6 and sits at 253 registers on 3.8.
+            if (kind == "dkdv" and args.get("BIDIRECTIONAL", False) and c.kwargs.get("PERSISTENT", 0)
+                    and block_d >= 128 and n >= 128):
+                return False
             # dK/dV 64x128 tiles at head dim >= 128: 254-255 registers on triton 3.6 and 3.8,
             # and on 3.9 they spill (2 stages 12 B, 3 stages 32 B; 72-88 B with masks).
             if kind == "dkdv" and block_d >= 128 and m >= 64 and n >= 128:
