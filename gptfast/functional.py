@@ -315,6 +315,19 @@ def _check_qkv(q, k, v):
         raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
 
 
+def _check_heads_and_scale(q, k, v, scale):
+    """Whole kv head groups, a head dim, one device; returns scale as a float (or None)."""
+    h, hk, d = q.shape[1], k.shape[1], q.shape[-1]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
+    if d == 0:
+        raise ValueError("head_dim of q must be at least 1")
+    _same_device("q", q, k=k, v=v)
+    if scale is not None:
+        scale = _number("scale", scale, minimum=0.0, allow_equal_min=False)
+    return scale
+
+
 def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
     """Causal softmax attention, == ``SDPA(q, k, v, is_causal=True, scale=scale)``.
 
@@ -338,13 +351,7 @@ def causal_attention(q, k, v, scale=None, *, document_ids=None, window=None):
             f"k must have q's batch, seq and head_dim {(b, t, d)}, got {(bk, tk, dk)} "
             f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
         )
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
-    if d == 0:
-        raise ValueError("head_dim of q must be at least 1")
-    _same_device("q", q, k=k, v=v)
-    if scale is not None:
-        scale = _number("scale", scale, minimum=0.0, allow_equal_min=False)
+    scale = _check_heads_and_scale(q, k, v, scale)
     if document_ids is not None:
         _check_document_ids(document_ids, b, t, q.device)
     if window is not None:
@@ -383,13 +390,7 @@ def attention(q, k, v, scale=None, *, causal=True, window_left=-1, window_right=
     (b, h, tq, d), (bk, hk, tk, dk) = q.shape, k.shape
     if bk != b or dk != d:
         raise ValueError(f"k must have q's batch and head_dim {(b, d)}, got {(bk, dk)}")
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
-    if d == 0:
-        raise ValueError("head_dim of q must be at least 1")
-    _same_device("q", q, k=k, v=v)
-    if scale is not None:
-        scale = _number("scale", scale, minimum=0.0, allow_equal_min=False)
+    scale = _check_heads_and_scale(q, k, v, scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     window_left = _check_window_side("window_left", window_left)
