@@ -111,12 +111,9 @@ def _fwd_heads(X, Y, x_base, y_base, sx_h, sx_d, heads, head_block, c, s, half, 
 
 
 @triton.jit
-def _rotary_qk_norm_fwd(
-    Q, K, COS, SIN, QO, KO,
-    T, H, HKV, half, D, inv_d, eps_q, eps_k, scale, q_blocks,
-    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sc_t, sc_d, ss_t, ss_d,
-    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):
+def _program_position(COS, SIN, T, half, sc_t, sc_d, ss_t, ss_d, BLOCK_HALF: tl.constexpr):
+    """(row = b * T + t, head block, b, t, cos row, sin row) of a program on the grid
+    (B * T, head blocks); the tables as fp32 (1, BLOCK_HALF), 0 past D/2."""
     row = tl.program_id(0)
     block = tl.program_id(1)
     b = (row // T).to(tl.int64)
@@ -124,8 +121,18 @@ def _rotary_qk_norm_fwd(
     offs_i = tl.arange(0, BLOCK_HALF)
     c = tl.load(COS + t * sc_t + offs_i.to(tl.int64) * sc_d, mask=offs_i < half, other=0.0)
     s = tl.load(SIN + t * ss_t + offs_i.to(tl.int64) * ss_d, mask=offs_i < half, other=0.0)
-    c = c.to(tl.float32)[None, :]
-    s = s.to(tl.float32)[None, :]
+    return row, block, b, t, c.to(tl.float32)[None, :], s.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _rotary_qk_norm_fwd(
+    Q, K, COS, SIN, QO, KO,
+    T, H, HKV, half, D, inv_d, eps_q, eps_k, scale, q_blocks,
+    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sc_t, sc_d, ss_t, ss_d,
+    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    row, block, b, t, c, s = _program_position(COS, SIN, T, half, sc_t, sc_d, ss_t, ss_d,
+                                               BLOCK_HALF)
     if block < q_blocks:
         _fwd_heads(Q, QO, b * sq_b + t * sq_t, row.to(tl.int64) * H * D, sq_h, sq_d, H, block,
                    c, s, half, D, inv_d, eps_q, scale, INTERLEAVED, BLOCK_H, BLOCK_HALF)
@@ -178,15 +185,8 @@ def _rotary_qk_norm_bwd(
 ):
     """The forward's grid; ``q_blocks`` is 0 when q needs no gradient (programs take k only),
     and the grid ends at q's blocks when k needs none."""
-    row = tl.program_id(0)
-    block = tl.program_id(1)
-    b = (row // T).to(tl.int64)
-    t = (row % T).to(tl.int64)
-    offs_i = tl.arange(0, BLOCK_HALF)
-    c = tl.load(COS + t * sc_t + offs_i.to(tl.int64) * sc_d, mask=offs_i < half, other=0.0)
-    s = tl.load(SIN + t * ss_t + offs_i.to(tl.int64) * ss_d, mask=offs_i < half, other=0.0)
-    c = c.to(tl.float32)[None, :]
-    s = s.to(tl.float32)[None, :]
+    row, block, b, t, c, s = _program_position(COS, SIN, T, half, sc_t, sc_d, ss_t, ss_d,
+                                               BLOCK_HALF)
     if block < q_blocks:
         _bwd_heads(Q, DQO, DQ, b * sq_b + t * sq_t, b * sdq_b + t * sdq_t,
                    row.to(tl.int64) * H * D, sq_h, sq_d, sdq_h, sdq_d, H, block,
