@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .common import COMPILE_BACKEND_ENV, Measured, Meter, compile_backend, markdown_table, \
     short_reason
-from .document_attention import attended_pairs, forward_flops
+from .document_attention import attended_pairs, closures, forward_flops
 
 PROVIDERS = ("gptfast", "SDPA nanochat fallback", "FlexAttention", "FA2", "FA3")
 PEERS = PROVIDERS[1:]
@@ -354,20 +354,6 @@ def make_inputs(case: Case, dtype, device, seed: int = 0):
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator)
                .requires_grad_() for _ in range(3))
     return q, k, v, torch.randn(shape, device=device, dtype=dtype, generator=generator)
-
-
-def closures(attention, q, k, v, grad_out):
-    """(forward, forward+backward); gradients by autograd.grad (nothing accumulates)."""
-    detached = tuple(t.detach() for t in (q, k, v))
-
-    def forward():
-        with torch.no_grad():
-            attention(*detached)
-
-    def forward_backward():
-        torch.autograd.grad(attention(q, k, v), (q, k, v), grad_out)
-
-    return forward, forward_backward
 
 
 def reference_outputs(case, q, k, v, grad_out, document_ids) -> dict:
