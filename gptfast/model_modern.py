@@ -84,12 +84,9 @@ class Attention(nn.Module):
         v = self.c_v(x).view(batch, seq, self.n_kv_head, self.head_dim)
         q, k = self._rotate_and_norm(q, k, rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        cached = 0 if kv_cache is None else kv_cache.length
+        cached = 0
         if kv_cache is not None:
-            if document_ids is None:
-                k, v = kv_cache.append(k, v)
-            else:
-                k, v, document_ids = kv_cache.append(k, v, document_ids)
+            k, v, document_ids, cached = kv_cache.extend(k, v, document_ids)
         y = self._attend(q, k, v, cached, document_ids)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, seq, width)))
 

@@ -177,6 +177,14 @@ class KVCache:
         """Forget every token (the buffers are kept for reuse)."""
         self.length = 0
 
+    def extend(self, k, v, document_ids=None):
+        """:meth:`append` for an attention layer: returns (all keys, all values, the ids of all
+        held tokens or None, how many tokens were cached before this call)."""
+        cached = self.length
+        if document_ids is None:
+            return (*self.append(k, v), None, cached)
+        return (*self.append(k, v, document_ids), cached)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, document_ids: Optional[torch.Tensor] = None):
         """Store k, v (B, Hkv, T, D) after the cached tokens; returns views of all keys and values.
 
@@ -288,12 +296,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
 
-        cached = 0 if kv_cache is None else kv_cache.length
+        cached = 0
         if kv_cache is not None:
-            if document_ids is None:
-                k, v = kv_cache.append(k, v)
-            else:
-                k, v, document_ids = kv_cache.append(k, v, document_ids)
+            k, v, document_ids, cached = kv_cache.extend(k, v, document_ids)
         y = self._attend(q, k, v, cached, document_ids)
         y = y.transpose(1, 2).contiguous().view(batch, seq, self.n_embd)
         return self.resid_dropout(self.c_proj(y))
