@@ -166,11 +166,11 @@ def test_the_extras_named_in_errors_are_the_ones_pyproject_defines():
 
 
 def test_the_walk_finds_imports_inside_functions_and_blocks():
-    """Real sites: in a function's `with optional_import` block (model.py), one at module
+    """Real sites: in a function's `with optional_import` block (pretrained.py), one at module
     level (plots.py), in a function's try block (bench/layernorm.py)."""
     statements = {(p.file, p.statement) for p in OUR_IMPORTS}
-    for expected in [("gptfast/model.py", "from safetensors.torch import load_file"),
-                     ("gptfast/model.py", "from huggingface_hub import snapshot_download"),
+    for expected in [("gptfast/pretrained.py", "from safetensors.torch import load_file"),
+                     ("gptfast/pretrained.py", "from huggingface_hub import snapshot_download"),
                      ("bench/plots.py", "from matplotlib.figure import Figure"),
                      ("bench/layernorm.py",
                       "from liger_kernel.ops.layer_norm import LigerLayerNormFunction")]:

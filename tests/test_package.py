@@ -91,6 +91,12 @@ def test_wheel_maps_kernels_and_bench_into_gptfast(wheel):
     top_level = {n.split("/")[0] for n in names}
     assert all(name == "gptfast" or name.endswith(".dist-info") for name in top_level), top_level
     assert not any(n.startswith(("kernels/", "bench/", "tests/", "csrc/")) for n in names)
+    # every module, subpackages included (setup.py names each package: a new one must be added)
+    for folder, package in (("gptfast", "gptfast"), ("kernels", "gptfast/kernels"),
+                            ("bench", "gptfast/bench")):
+        modules = {f"{package}/{p.relative_to(ROOT / folder).as_posix()}"
+                   for p in (ROOT / folder).rglob("*.py")}
+        assert modules <= set(names), sorted(modules - set(names))
     # bench's Markdown (the figures it compares against) installs with gptfast.bench
     assert {f"gptfast/bench/{p.name}" for p in (ROOT / "bench").glob("*.md")} <= set(names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
