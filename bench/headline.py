@@ -385,16 +385,6 @@ def _verdict_summary(rows) -> list:
 
 # -------------------------------------------------------------------------- the child --
 
-class _Writer:
-    def __init__(self, path: Path):
-        self._file = open(path, "a")
-
-    def write(self, rows):
-        for r in rows:
-            self._file.write(json.dumps(r, default=str) + "\n")
-        self._file.flush()
-
-
 def _cuda_broken(meter) -> str | None:
     """After a failed unit: None when the CUDA context still works, else why not."""
     if not meter.cuda:
@@ -426,7 +416,7 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
     import torch
 
     from . import autotune
-    from .common import Meter
+    from .common import Meter, ResultsWriter
     from .headline_stages import (DRY, GPU, Context, env_units, gpt_units, kernels_units,
                                   loader_units)
 
@@ -434,7 +424,7 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
     device = torch.device("cpu" if dry_run else "cuda")
     meter = Meter(device, sizes.warmup_ms, sizes.repeat_ms)
     ctx = Context(stage, sizes, device, meter, dry_run)
-    writer = _Writer(out_dir / "stages" / f"{stage}.jsonl")
+    writer = ResultsWriter(out_dir / "stages" / f"{stage}.jsonl", append=True)
     box_start = time.time()
     stop_at = deadline - min(15.0, STOP_MARGIN * (deadline - box_start))
     torch.manual_seed(0)
@@ -467,8 +457,8 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
             status = "error" if broken else "skipped-budget"
             message = broken or (f"not started: {max(left, 0):.0f} s left of the box, "
                                  f"needs ~{need:.0f} s")
-            writer.write([row(stage, unit.label, "headline", "unit", None, "", status=status,
-                              message=message)])
+            writer.write_all([row(stage, unit.label, "headline", "unit", None, "",
+                                  status=status, message=message)])
             print(f"[{stage}] {unit.label}: {status} ({message})", flush=True)
             continue
         started = time.perf_counter()
@@ -480,16 +470,18 @@ def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
                         message=f"{type(err).__name__}: {str(err).strip()[:300]}")]
         if any(r["status"] == "error" for r in rows):
             broken = _cuda_broken(meter)  # an illegal access poisons every later CUDA call
-        writer.write(rows)
+        writer.write_all(rows)
         bad = sum(r["status"] not in ("ok", "unavailable") for r in rows)
         print(f"[{stage}] {unit.label}: {len(rows)} rows, {bad} not ok, "
               f"{time.perf_counter() - started:.1f} s", flush=True)
     if stage in ("correct", "kernels", "nanochat", "gpt"):
-        writer.write([row(stage, "autotune", "headline", "autotune_s", clock.seconds, "s",
-                          message="compile + timing of the autotune candidates; kept configs: "
-                          + ("; ".join(notes) if notes else "no autotuned kernel "
-                             "(the Triton interpreter does not autotune)")),
-                      row(stage, "autotune", "headline", "configs_timed", clock.configs, "")])
+        writer.write_all([
+            row(stage, "autotune", "headline", "autotune_s", clock.seconds, "s",
+                message="compile + timing of the autotune candidates; kept configs: "
+                + ("; ".join(notes) if notes else "no autotuned kernel "
+                   "(the Triton interpreter does not autotune)")),
+            row(stage, "autotune", "headline", "configs_timed", clock.configs, "")])
+    writer.close()
     return 0
 
 

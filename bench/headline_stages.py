@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import loader_suite
-from .common import Measured, Meter
+from .common import DTYPES, Measured, Meter
 from .headline_report import add_peer_ratios, row
 
 
@@ -99,9 +99,6 @@ DRY = Sizes(
     nanochat_norm=(64, 96), nanochat_rotary=(1, 8, 2, 1, 16), nanochat_softcap_ce=(32, 32, 500),
     nanochat_gpt=("nanochat-tiny", 2, 16))
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 @dataclasses.dataclass
 class Context:
     """What every unit of a stage shares."""
@@ -155,16 +152,16 @@ VERSION_FACTS = {"torch", "triton", "cuda", "python", "platform", "gptfast", "gi
 
 
 def _facts(ctx: Context) -> list:
-    from . import report
+    from . import common
 
     def fact(metric, value, unit="", status="ok", **extra):
         return row("env", "device" if metric not in VERSION_FACTS else "versions",
                    "headline", metric, value, unit,
                    status="unavailable" if value is None and status == "ok" else status, **extra)
 
-    versions = report.versions()
-    commit, dirty = report.git_state()
-    rows = [fact("device_name", report.device_name(ctx.device))]
+    versions = common.versions()
+    commit, dirty = common.git_state()
+    rows = [fact("device_name", common.device_name(ctx.device))]
     if ctx.meter.cuda:
         props = torch.cuda.get_device_properties(ctx.device)
         rows += [fact("sm_count", props.multi_processor_count),

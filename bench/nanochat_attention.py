@@ -44,15 +44,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import COMPILE_BACKEND_ENV, Measured, Meter, compile_backend, markdown_table, \
-    short_reason
+from .common import COMPILE_BACKEND_ENV, DTYPES, Measured, Meter, compile_backend, \
+    markdown_table, short_reason
 from .document_attention import attended_pairs, closures, forward_flops
 
 PROVIDERS = ("gptfast", "SDPA nanochat fallback", "FlexAttention", "FA2", "FA3")
 PEERS = PROVIDERS[1:]
 HUB_FA3 = "kernels-community/flash-attn3"
 HUB_FA3_VERSION = 1
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKED = ("out", "dq", "dk", "dv")
 
 
