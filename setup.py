@@ -91,7 +91,8 @@ class BuildWithOptionalCuda(build_ext):
 ParallelCompile("GPTFAST_BUILD_JOBS").install()
 
 setup(
-    packages=["gptfast", "gptfast.patching", "gptfast.train", "gptfast.kernels", "gptfast.bench"],
+    packages=["gptfast", "gptfast.patching", "gptfast.train", "gptfast.kernels", "gptfast.bench",
+              "gptfast.bench.headline"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
     ext_modules=[Pybind11Extension("gptfast._C", CPP_SOURCES, cxx_std=17,
                                    extra_compile_args=["-O3"])],

@@ -17,9 +17,9 @@ import torch
 
 import gptfast
 
-from .common import DTYPES
-from .headline_report import row
-from .headline_stages import Context, Unit
+from ..common import DTYPES
+from .report import row
+from .stages import Context, Unit
 
 TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
 IGNORE_EVERY = 50  # every 50th target is ignore_index, as padding would be
