@@ -84,6 +84,17 @@ class Measured:
         return None if self.timing is None else self.timing.median_ms
 
 
+def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(||ours - expected|| / ||expected||, max |ours - expected|) in fp32; both infinite when
+    ours holds a NaN or an Inf."""
+    ours, expected = ours.detach().float(), expected.detach().float()
+    if not torch.isfinite(ours).all():
+        return float("inf"), float("inf")
+    diff = ours - expected
+    return (float(diff.norm() / expected.norm().clamp_min(1e-30)),
+            float(diff.abs().max()) if diff.numel() else 0.0)
+
+
 def short_reason(err: BaseException) -> str:
     """"TypeName: first line of the message" (at most 200 characters of it)."""
     lines = str(err).strip().splitlines()

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import COMPILE_BACKEND_ENV, DTYPES, Measured, Meter, compile_backend, \
-    markdown_table, short_reason
+    markdown_table, relative_error, short_reason
 from .document_attention import attended_pairs, closures, forward_flops
 
 PROVIDERS = ("gptfast", "SDPA nanochat fallback", "FlexAttention", "FA2", "FA3")
@@ -367,15 +367,6 @@ def reference_outputs(case, q, k, v, grad_out, document_ids) -> dict:
     return dict(zip(CHECKED, [out.detach(), *grads]))
 
 
-def _errors(ours: torch.Tensor, expected: torch.Tensor) -> tuple:
-    """(||ours - expected|| / ||expected||, max |ours - expected|); inf for NaN/Inf in ours."""
-    ours = ours.detach().float()
-    if not torch.isfinite(ours).all():
-        return float("inf"), float("inf")
-    diff = ours - expected
-    return float(diff.norm() / expected.norm().clamp_min(1e-30)), float(diff.abs().max())
-
-
 def check_outputs(attention, q, k, v, grad_out, expected: dict, backward: bool) -> dict:
     """{name: (rel_err, max_abs_err)} of one provider's output (and gradients)."""
     if backward:
@@ -385,7 +376,8 @@ def check_outputs(attention, q, k, v, grad_out, expected: dict, backward: bool) 
     else:
         with torch.no_grad():
             values = [attention(q.detach(), k.detach(), v.detach())]
-    return {name: _errors(value, expected[name]) for name, value in zip(CHECKED, values)}
+    return {name: relative_error(value, expected[name])
+            for name, value in zip(CHECKED, values)}
 
 
 def bench_case(case: Case, dtype, providers=PROVIDERS, device="cuda",
