@@ -7,7 +7,7 @@ Stages, in order: ``env`` (device, versions, the matmul and copy ceilings of thi
 ``correct`` (every kernel at its headline shape in bf16 and fp16, forward and backward, against
 the reference in fp32), ``kernels`` (the bench/ANCHORS.md kernel rows side by side with their
 peers), ``nanochat`` (nanochat's attention shapes: gptfast against nanochat's SDPA
-fallback, FlexAttention and FA2/FA3, :mod:`..nanochat_attention`),
+fallback, FlexAttention and FA2/FA3, :mod:`gptfast.bench.nanochat_attention`),
 ``gpt`` (the GPT-2 124M training step, gptfast and nanoGPT, eager and compiled; the
 nanochat-d20 step, ours against nanochat's own model when it imports), ``loader``.
 
@@ -20,7 +20,7 @@ unit that cannot finish in what is left of the box is not started. Rows are writ
 row. All stages share one ``TRITON_CACHE_DIR`` and cache autotune results there
 (``TRITON_CACHE_AUTOTUNING=1``): a key tuned in ``correct`` is not tuned again in ``kernels``, nor
 in a re-run with ``--stages``. Autotuning keeps the first ``--autotune-keep`` configs of each
-kernel (:mod:`..autotune`) and its seconds are reported apart from the timings.
+kernel (:mod:`gptfast.bench.autotune`) and its seconds are reported apart from the timings.
 
 Outputs in DIR: ``headline.json`` (every row), ``headline.md`` (the verdict against the
 bench/ANCHORS.md goals on top, one table per stage), ``headline.log`` (everything the stages
