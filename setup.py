@@ -92,7 +92,7 @@ ParallelCompile("GPTFAST_BUILD_JOBS").install()
 
 setup(
     packages=["gptfast", "gptfast.patching", "gptfast.train", "gptfast.kernels", "gptfast.bench",
-              "gptfast.bench.sm90"],
+              "gptfast.bench.headline", "gptfast.bench.sm90"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
     ext_modules=[Pybind11Extension("gptfast._C", CPP_SOURCES, cxx_std=17,
                                    extra_compile_args=["-O3"])],

@@ -18,15 +18,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.common import Meter, markdown_table, short_reason, time_ms
+from gptfast.bench.common import Meter, markdown_table, parse_ints, short_reason
 
 HEADS_FOR_HEAD_DIM = {64: 12, 128: 16}
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_ints(text):
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def heads_for(head_dim):
@@ -149,14 +145,14 @@ def cpu_sanity():
             fn = lambda: gptfast.causal_attention(q, k, v)  # noqa: E731
             error = (fn() - expected).abs().max().item()
             rows.append({"provider": "gptfast (Triton interpreter)", "shape": "1x2x64x32 fp32",
-                         "ms": time_ms(fn, warmup=1, repeats=3, device="cpu"),
+                         "ms": Meter("cpu", 10, 30).time(fn).median_ms,
                          "max abs error": f"{error:.1e}"})
     except Exception as err:
         rows.append({"provider": "gptfast (Triton interpreter)", "shape": "1x2x64x32 fp32",
                      "ms": "n/a", "max abs error": short_reason(err)})
     fn = lambda: reference.causal_attention(q, k, v)  # noqa: E731
     rows.append({"provider": "reference (SDPA on CPU)", "shape": "1x2x64x32 fp32",
-                 "ms": time_ms(fn, device="cpu"), "max abs error": "0"})
+                 "ms": Meter("cpu", 10, 30).time(fn).median_ms, "max abs error": "0"})
     print(markdown_table(rows, ["provider", "shape", "ms", "max abs error"]))
 
 

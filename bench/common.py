@@ -1,4 +1,5 @@
-"""Timing, memory and reporting shared by the benchmarks.
+"""The measurement core every benchmark suite uses: timing, memory, the run's context, rows
+written as they come, markdown tables and the small argument parsers.
 
 :class:`Meter` is the one place that differs between a GPU and a CPU run: on CUDA it times with
 ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs; warm-up and repeat given in
@@ -7,6 +8,11 @@ runs and has no memory figure (None). Everything around it, the inputs, the clos
 the first call (compilation, autotuning) kept out of the timed region, OOM as a result, is the
 same code on both, so a CPU run executes every other line a GPU run will.
 
+Around it: :func:`run_context` (device, versions, git commit: what every row of a results
+file carries), :class:`ResultsWriter` (jsonl rows flushed as they are made, so an interrupted
+run keeps every finished row), :func:`markdown_table` (the one table writer of every report
+and per-kernel script) and :data:`DTYPES`.
+
 Only numbers from one run of one script are meant to be compared with each other.
 """
 
@@ -14,9 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import importlib.metadata
+import json
 import os
+import platform
 import statistics
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +37,9 @@ import torch
 # sets "aot_eager" (dynamo and AOTAutograd trace the same graphs; inductor's CPU code
 # generation is 30+ s per graph on a small CPU and is not what a GPU runs anyway).
 COMPILE_BACKEND_ENV = "GPTFAST_BENCH_COMPILE_BACKEND"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compile_backend() -> str:
@@ -45,8 +60,10 @@ class Timing:
     p80_ms: float
 
 
-def _percentile(ordered: list, q: float) -> float:
-    position = (len(ordered) - 1) * q
+def percentile(samples: list, q: float) -> float:
+    """The q-th percentile (0..100) of samples, linearly interpolated."""
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
@@ -65,6 +82,17 @@ class Measured:
     @property
     def ms(self) -> Optional[float]:
         return None if self.timing is None else self.timing.median_ms
+
+
+def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(||ours - expected|| / ||expected||, max |ours - expected|) in fp32; both infinite when
+    ours holds a NaN or an Inf."""
+    ours, expected = ours.detach().float(), expected.detach().float()
+    if not torch.isfinite(ours).all():
+        return float("inf"), float("inf")
+    diff = ours - expected
+    return (float(diff.norm() / expected.norm().clamp_min(1e-30)),
+            float(diff.abs().max()) if diff.numel() else 0.0)
 
 
 def short_reason(err: BaseException) -> str:
@@ -132,9 +160,8 @@ class Meter:
             start = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - start) * 1e3)
-        samples.sort()
-        return Timing(statistics.median(samples), _percentile(samples, 0.2),
-                      _percentile(samples, 0.8))
+        return Timing(statistics.median(samples), percentile(samples, 20),
+                      percentile(samples, 80))
 
     def samples_ms(self, fn: Callable[[], object], repeats: int) -> list:
         """One time per call of ``fn()``, ``repeats`` calls back to back (CUDA events on a
@@ -179,19 +206,6 @@ class Meter:
             self.empty_cache()
 
 
-def time_ms(fn, warmup: int = 10, repeats: int = 50, device: str | torch.device = "cuda") -> float:
-    """Median wall time of ``fn()`` in milliseconds (on a CPU at least 1 warm-up call and 3
-    samples)."""
-    if torch.device(device).type != "cuda":
-        warmup, repeats = max(10, warmup), max(30, repeats)
-    return Meter(device).time(fn, warmup, repeats).median_ms
-
-
-def peak_extra_mb(fn, device: str | torch.device = "cuda") -> float | None:
-    """Peak CUDA memory allocated by ``fn()`` beyond what was allocated before it, in MB."""
-    return Meter(device).peak_extra_mb(fn)
-
-
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """Rows of dicts as a markdown table with the given column order (missing cells: '-')."""
     def cell(value):
@@ -218,3 +232,100 @@ def parse_pairs(text: str, example: str = "16x1024") -> list[tuple[int, int]]:
             raise argparse.ArgumentTypeError(f"size {item!r} must be positive")
         pairs.append((first, second))
     return pairs
+
+
+def parse_ints(text: str) -> list[int]:
+    """"64,128" -> [64, 128] (empty items skipped)."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+# ------------------------------------------------------------------------ run context --
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} CPU cores)"
+
+
+def versions() -> dict:
+    import gptfast
+
+    try:
+        triton = importlib.metadata.version("triton")  # without importing it
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton, "gptfast": gptfast.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def git_state() -> tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the checkout gptfast is imported from, or (None, None) when it is
+    not a git checkout (an installed wheel, say)."""
+    import gptfast
+
+    package = Path(gptfast.__file__).resolve().parent
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        # a wheel installed inside some other repository is not that repository's code
+        if top is None or Path(top).resolve() != package.parent:
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD"), None if status is None else bool(status)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def run_context(device: torch.device, dtype: str, started: datetime.datetime) -> dict:
+    commit, dirty = git_state()
+    return {"run": started.isoformat(timespec="seconds"), "device": device.type,
+            "device_name": device_name(device), "dtype": dtype, "versions": versions(),
+            "git_commit": commit, "git_dirty": dirty}
+
+
+# ------------------------------------------------------------------------------- rows --
+
+class ResultsWriter:
+    """Writes each row, with ``context`` merged in, to a jsonl file as soon as it exists
+    (flushed, so an interrupted run keeps every finished row) and keeps the rows for the
+    reports. ``append``: add to the file (a headline stage's rows) instead of starting it."""
+
+    def __init__(self, path: Path, context: Optional[dict] = None, append: bool = False):
+        self.path = Path(path)
+        self.context = context or {}
+        self.rows: list[dict] = []
+        self._file = open(self.path, "a" if append else "w")
+
+    def write(self, row: dict) -> dict:
+        row = {**row, **self.context}
+        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.flush()
+        self.rows.append(row)
+        return row
+
+    def write_all(self, rows: list) -> None:
+        for row in rows:
+            self.write(row)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -25,14 +25,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.common import Meter, compiled, markdown_table, time_ms
+from gptfast.bench.common import DTYPES, Meter, compiled, markdown_table, parse_ints
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IGNORE_EVERY = 50  # every 50th target is ignore_index, as padding would be
-
-
-def parse_ints(text):
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def _liger(name):
@@ -204,7 +199,7 @@ def cpu_sanity():
     for name, (ours, ref) in cases.items():
         with gptfast.use_backend("triton"):
             error = abs(float(ours()) - float(ref()))
-            ms = time_ms(ours, warmup=1, repeats=3, device="cpu")
+            ms = Meter("cpu", 10, 30).time(ours).median_ms
         ok &= error < 1e-4
         rows.append({"op (fp32, Triton interpreter)": name, "ms": ms, "|loss - reference|": f"{error:.1e}"})
     print(markdown_table(rows, list(rows[0])))

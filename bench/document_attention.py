@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .common import Measured, Meter, compiled, markdown_table, short_reason
+from .common import DTYPES, Measured, Meter, compiled, markdown_table, short_reason
 
 DEFAULT_SEQ = 8192
 DEFAULT_DOC_LENS = (256, 2048)
 DEFAULT_WINDOW = 1024
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("gptfast", "FlexAttention", "SDPA dense mask", "gptfast causal")
 
 

@@ -55,7 +55,7 @@ import torch
 import gptfast
 from gptfast.model import GPT, GPTConfig, device_peak_flops
 
-from .common import Meter, compiled, is_out_of_memory, short_reason
+from .common import Meter, compiled, is_out_of_memory, percentile, short_reason
 from .nanogpt import NanoGPT
 
 
@@ -306,15 +306,6 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int,
     meter.synchronize()
     warm = time.perf_counter() - start
     return StepTimes(first, warm, meter.samples_ms(step, repeats))
-
-
-def percentile(samples: list, q: float) -> float:
-    """The q-th percentile (0..100) of samples, linearly interpolated."""
-    ordered = sorted(samples)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 # ------------------------------------------------------------------------------ cells --

@@ -37,8 +37,7 @@ from typing import Optional
 import torch
 
 from . import document_attention, nanochat_attention
-from .common import Meter
-from .gpt import DTYPES
+from .common import DTYPES, Meter
 
 REQUIRES = "a CUDA device (the Triton kernels are timed on the GPU)"
 VOCAB = 50257          # GPT-2's vocabulary, as in bench/ANCHORS.md

@@ -33,10 +33,9 @@ import sys
 
 import torch
 
-from .common import Measured, Meter, compiled, markdown_table, parse_pairs
+from .common import DTYPES, Measured, Meter, compiled, markdown_table, parse_pairs
 
 DEFAULT_SIZES = "16384x768,65536x768,16384x4096,8192x8192"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
 # per op: its parameters (all of length C) and whether it adds a residual stream
 OPS = {"layer_norm": (("w", "b"), False), "rms_norm": (("w",), False),

@@ -22,25 +22,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from .common import markdown_table, parse_pairs
+from .common import cpu_name, markdown_table, parse_pairs
 
 DEFAULT_SIZES = "16x1024,64x1024,8x4096"
 GPT2_VOCAB = 50257
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:

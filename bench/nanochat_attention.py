@@ -44,15 +44,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import COMPILE_BACKEND_ENV, Measured, Meter, compile_backend, markdown_table, \
-    short_reason
+from .common import COMPILE_BACKEND_ENV, DTYPES, Measured, Meter, compile_backend, \
+    markdown_table, relative_error, short_reason
 from .document_attention import attended_pairs, closures, forward_flops
 
 PROVIDERS = ("gptfast", "SDPA nanochat fallback", "FlexAttention", "FA2", "FA3")
 PEERS = PROVIDERS[1:]
 HUB_FA3 = "kernels-community/flash-attn3"
 HUB_FA3_VERSION = 1
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKED = ("out", "dq", "dk", "dv")
 
 
@@ -368,15 +367,6 @@ def reference_outputs(case, q, k, v, grad_out, document_ids) -> dict:
     return dict(zip(CHECKED, [out.detach(), *grads]))
 
 
-def _errors(ours: torch.Tensor, expected: torch.Tensor) -> tuple:
-    """(||ours - expected|| / ||expected||, max |ours - expected|); inf for NaN/Inf in ours."""
-    ours = ours.detach().float()
-    if not torch.isfinite(ours).all():
-        return float("inf"), float("inf")
-    diff = ours - expected
-    return float(diff.norm() / expected.norm().clamp_min(1e-30)), float(diff.abs().max())
-
-
 def check_outputs(attention, q, k, v, grad_out, expected: dict, backward: bool) -> dict:
     """{name: (rel_err, max_abs_err)} of one provider's output (and gradients)."""
     if backward:
@@ -386,7 +376,8 @@ def check_outputs(attention, q, k, v, grad_out, expected: dict, backward: bool) 
     else:
         with torch.no_grad():
             values = [attention(q.detach(), k.detach(), v.detach())]
-    return {name: _errors(value, expected[name]) for name, value in zip(CHECKED, values)}
+    return {name: relative_error(value, expected[name])
+            for name, value in zip(CHECKED, values)}
 
 
 def bench_case(case: Case, dtype, providers=PROVIDERS, device="cuda",
@@ -455,72 +446,6 @@ def _check(attention, q, k, v, grad_out, expected, direction) -> dict:
 
 def cases_for(device) -> tuple:
     return GPU_CASES if torch.device(device).type == "cuda" else CPU_CASES
-
-
-# ------------------------------------------------------------------------- headline --
-
-def _headline_rows(case: Case, results: list, dtype_name: str, autotune_s: float) -> list:
-    from .headline_correct import TOLERANCE
-    from .headline_report import add_peer_ratios, row
-    from .headline_stages import _timed_row
-
-    rows = []
-    for r in results:
-        direction, provider = r["direction"], r["provider"]
-        name = f"nanochat_attention {case.shape} {direction}"
-        work = forward_flops(r["pairs"], case.heads, case.head_dim) * (
-            3.5 if direction == "fwd+bwd" else 1.0)
-        common = dict(shape=case.shape, op="nanochat_attention", direction=direction,
-                      dtype=dtype_name, pairs=r["pairs"], window_left=case.window_left,
-                      doc_mean=case.doc_mean, documents=r["documents"], note=r.get("note"))
-        if provider == "gptfast" and direction == "fwd+bwd":
-            common["autotune_s"] = autotune_s
-        if r["status"] == "unavailable":
-            rows.append(row("nanochat", name, provider, "tflops", None, "TFLOP/s",
-                            status="unavailable", message=r["error"], **common))
-            continue
-        m = r["measured"]
-        rows.append(_timed_row("nanochat", name, provider, "tflops", "TFLOP/s", m,
-                               lambda ms, work=work: work / ms / 1e9, ceiling_of="matmul",
-                               **common))
-        rows.append(_timed_row("nanochat", name, provider, "ms", "ms", m, lambda ms: ms, **common))
-        if m.extra_mb is not None or m.status != "ok":  # a CPU has no allocator peak
-            rows.append(row("nanochat", name, provider, "extra_mb", m.extra_mb, "MB",
-                            status={"ok": "ok", "oom": "oom"}.get(m.status, "error"),
-                            message=m.error, **common))
-        tolerance = TOLERANCE[dtype_name]
-        for output, errors in (r.get("errors") or {}).items():
-            check = f"nanochat_attention {case.shape} {provider} vs fp32 reference"
-            if output == "error":  # no reference (did not fit), or the check itself failed
-                missing = errors.startswith("no fp32 reference")
-                rows.append(row("nanochat", check, provider, "rel_err", None, "",
-                                status="unavailable" if missing else "error", message=errors,
-                                **common))
-                continue
-            rel, max_abs = errors
-            rows.append(row("nanochat", f"{check} {output}", provider, "rel_err", rel, "",
-                            status="ok" if rel <= tolerance else "fail", tolerance=tolerance,
-                            max_abs_err=max_abs, message=None if rel <= tolerance else
-                            f"rel_err {rel:.3g} > {tolerance:g}", **common))
-    for metric in ("tflops", "ms", "extra_mb"):
-        add_peer_ratios([r for r in rows if r["metric"] == metric], "gptfast", PEERS)
-    return rows
-
-
-def headline_units(ctx, clock) -> list:
-    """The ``nanochat`` stage of ``gptfast bench --suite headline``: one unit per case (the
-    tiny CPU cases in a dry run), bf16 on CUDA, fp32 on a CPU."""
-    from .headline_stages import Unit
-
-    dtype_name = "bf16" if ctx.meter.cuda else "fp32"
-
-    def run(case):
-        before = clock.snapshot()[0]
-        results = bench_case(case, DTYPES[dtype_name], device=ctx.device, meter=ctx.meter)
-        return _headline_rows(case, results, dtype_name, clock.snapshot()[0] - before)
-
-    return [Unit(f"nanochat attention {case.shape}", lambda case=case: run(case), 60)
-            for case in cases_for(ctx.device)]
 
 
 # ------------------------------------------------------------------------------ CLI --

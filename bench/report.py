@@ -1,110 +1,16 @@
-"""Results of ``gptfast bench``: the jsonl file written as the sweep goes, console lines, and
-the markdown report.
+"""The report of the ``gptfast bench`` sweep: one console line per row, and results.md.
 
-Every row carries the run's context (run id, device, dtype, versions, git commit), so a
-results.jsonl file stands on its own. Numbers are meant to be compared within one run.
+The rows themselves are written as the sweep goes by :class:`.common.ResultsWriter`, each with
+the run's context (run id, device, dtype, versions, git commit, :func:`.common.run_context`),
+so a results.jsonl file stands on its own. Numbers are meant to be compared within one run.
 """
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
-import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .common import markdown_table
-
-# ----------------------------------------------------------------------------- context --
-
-
-def _cpu_name() -> str:
-    try:
-        from .loader import cpu_name
-    except ImportError:
-        return platform.processor() or platform.machine()
-    return cpu_name()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({os.cpu_count()} CPU cores)"
-
-
-def versions() -> dict:
-    import gptfast
-
-    try:
-        triton = importlib.metadata.version("triton")  # without importing it
-    except importlib.metadata.PackageNotFoundError:
-        triton = None
-    return {"torch": torch.__version__, "triton": triton, "gptfast": gptfast.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version()}
-
-
-def git_state() -> tuple[Optional[str], Optional[bool]]:
-    """(commit, dirty) of the checkout gptfast is imported from, or (None, None) when it is
-    not a git checkout (an installed wheel, say)."""
-    import gptfast
-
-    package = Path(gptfast.__file__).resolve().parent
-
-    def git(*args):
-        out = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    try:
-        top = git("rev-parse", "--show-toplevel")
-        # a wheel installed inside some other repository is not that repository's code
-        if top is None or Path(top).resolve() != package.parent:
-            return None, None
-        status = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "HEAD"), None if status is None else bool(status)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def run_context(device: torch.device, dtype: str, started: datetime.datetime) -> dict:
-    commit, dirty = git_state()
-    return {"run": started.isoformat(timespec="seconds"), "device": device.type,
-            "device_name": device_name(device), "dtype": dtype, "versions": versions(),
-            "git_commit": commit, "git_dirty": dirty}
-
-
-class ResultsWriter:
-    """Appends each row, with the run context, to results.jsonl as soon as it exists (flushed,
-    so an interrupted sweep keeps every finished row) and keeps the rows for the reports."""
-
-    def __init__(self, path: Path, context: dict):
-        self.path = Path(path)
-        self.context = context
-        self.rows: list[dict] = []
-        self._file = open(self.path, "w")
-
-    def write(self, row: dict) -> dict:
-        row = {**row, **self.context}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        self.rows.append(row)
-        return row
-
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
 
 # ----------------------------------------------------------------------------- formats --
 

@@ -35,11 +35,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .common import Measured, Meter, compiled, markdown_table
+from .common import DTYPES, Measured, Meter, compiled, markdown_table
 
 DEFAULT_SHAPES = "8x2048x10x10x128,32x2048x10x10x128,16x1024x12x12x64"
 CPU_SHAPE = (1, 8, 2, 1, 16)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE = 1.2  # nanochat's q, k multiplier
 BASE = 100000.0  # nanochat's rotary base
 

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from . import gpt, headline, kernel_suite, loader_suite, report
+from .common import ResultsWriter, run_context
 
 SUITES = ("gpt", "kernels", "loader")
 
@@ -354,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     write_plots, skipped = _plot_writer()
     if skipped:
         notes.append(skipped)
-    context = report.run_context(plan.device, plan.dtype, plan.started)
+    context = run_context(plan.device, plan.dtype, plan.started)
     model = None
     if "gpt" in plan.suites:
         names = [plan.gpt.model if arch == "gpt2" else plan.gpt.nanochat_model
@@ -368,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     plan.out_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    with report.ResultsWriter(plan.out_dir / "results.jsonl", context) as writer:
+    with ResultsWriter(plan.out_dir / "results.jsonl", context) as writer:
         interrupted = _sweep(units, writer, plan.device)
     meta = {**context, "model": model, "model_name": plan.gpt.model,
             "settings": plan.settings_text(), "notes": notes, "interrupted": interrupted,

@@ -175,7 +175,7 @@ def test_nanochat_models_come_from_the_preset_family():
 
 
 def test_headline_nanochat_step_rows_compare_ours_with_the_stand_in(monkeypatch, stand_in):
-    from gptfast.bench import headline_stages
+    from gptfast.bench.headline import stages as headline_stages
     from gptfast.bench.common import Meter
 
     stand_in.COMPUTE_DTYPE = torch.bfloat16  # the headline step is bf16

@@ -245,14 +245,15 @@ def test_kernel_suite_on_a_cpu_runs_the_nanochat_cases_as_rows(monkeypatch, aot_
 
 
 def test_headline_stage_rows_follow_the_schema(aot_eager, monkeypatch):
-    from gptfast.bench import autotune, headline, headline_stages
-    from gptfast.bench.headline_report import STAGES, validate
+    from gptfast.bench import autotune, headline
+    from gptfast.bench.headline import nanochat, stages as headline_stages
+    from gptfast.bench.headline.report import STAGES, validate
 
     assert "nanochat" in STAGES and headline.stage_list("nanochat") == ("nanochat",)
     monkeypatch.setattr(na, "CPU_CASES", (TINY,))
     ctx = headline_stages.Context("nanochat", headline_stages.DRY, torch.device("cpu"),
                                   cpu_meter(), dry_run=True)
-    (unit,) = na.headline_units(ctx, autotune.AutotuneClock())
+    (unit,) = nanochat.nanochat_units(ctx, autotune.AutotuneClock())
     rows = unit.run()
     assert validate(rows) == []
     assert all(r["stage"] == "nanochat" and r["shape"] == TINY.shape for r in rows)

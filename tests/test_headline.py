@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from gptfast import cli
-from gptfast.bench import autotune, headline, headline_report, headline_stages
-from gptfast.bench.headline_report import row, validate, verdict
+from gptfast.bench import autotune, headline
+from gptfast.bench.headline import child, report as headline_report, stages as headline_stages
+from gptfast.bench.headline.report import row, validate, verdict
 
 
 def _rows(out):
@@ -212,7 +213,7 @@ def test_a_failing_unit_is_a_row_and_the_stage_goes_on(tmp_path, monkeypatch):
                 headline_stages.Unit("works", lambda: [row("env", "works", "t", "x", 1.0, "")])]
     monkeypatch.setattr(headline_stages, "env_units", units)
     (tmp_path / "stages").mkdir()
-    headline.run_child("env", tmp_path, deadline=1e12, dry_run=True)
+    child.run_child("env", tmp_path, deadline=1e12, dry_run=True)
     rows = [json.loads(line) for line in (tmp_path / "stages" / "env.jsonl").open()]
     assert [(r["name"], r["status"]) for r in rows] == [("fails", "error"), ("works", "ok")]
     assert "no kernel image is available" in rows[0]["message"]
@@ -225,7 +226,7 @@ def test_a_unit_that_cannot_fit_in_the_box_is_not_started(tmp_path, monkeypatch)
     monkeypatch.setattr(headline_stages, "DRY", headline_stages.dataclasses.replace(
         headline_stages.DRY, unit_estimates=True))
     (tmp_path / "stages").mkdir()
-    headline.run_child("loader", tmp_path, deadline=headline.time.time() + 10, dry_run=True)
+    child.run_child("loader", tmp_path, deadline=child.time.time() + 10, dry_run=True)
     (only,) = [json.loads(line) for line in (tmp_path / "stages" / "loader.jsonl").open()]
     assert only["status"] == "skipped-budget" and "needs ~30 s" in only["message"]
     assert not started

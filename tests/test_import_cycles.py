@@ -90,7 +90,7 @@ def test_the_graph_sees_the_packages_imports():
     assert "gptfast.bench.common" in graph["gptfast.bench.gpt"]
     assert "gptfast.backend" in graph["gptfast.kernels.attention"]
     # a lazy import inside a function counts
-    assert "gptfast.bench.headline_correct" in graph["gptfast.bench.headline"]
+    assert "gptfast.bench.headline.child" in graph["gptfast.bench.headline"]
 
 
 def test_cycles_finds_a_cycle():
@@ -102,3 +102,14 @@ def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles (each a set of modules importing each other): " + "; ".join(
         " <-> ".join(component) for component in found)
+
+
+def test_per_kernel_bench_modules_do_not_import_the_headline_runner():
+    """bench/headline/ builds on the per-kernel modules and the measurement core, never the
+    reverse: only the sweep (the `gptfast bench` dispatcher) imports the headline package."""
+    graph = import_graph()
+    headline = {m for m in graph if m == "gptfast.bench.headline"
+                or m.startswith("gptfast.bench.headline.")}
+    importers = {m for m, imported in graph.items() if m not in headline and imported & headline}
+    assert importers == {"gptfast.bench.sweep"}
+    assert "gptfast.bench.nanochat_attention" in graph["gptfast.bench.headline.nanochat"]

@@ -87,6 +87,7 @@ def test_wheel_maps_kernels_and_bench_into_gptfast(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "gptfast/kernels/__init__.py" in names
     assert "gptfast/bench/__init__.py" in names
+    assert "gptfast/bench/headline/__main__.py" in names  # python -m gptfast.bench.headline
     assert any(n.startswith("gptfast/_C") and n.endswith(".so") for n in names)
     top_level = {n.split("/")[0] for n in names}
     assert all(name == "gptfast" or name.endswith(".dist-info") for name in top_level), top_level

@@ -17,8 +17,9 @@ import torch
 
 import gptfast
 
-from .headline_report import row
-from .headline_stages import DTYPES, Context, Unit
+from ..common import DTYPES, relative_error
+from .report import row
+from .stages import Context, Unit
 
 TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
 IGNORE_EVERY = 50  # every 50th target is ignore_index, as padding would be
@@ -29,18 +30,12 @@ def compare(case: str, dtype_name: str, outputs: dict, seconds: float, shape: st
     tolerance = TOLERANCE[dtype_name]
     rows = []
     for output, (ours, reference) in outputs.items():
-        ours, reference = ours.detach().float(), reference.detach().float()
         if ours.shape != reference.shape:
             rows.append(row("correct", f"{case} {output}", "gptfast", "rel_err", None, "",
                             shape=shape, status="fail", dtype=dtype_name, tolerance=tolerance,
                             message=f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"))
             continue
-        if not torch.isfinite(ours).all():
-            rel, max_abs = float("inf"), float("inf")
-        else:
-            diff = ours - reference
-            rel = float(diff.norm() / reference.norm().clamp_min(1e-30))
-            max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+        rel, max_abs = relative_error(ours, reference)
         rows.append(row("correct", f"{case} {output}", "gptfast", "rel_err", rel, "",
                         shape=shape, status="ok" if rel <= tolerance else "fail",
                         dtype=dtype_name, tolerance=tolerance, max_abs_err=max_abs,

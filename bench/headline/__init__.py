@@ -7,7 +7,7 @@ Stages, in order: ``env`` (device, versions, the matmul and copy ceilings of thi
 ``correct`` (every kernel at its headline shape in bf16 and fp16, forward and backward, against
 the reference in fp32), ``kernels`` (the bench/ANCHORS.md kernel rows side by side with their
 peers), ``nanochat`` (nanochat's attention shapes: gptfast against nanochat's SDPA
-fallback, FlexAttention and FA2/FA3, :mod:`.nanochat_attention`),
+fallback, FlexAttention and FA2/FA3, :mod:`gptfast.bench.nanochat_attention`),
 ``gpt`` (the GPT-2 124M training step, gptfast and nanoGPT, eager and compiled; the
 nanochat-d20 step, ours against nanochat's own model when it imports), ``loader``.
 
@@ -20,7 +20,7 @@ unit that cannot finish in what is left of the box is not started. Rows are writ
 row. All stages share one ``TRITON_CACHE_DIR`` and cache autotune results there
 (``TRITON_CACHE_AUTOTUNING=1``): a key tuned in ``correct`` is not tuned again in ``kernels``, nor
 in a re-run with ``--stages``. Autotuning keeps the first ``--autotune-keep`` configs of each
-kernel (:mod:`.autotune`) and its seconds are reported apart from the timings.
+kernel (:mod:`gptfast.bench.autotune`) and its seconds are reported apart from the timings.
 
 Outputs in DIR: ``headline.json`` (every row), ``headline.md`` (the verdict against the
 bench/ANCHORS.md goals on top, one table per stage), ``headline.log`` (everything the stages
@@ -30,6 +30,17 @@ printed), ``ANCHORS.md`` (a copy of bench/ANCHORS.md, which headline.md links to
 shapes, the kernels through the Triton interpreter in ``correct``, ``kernels`` and
 ``nanochat``, compiled baselines with torch.compile's aot_eager backend, the same files. CI
 runs it.
+
+The package, each module one job (it imports the per-kernel modules of gptfast.bench, never
+the reverse):
+
+- this module: the options, the plan, the parent process that runs each stage in its box and
+  writes the reports (``python -m gptfast.bench.headline`` runs :func:`main`, ``__main__.py``);
+- :mod:`.child`: one stage in its child process, its units in order, rows written as they come;
+- :mod:`.stages`: the sizes of a GPU run and of the dry run, and the ``env``, ``kernels``,
+  ``gpt`` and ``loader`` stages; :mod:`.correct`: the ``correct`` stage; :mod:`.nanochat`:
+  the ``nanochat`` stage;
+- :mod:`.report`: the row schema, peer and ceiling ratios, the verdict, headline.md.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .headline_report import STAGES, row, validate
+from .report import STAGES, row, validate
 
 DEFAULT_BUDGET_S = 480.0
 # Share of the budget each stage's box gets (of what is left when it starts, among the stages
@@ -56,7 +67,6 @@ DEFAULT_BUDGET_S = 480.0
 SHARES = {"env": 0.06, "correct": 0.20, "kernels": 0.26, "nanochat": 0.12, "gpt": 0.30,
           "loader": 0.06}
 MIN_BOX_S = 3.0        # a stage with less than this is skipped, not started
-STOP_MARGIN = 0.1      # a stage starts no unit in the last 10% of its box (at most 15 s)
 KILL_GRACE_S = 10.0    # after Ctrl-C a stage gets this long to stop before it is killed
 
 
@@ -252,8 +262,8 @@ def _stage_rows(out_dir: Path, stage: str) -> list:
 
 
 def _finish(plan: Plan, rows: list, stage_rows: list, elapsed: float, interrupted: bool) -> list:
-    from .headline_report import ANCHORS_FILE, add_ceiling_ratios, markdown
-    from .headline_stages import add_gpt_ratios
+    from .report import ANCHORS_FILE, add_ceiling_ratios, markdown
+    from .stages import add_gpt_ratios
 
     for stage_row in stage_rows:  # the autotune seconds a stage reported, on its stage row
         reported = [r for r in rows if r["stage"] == stage_row["stage"] and r["name"] == "autotune"
@@ -374,123 +384,13 @@ def _run_stages(plan: Plan, earlier: list) -> tuple:
 
 
 def _verdict_summary(rows) -> list:
-    from .headline_report import verdict
+    from .report import verdict
 
     device = next((r["value"] for r in rows if r["metric"] == "device_name"), "")
     try:
         return [f"  {g['verdict']:>16}  {g['goal']}" for g in verdict(rows, device)]
     except Exception as err:
         return [f"  verdict failed ({type(err).__name__}: {err}); see headline.json"]
-
-
-# -------------------------------------------------------------------------- the child --
-
-class _Writer:
-    def __init__(self, path: Path):
-        self._file = open(path, "a")
-
-    def write(self, rows):
-        for r in rows:
-            self._file.write(json.dumps(r, default=str) + "\n")
-        self._file.flush()
-
-
-def _cuda_broken(meter) -> str | None:
-    """After a failed unit: None when the CUDA context still works, else why not."""
-    if not meter.cuda:
-        return None
-    try:
-        meter.synchronize()
-        return None
-    except Exception as err:
-        return f"the CUDA context is broken ({type(err).__name__}: {str(err)[:160]})"
-
-
-def _exit_with_parent() -> None:
-    """A stage runs in its own session (so that Ctrl-C reaches the parent first, which stops it
-    in order); if the parent dies without stopping it, it must not go on using the GPU."""
-    parent = os.getppid()
-
-    def watch():
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                print("headline: the parent process is gone; stopping this stage", flush=True)
-                os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def run_child(stage: str, out_dir: Path, deadline: float, dry_run: bool) -> int:
-    """One stage, in this process: its units in order, each row written as it comes."""
-    import torch
-
-    from . import autotune
-    from .common import Meter
-    from .headline_stages import (DRY, GPU, Context, env_units, gpt_units, kernels_units,
-                                  loader_units)
-
-    sizes = DRY if dry_run else GPU
-    device = torch.device("cpu" if dry_run else "cuda")
-    meter = Meter(device, sizes.warmup_ms, sizes.repeat_ms)
-    ctx = Context(stage, sizes, device, meter, dry_run)
-    writer = _Writer(out_dir / "stages" / f"{stage}.jsonl")
-    box_start = time.time()
-    stop_at = deadline - min(15.0, STOP_MARGIN * (deadline - box_start))
-    torch.manual_seed(0)
-
-    clock = autotune.AutotuneClock()
-    notes = []
-    if stage in ("correct", "kernels", "nanochat", "gpt"):
-        try:
-            counts = autotune.restrict(autotune.keep_from_env())
-            clock.install()
-            notes = [f"{name} {kept}/{listed}" for name, (kept, listed) in counts.items()]
-        except Exception as err:  # triton missing or changed: the stage still runs
-            notes = [f"autotune hook not installed: {type(err).__name__}: {err}"]
-
-    if stage == "correct":
-        from .headline_correct import correct_units
-        units = correct_units(ctx)
-    elif stage == "nanochat":
-        from .nanochat_attention import headline_units
-        units = headline_units(ctx, clock)
-    else:
-        units = {"env": lambda: env_units(ctx), "kernels": lambda: kernels_units(ctx, clock),
-                 "gpt": lambda: gpt_units(ctx), "loader": lambda: loader_units(ctx)}[stage]()
-
-    broken = None
-    for unit in units:
-        left = stop_at - time.time()
-        need = unit.estimate_s if sizes.unit_estimates else 0.0
-        if broken or left <= need:
-            status = "error" if broken else "skipped-budget"
-            message = broken or (f"not started: {max(left, 0):.0f} s left of the box, "
-                                 f"needs ~{need:.0f} s")
-            writer.write([row(stage, unit.label, "headline", "unit", None, "", status=status,
-                              message=message)])
-            print(f"[{stage}] {unit.label}: {status} ({message})", flush=True)
-            continue
-        started = time.perf_counter()
-        try:
-            rows = unit.run()
-        except Exception as err:  # KeyboardInterrupt is not an Exception: it ends the stage
-            traceback.print_exc()
-            rows = [row(stage, unit.label, "headline", "unit", None, "", status="error",
-                        message=f"{type(err).__name__}: {str(err).strip()[:300]}")]
-        if any(r["status"] == "error" for r in rows):
-            broken = _cuda_broken(meter)  # an illegal access poisons every later CUDA call
-        writer.write(rows)
-        bad = sum(r["status"] not in ("ok", "unavailable") for r in rows)
-        print(f"[{stage}] {unit.label}: {len(rows)} rows, {bad} not ok, "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
-    if stage in ("correct", "kernels", "nanochat", "gpt"):
-        writer.write([row(stage, "autotune", "headline", "autotune_s", clock.seconds, "s",
-                          message="compile + timing of the autotune candidates; kept configs: "
-                          + ("; ".join(notes) if notes else "no autotuned kernel "
-                             "(the Triton interpreter does not autotune)")),
-                      row(stage, "autotune", "headline", "configs_timed", clock.configs, "")])
-    return 0
 
 
 def main(argv=None) -> int:
@@ -502,13 +402,11 @@ def main(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
-        _exit_with_parent()
+        from .child import exit_with_parent, run_child
+
+        exit_with_parent()
         try:
             return run_child(args.child, args.out, args.deadline, args.dry_run)
         except KeyboardInterrupt:
             return 130
     return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,10 +1,11 @@
 """The stages of ``gptfast bench --suite headline`` other than ``correct``: env, kernels, gpt,
 loader; and the sizes of a GPU run and of the CPU dry run.
 
-A stage is a list of :class:`Unit` s, run in order by :mod:`.headline`; each returns rows (see
-:mod:`.headline_report`). A dry run calls the same functions as a GPU run at the sizes in
-:data:`DRY`; only :class:`~.common.Meter` (CUDA events / do_bench / allocator peaks against
-perf_counter) and the device-query calls differ.
+A stage is a list of :class:`Unit` s, run in order by :mod:`.child`; each returns rows (see
+:mod:`.report`). A dry run calls the same functions as a GPU run at the sizes in :data:`DRY`;
+only :class:`~gptfast.bench.common.Meter` (CUDA events / do_bench / allocator peaks against
+perf_counter) and the device-query calls differ. The measuring itself is the per-kernel
+modules' (``gptfast.bench.attention`` ...); a stage turns their results into rows.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from . import loader_suite
-from .common import Measured, Meter
-from .headline_report import add_peer_ratios, row
+from .. import loader_suite
+from ..common import DTYPES, Meter
+from .report import add_peer_ratios, row, timed_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +100,6 @@ DRY = Sizes(
     nanochat_norm=(64, 96), nanochat_rotary=(1, 8, 2, 1, 16), nanochat_softcap_ce=(32, 32, 500),
     nanochat_gpt=("nanochat-tiny", 2, 16))
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 @dataclasses.dataclass
 class Context:
     """What every unit of a stage shares."""
@@ -155,16 +153,16 @@ VERSION_FACTS = {"torch", "triton", "cuda", "python", "platform", "gptfast", "gi
 
 
 def _facts(ctx: Context) -> list:
-    from . import report
+    from .. import common
 
     def fact(metric, value, unit="", status="ok", **extra):
         return row("env", "device" if metric not in VERSION_FACTS else "versions",
                    "headline", metric, value, unit,
                    status="unavailable" if value is None and status == "ok" else status, **extra)
 
-    versions = report.versions()
-    commit, dirty = report.git_state()
-    rows = [fact("device_name", report.device_name(ctx.device))]
+    versions = common.versions()
+    commit, dirty = common.git_state()
+    rows = [fact("device_name", common.device_name(ctx.device))]
     if ctx.meter.cuda:
         props = torch.cuda.get_device_properties(ctx.device)
         rows += [fact("sm_count", props.multi_processor_count),
@@ -188,25 +186,13 @@ def _facts(ctx: Context) -> list:
 
 
 
-def _timed_row(stage, name, impl, metric, unit, measured: Measured, convert, shape=None, **extra):
-    """A row whose value is ``convert(ms)`` of a Measured (its spread converted alike)."""
-    if measured.status != "ok":
-        return row(stage, name, impl, metric, None, unit, shape=shape,
-                   status="oom" if measured.status == "oom" else "error",
-                   message=measured.error, **extra)
-    t = measured.timing
-    values = sorted((convert(t.p20_ms), convert(t.p80_ms)))
-    return row(stage, name, impl, metric, convert(t.median_ms), unit, shape=shape,
-               p20=values[0], p80=values[1], first_call_s=measured.first_call_s, **extra)
-
-
 def _matmul_ceiling(ctx: Context) -> list:
     n = ctx.sizes.matmul_n
     # random data: a matmul on zeros runs faster than on real data
     a = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
     measured = ctx.meter.measure(lambda: a @ b)
-    return [_timed_row("env", f"matmul bf16 {n}^3", "torch.matmul", "tflops", "TFLOP/s",
+    return [timed_row("env", f"matmul bf16 {n}^3", "torch.matmul", "tflops", "TFLOP/s",
                        measured, lambda ms: 2 * n ** 3 / ms / 1e9, shape=f"{n}x{n}x{n}",
                        ceiling="matmul_tflops")]
 
@@ -216,7 +202,7 @@ def _copy_ceiling(ctx: Context) -> list:
     src = torch.randn(nbytes // 4, device=ctx.device)
     dst = torch.empty_like(src)
     measured = ctx.meter.measure(lambda: dst.copy_(src))
-    return [_timed_row("env", f"device copy {nbytes / 2**20:.0f} MiB", "Tensor.copy_",
+    return [timed_row("env", f"device copy {nbytes / 2**20:.0f} MiB", "Tensor.copy_",
                        "tb_per_s", "TB/s", measured, lambda ms: 2 * nbytes / ms / 1e9,
                        shape=f"{nbytes} bytes", ceiling="copy_tbps",
                        message="bytes read + bytes written over time")]
@@ -234,7 +220,7 @@ ATTENTION_PEERS = ("SDPA flash", "SDPA cuDNN", "SDPA mem-eff")
 
 
 def _attention(ctx: Context, group, head_dim, heads, seq, clock) -> list:
-    from . import attention
+    from .. import attention
 
     dtype = torch.bfloat16 if ctx.meter.cuda else torch.float32
     providers = list(attention.PROVIDERS)
@@ -252,7 +238,7 @@ def _attention(ctx: Context, group, head_dim, heads, seq, clock) -> list:
             # fwd+bwd runs first: its first call tunes both directions of this shape
             tuned = name.startswith("gptfast") and direction == "fwd+bwd"
             extra = {"autotune_s": autotune_s} if tuned else {}
-            rows.append(_timed_row(
+            rows.append(timed_row(
                 "kernels", f"causal_attention {group} H{heads} T{seq} {direction}", name,
                 "tflops", "TFLOP/s", measured, lambda ms, work=work: work / ms / 1e9, shape=shape,
                 op="causal_attention", group=group, head_dim=head_dim, direction=direction,
@@ -267,7 +253,7 @@ DOCUMENT_PEERS = ("FlexAttention", "SDPA dense mask", "gptfast causal")
 def _document_attention(ctx: Context, head_dim, heads, seq, doc_len, window, clock) -> list:
     """gptfast's document-masked kernel beside FlexAttention (same block mask), SDPA with the
     dense mask and the plain causal kernel; TFLOP/s on the attended pairs."""
-    from . import document_attention
+    from .. import document_attention
 
     dtype = torch.bfloat16 if ctx.meter.cuda else torch.float32
     case = document_attention.Case(doc_len, window)
@@ -292,10 +278,10 @@ def _document_attention(ctx: Context, head_dim, heads, seq, doc_len, window, clo
             rows.append(row("kernels", name, r["provider"], "tflops", None, "TFLOP/s",
                             status="unavailable", message=r["error"], **common))
             continue
-        rows.append(_timed_row("kernels", name, r["provider"], "tflops", "TFLOP/s", r["measured"],
+        rows.append(timed_row("kernels", name, r["provider"], "tflops", "TFLOP/s", r["measured"],
                                lambda ms, work=work: work / ms / 1e9, ceiling_of="matmul",
                                **common))
-        rows.append(_timed_row("kernels", name, r["provider"], "ms", "ms", r["measured"],
+        rows.append(timed_row("kernels", name, r["provider"], "ms", "ms", r["measured"],
                                lambda ms: ms, **common))
     # TFLOP/s against the peers computing the same mask; wall time against all three (the
     # plain causal kernel computes another function, so only its time compares)
@@ -305,7 +291,7 @@ def _document_attention(ctx: Context, head_dim, heads, seq, doc_len, window, clo
 
 
 def _layer_norm(ctx: Context, dtype_name) -> list:
-    from . import layernorm
+    from .. import layernorm
 
     n, c = ctx.sizes.layer_norm
     # gptfast with fp32 weights (mixed precision); the baselines need x's dtype
@@ -316,7 +302,7 @@ def _layer_norm(ctx: Context, dtype_name) -> list:
     for column, measured in table["measured"].items():
         impl, _, direction = column.partition(" ")
         nbytes = table["bytes"][column]
-        rows.append(_timed_row(
+        rows.append(timed_row(
             "kernels", f"layer_norm {n}x{c} {dtype_name} {direction or 'copy'}", impl,
             "tb_per_s", "TB/s", measured, lambda ms, nbytes=nbytes: nbytes / ms / 1e9,
             shape=f"{n}x{c}", op="layer_norm", dtype=dtype_name, direction=direction or "copy",
@@ -330,7 +316,7 @@ def _loss_rows(kernel, table, shape, name, work, ceiling_of, dtype_name) -> list
     rows = []
     for impl, measured in table["measured"].items():
         common = dict(shape=shape, op=kernel, dtype=dtype_name, direction="fwd+bwd")
-        rows.append(_timed_row("kernels", name, impl, "ms", "ms", measured, lambda ms: ms,
+        rows.append(timed_row("kernels", name, impl, "ms", "ms", measured, lambda ms: ms,
                                ceiling_of=ceiling_of, work_at_ceiling=work, **common))
         rows.append(row("kernels", name, impl, "extra_mb", measured.extra_mb, "MB",
                         status={"ok": "ok", "oom": "oom"}.get(measured.status, "error"),
@@ -339,7 +325,7 @@ def _loss_rows(kernel, table, shape, name, work, ceiling_of, dtype_name) -> list
 
 
 def _cross_entropy(ctx: Context) -> list:
-    from . import cross_entropy
+    from .. import cross_entropy
 
     n, v = ctx.sizes.ce_rows, ctx.sizes.vocab
     dtype = torch.bfloat16
@@ -354,7 +340,7 @@ def _cross_entropy(ctx: Context) -> list:
 
 
 def _linear_cross_entropy(ctx: Context) -> list:
-    from . import cross_entropy
+    from .. import cross_entropy
 
     n, c, v = ctx.sizes.ce_rows, ctx.sizes.hidden, ctx.sizes.vocab
     providers = cross_entropy.linear_providers()
@@ -378,7 +364,7 @@ def _bandwidth_rows(op, name, table, shape, dtype_name) -> list:
                             status="unavailable", message=measured.error, **common))
             continue
         nbytes = table["bytes"][column]
-        rows.append(_timed_row("kernels", f"{name} {direction or 'copy'}", impl, "tb_per_s",
+        rows.append(timed_row("kernels", f"{name} {direction or 'copy'}", impl, "tb_per_s",
                                "TB/s", measured, lambda ms, nbytes=nbytes: nbytes / ms / 1e9,
                                ceiling_of="copy", **common))
     add_peer_ratios(rows, "gptfast", sorted({r["impl"] for r in rows} - {"gptfast", "copy"}))
@@ -387,7 +373,7 @@ def _bandwidth_rows(op, name, table, shape, dtype_name) -> list:
 
 def _nanochat_norm(ctx: Context) -> list:
     """nanochat's norm: parameter-free F.rms_norm with the dtype's eps, bf16."""
-    from . import layernorm
+    from .. import layernorm
 
     n, c = ctx.sizes.nanochat_norm
     impls = layernorm.implementations(param_dtype_is_x=True, op="rms_norm_no_weight")
@@ -399,7 +385,7 @@ def _nanochat_norm(ctx: Context) -> list:
 
 def _nanochat_rotary(ctx: Context) -> list:
     """rotary_qk_norm against nanochat's rotate, rms_norm, * 1.2 (bench/rotary.py), bf16."""
-    from . import rotary
+    from .. import rotary
 
     shape = ctx.sizes.nanochat_rotary
     table = rotary.bench_shape(shape, torch.bfloat16, rotary.implementations(),
@@ -413,7 +399,7 @@ NANOCHAT_SOFTCAP = 15.0
 
 def _softcap_linear_cross_entropy(ctx: Context) -> list:
     """nanochat's loss: cross_entropy of 15 * tanh(fp32 logits / 15), bf16 x and weight."""
-    from . import cross_entropy
+    from .. import cross_entropy
 
     n, c, v = ctx.sizes.nanochat_softcap_ce
     providers = cross_entropy.linear_providers(softcap=NANOCHAT_SOFTCAP)
@@ -455,7 +441,7 @@ GPT_PEERS = ("nanogpt-compile", "nanogpt-eager")
 def _gpt_cell(ctx: Context, impl, batch, arch="gpt2") -> list:
     """A training-step cell: GPT-2 at the goal shapes, or (arch "nanochat") our modern GPT or
     nanochat's own model at ``sizes.nanochat_gpt``."""
-    from . import gpt
+    from .. import gpt
 
     s = ctx.sizes
     model, seq = s.gpt_model, s.gpt_seq

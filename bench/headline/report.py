@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .common import markdown_table
+from ..common import Measured, markdown_table
 
 STAGES = ("env", "correct", "kernels", "nanochat", "gpt", "loader")
 REQUIRED = ("stage", "name", "impl", "shape", "metric", "value", "unit", "status")
@@ -34,7 +34,7 @@ STATUSES = ("ok", "fail", "oom", "error", "skipped-budget", "interrupted", "unav
 LOWER_IS_BETTER = {"ms", "extra_mb", "peak_gb", "rel_err", "max_abs_err", "step_ms"}
 
 # bench/ANCHORS.md: the figures and goals with their sources; headline.md links to a copy of it
-ANCHORS_FILE = Path(__file__).with_name("ANCHORS.md")
+ANCHORS_FILE = Path(__file__).parent.parent / "ANCHORS.md"
 ANCHORS_IN_REPO = "bench/ANCHORS.md"
 # its ceilings (H100 80GB HBM3, torch 2.11, triton 3.6), which the absolute goals were set against
 ANCHOR_DEVICE = "H100"
@@ -49,6 +49,19 @@ def row(stage: str, name: str, impl: str, metric: str, value, unit: str, *, stat
         raise ValueError(f"status {status!r} is not one of {STATUSES}")
     return {"stage": stage, "name": name, "impl": impl, "shape": shape, "metric": metric,
             "value": value, "unit": unit, "status": status, **extra}
+
+
+def timed_row(stage, name, impl, metric, unit, measured: Measured, convert, shape=None,
+              **extra):
+    """A row whose value is ``convert(ms)`` of a Measured (its spread converted alike)."""
+    if measured.status != "ok":
+        return row(stage, name, impl, metric, None, unit, shape=shape,
+                   status="oom" if measured.status == "oom" else "error",
+                   message=measured.error, **extra)
+    t = measured.timing
+    values = sorted((convert(t.p20_ms), convert(t.p80_ms)))
+    return row(stage, name, impl, metric, convert(t.median_ms), unit, shape=shape,
+               p20=values[0], p80=values[1], first_call_s=measured.first_call_s, **extra)
 
 
 def validate(rows: Iterable[dict]) -> list[str]:
