@@ -47,6 +47,21 @@ are read in place. O, dQ, dK and dV are allocated (B, T, H, D)-major and returne
 (B, H, T, D) views, the layout SDPA's flash backend returns, so the usual
 ``o.transpose(1, 2).reshape(B, T, H * D)`` that follows attention is free.
 
+Strides: each kernel takes one tuple per tensor, its four (B, H, T, D) strides
+(``q_strides`` = ``q.stride()``), and indexes it where separate stride arguments were used
+before. Triton specialises tuple elements as it does scalars (a stride of 1 becomes a
+constant, multiples of 16 keep their divisibility hint), so the compiled kernels do not
+change. The block loops take no strides: :func:`_head_rows` bundles a head's rows once
+(base pointer or tensor descriptor, row stride, column stride) and :func:`_load_rows` /
+:func:`_store_rows` unpack it. Left written out on purpose: the per-head base pointers and
+the pointer tiles a program reads or writes once stay inline, in their old order, not in a
+shared helper. ptxas allocates registers from the PTX as Triton emits it, and both an extra
+inlined jit function (its debug scope adds labels) and a reordered address computation
+change that PTX: a first cut with such helpers moved 7 of the 655 configs of ``python -m
+gptfast.bench.sm90 --kernels attention`` by -15 to +18 registers on triton 3.8, and 17 by -2
+to +15 on triton 3.6 (one to 255), without spills. As written, all 655 keep their registers,
+spills, shared memory, wgmma and TMA on both.
+
 Head dims 1..256 (BLOCK_D = next power of two >= 16, padded columns masked), any T >= 0,
 fp16/bf16 (fp32 too, with tf32 dots when ``torch.backends.cuda.matmul.allow_tf32``).
 
@@ -149,23 +164,29 @@ def _load_row_stat(ptrs, offs_t, T, CHECK_T: tl.constexpr):
 
 
 @triton.jit
-def _tile_source(base, stride_t, T, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """Where one head's (T, HEAD_DIM) rows are read from or written to: ``base`` itself (the
-    pointer path) or, with ``TMA``, a tensor descriptor over them with (ROWS, BLOCK_D) tiles,
-    which the Hopper TMA unit copies to shared memory whole. The descriptor pads rows >= T
-    and columns >= HEAD_DIM with zeros on load and drops them on store, as the masks do.
-    The caller checks that base and stride_t are 16-byte aligned and the rows contiguous."""
+def _head_rows(head_base, strides, T, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """One head's (T, HEAD_DIM) rows, as :func:`_load_rows` and :func:`_store_rows` take them:
+    (source, row stride, column stride), from the head's base pointer and ``strides``, the
+    tensor's four (B, H, T, D) strides (one tuple). The source is ``head_base`` itself (the
+    pointer path) or, with ``TMA``, a tensor descriptor over the rows with (ROWS, BLOCK_D)
+    tiles, which the Hopper TMA unit copies to shared memory whole. The descriptor pads rows
+    >= T and columns >= HEAD_DIM with zeros on load and drops them on store, as the masks do.
+    The caller checks that the base and the row stride are 16-byte aligned and the rows
+    contiguous (``TMA_OK``)."""
     if TMA:
-        return tl.make_tensor_descriptor(base, [T, HEAD_DIM], [stride_t, 1], [ROWS, BLOCK_D])
+        src = tl.make_tensor_descriptor(head_base, [T, HEAD_DIM], [strides[2], 1],
+                                        [ROWS, BLOCK_D])
     else:
-        return base
+        src = head_base
+    return src, strides[2], strides[3]
 
 
 @triton.jit
-def _load_rows(src, start, stride_t, stride_d, offs_t, offs_d, T, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, CHECK_T: tl.constexpr):
-    """The tile of rows [start, start + len(offs_t)) of a ``_tile_source``."""
+def _load_rows(rows, start, offs_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_T: tl.constexpr):
+    """The tile of rows [start, start + len(offs_t)) of a :func:`_head_rows`."""
+    src, stride_t, stride_d = rows
     if isinstance(src, tl.tensor_descriptor):
         return src.load([start, 0])
     else:
@@ -174,9 +195,10 @@ def _load_rows(src, start, stride_t, stride_d, offs_t, offs_d, T, HEAD_DIM: tl.c
 
 
 @triton.jit
-def _store_rows(dst, start, tile, stride_t, stride_d, offs_t, offs_d, T,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_T: tl.constexpr):
-    """Store a tile at rows [start, start + len(offs_t)) of a ``_tile_source``."""
+def _store_rows(rows, start, tile, offs_t, offs_d, T, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, CHECK_T: tl.constexpr):
+    """Store a tile at rows [start, start + len(offs_t)) of a :func:`_head_rows`."""
+    dst, stride_t, stride_d = rows
     if isinstance(dst, tl.tensor_descriptor):
         dst.store([start, 0], tile)
     else:
@@ -187,14 +209,14 @@ def _store_rows(dst, start, tile, stride_t, stride_d, offs_t, offs_d, T,
 # -------------------------------------------------------------------------- forward --
 
 @triton.jit
-def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stride_vt, stride_vd,
-                    offs_m, lo, hi, T, qk_scale,
+def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, offs_m, lo, hi, T, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     row_start=None, window=None,
                     DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False,
                     row_end=None, BAND_MASK: tl.constexpr = False):
-    """Online softmax over key blocks [lo, hi) for one tile of query rows.
+    """Online softmax over key blocks [lo, hi) for one tile of query rows (K_head, V_head:
+    :func:`_head_rows`).
 
     With m2 the running row max of ``S * log2(e)`` and l the running row sum:
         m2' = max(m2, rowmax(Q K^T) * qk_scale)
@@ -213,8 +235,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, start_n, stride_kt, stride_kd, offs_n, offs_d, T,
-                       HEAD_DIM, BLOCK_D, CHECK_T)
+        k = _load_rows(K_head, start_n, offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
@@ -232,8 +253,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head, stride_kt, stride_kd, stri
         p = tl.math.exp2(qk * qk_scale - m_exp[:, None])
         alpha = tl.math.exp2(m_i - m_exp)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V_head, start_n, stride_vt, stride_vd, offs_n, offs_d, T,
-                       HEAD_DIM, BLOCK_D, CHECK_T)
+        v = _load_rows(V_head, start_n, offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
         # P is rounded to V's dtype for the tensor-core matmul, which accumulates in fp32
         # straight into the rescaled acc.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -345,11 +365,7 @@ def _persistent_tile(tile, BH, n_blocks, H, GROUP, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE2,
-                     stride_qb, stride_qh, stride_qt, stride_qd,
-                     stride_kb, stride_kh, stride_kt, stride_kd,
-                     stride_vb, stride_vh, stride_vt, stride_vd,
-                     stride_ob, stride_oh, stride_ot, stride_od,
+def _attn_fwd_kernel(Q, K, V, O, LSE2, q_strides, k_strides, v_strides, o_strides,
                      H, T, GROUP, qk_scale,
                      T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -358,7 +374,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
                      TMA: tl.constexpr = False, TMA_OK: tl.constexpr = False,
                      BH=1, PERSISTENT: tl.constexpr = 0, DOC_END=None, window_right=None,
                      BIDIRECTIONAL: tl.constexpr = False, SLIDING_RIGHT: tl.constexpr = False):
-    """O and lse2 for BLOCK_M query rows of one (batch, query head).
+    """O and lse2 for BLOCK_M query rows of one (batch, query head). ``q_strides`` etc.:
+    each tensor's four (B, H, T, D) strides, one tuple.
 
     Grid (B * H, cdiv(T, BLOCK_M)). Query blocks are taken last-first: the last blocks see
     the most keys, and starting them first (across all heads) balances the tail of the grid.
@@ -378,20 +395,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
             pid_bh, start_m, batch, head, kv_head = _persistent_tile(tile, BH, n_blocks, H, GROUP,
                                                                      BLOCK_M)
             _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
-                           stride_qb, stride_qh, stride_qt, stride_qd,
-                           stride_kb, stride_kh, stride_kt, stride_kd,
-                           stride_vb, stride_vh, stride_vt, stride_vd,
-                           stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
+                           q_strides, k_strides, v_strides, o_strides, T, qk_scale,
                            HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_T,
                            DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
                            DOC_END, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
     else:
         pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
         _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
-                       stride_qb, stride_qh, stride_qt, stride_qd,
-                       stride_kb, stride_kh, stride_kt, stride_kd,
-                       stride_vb, stride_vh, stride_vt, stride_vd,
-                       stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
+                       q_strides, k_strides, v_strides, o_strides, T, qk_scale,
                        HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_T,
                        DOC_START, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
                        DOC_END, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
@@ -399,29 +410,25 @@ def _attn_fwd_kernel(Q, K, V, O, LSE2,
 
 @triton.jit
 def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
-                   stride_qb, stride_qh, stride_qt, stride_qd,
-                   stride_kb, stride_kh, stride_kt, stride_kd,
-                   stride_vb, stride_vh, stride_vt, stride_vd,
-                   stride_ob, stride_oh, stride_ot, stride_od, T, qk_scale,
+                   q_strides, k_strides, v_strides, o_strides, T, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
                    DOC_START, window, DOCUMENTS: tl.constexpr, SLIDING: tl.constexpr,
                    TMA: tl.constexpr, TMA_OK: tl.constexpr, DOC_END, window_right,
                    BIDIRECTIONAL: tl.constexpr, SLIDING_RIGHT: tl.constexpr):
     """The forward's work on one query tile (see _attn_fwd_kernel)."""
-    Q_head = Q + batch * stride_qb + head * stride_qh
-    K_head = K + batch * stride_kb + kv_head * stride_kh
-    V_head = V + batch * stride_vb + kv_head * stride_vh
-    O_head = O + batch * stride_ob + head * stride_oh
-    Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
-    K_head = _tile_source(K_head, stride_kt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
-    V_head = _tile_source(V_head, stride_vt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
-    O_head = _tile_source(O_head, stride_ot, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+    Q_head = Q + batch * q_strides[0] + head * q_strides[1]
+    K_head = K + batch * k_strides[0] + kv_head * k_strides[1]
+    V_head = V + batch * v_strides[0] + kv_head * v_strides[1]
+    O_head = O + batch * o_strides[0] + head * o_strides[1]
+    Q_head = _head_rows(Q_head, q_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+    K_head = _head_rows(K_head, k_strides, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    V_head = _head_rows(V_head, v_strides, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    O_head = _head_rows(O_head, o_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q_head, start_m, stride_qt, stride_qd, offs_m, offs_d, T,
-                   HEAD_DIM, BLOCK_D, not EVEN_T)
+    q = _load_rows(Q_head, start_m, offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -432,20 +439,17 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
             BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING, SLIDING_RIGHT)
         # The edges, masked per row; a row's first visible key may lie in either.
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                        stride_kt, stride_kd, stride_vt, stride_vd,
                                         offs_m, lo, full_lo, T, qk_scale,
                                         HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T,
                                         DOT_PRECISION, row_first, row_end=row_end,
                                         BAND_MASK=True)
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                        stride_kt, stride_kd, stride_vt, stride_vd,
                                         offs_m, full_hi, hi, T, qk_scale,
                                         HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T,
                                         DOT_PRECISION, row_first, row_end=row_end,
                                         BAND_MASK=True)
         # Keys every row of the tile sees (all < T): no mask of any kind.
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                        stride_kt, stride_kd, stride_vt, stride_vd,
                                         offs_m, full_lo, full_hi, T, qk_scale,
                                         HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
     else:
@@ -456,19 +460,16 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
                                                    BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
             # Keys some rows of the tile may not see: masked.
             acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                            stride_kt, stride_kd, stride_vt, stride_vd,
                                             offs_m, lo, full_lo, T, qk_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_N, False, False,
                                             DOT_PRECISION, row_start, window, DOCUMENTS, SLIDING)
         # Below the diagonal: keys < start_m <= T, no mask of any kind.
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                        stride_kt, stride_kd, stride_vt, stride_vd,
                                         offs_m, full_lo, start_m, T, qk_scale,
                                         HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
         # The diagonal band. Every row sees at least key start_m, so m_i is finite afterwards.
         # (With document or window masks every row still sees itself, in this band.)
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, K_head, V_head,
-                                        stride_kt, stride_kd, stride_vt, stride_vd,
                                         offs_m, start_m, tl.minimum(start_m + BLOCK_M, T), T,
                                         qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T,
                                         DOT_PRECISION, row_start, window, DOCUMENTS, SLIDING)
@@ -478,8 +479,8 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     lse2 = m_i + tl.math.log2(l_i)
     o = acc / l_i[:, None]
-    _store_rows(O_head, start_m, o.to(O.dtype.element_ty), stride_ot, stride_od, offs_m, offs_d,
-                T, HEAD_DIM, BLOCK_D, not EVEN_T)
+    _store_rows(O_head, start_m, o.to(O.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D,
+                not EVEN_T)
     lse_ptrs = LSE2 + pid_bh.to(tl.int64) * T + offs_m
     if EVEN_T:
         tl.store(lse_ptrs, lse2)
@@ -490,10 +491,7 @@ def _attn_fwd_tile(pid_bh, start_m, batch, head, kv_head, Q, K, V, O, LSE2,
 # ------------------------------------------------------------------------- backward --
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA,
-                      stride_ob, stride_oh, stride_ot, stride_od,
-                      stride_dob, stride_doh, stride_dot, stride_dod,
-                      H, T,
+def _bwd_delta_kernel(O, DO, DELTA, o_strides, do_strides, H, T,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """delta_i = sum_d dO_id * O_id in fp32, for BLOCK_T rows of one (batch, head).
 
@@ -505,11 +503,11 @@ def _bwd_delta_kernel(O, DO, DELTA,
     head = (pid_bh % H).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + batch * stride_ob + head * stride_oh
-                   + offs_t[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    o = _load_tile(O + batch * o_strides[0] + head * o_strides[1]
+                   + offs_t[:, None] * o_strides[2] + offs_d[None, :] * o_strides[3],
                    offs_t, offs_d, T, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + batch * stride_dob + head * stride_doh
-                    + offs_t[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+    do = _load_tile(DO + batch * do_strides[0] + head * do_strides[1]
+                    + offs_t[:, None] * do_strides[2] + offs_d[None, :] * do_strides[3],
                     offs_t, offs_d, T, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_t, delta, mask=offs_t < T)
@@ -518,7 +516,6 @@ def _bwd_delta_kernel(O, DO, DELTA,
 @triton.jit
 def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
                            Q_head, DO_head, LSE2_head, DELTA_head, DQ_head,
-                           stride_qt, stride_qd, stride_dot, stride_dod, stride_dqt, stride_dqd,
                            lo, hi, T, qk_scale, sm_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
@@ -526,7 +523,9 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
                            key_end=None, window=None,
                            DOCUMENT_MASK: tl.constexpr = False, WINDOW_MASK: tl.constexpr = False,
                            key_first=None, BAND_MASK: tl.constexpr = False):
-    """Add the query blocks [lo, hi) of one query head to a key block's dK/dV.
+    """Add the query blocks [lo, hi) of one query head to a key block's dK/dV (Q_head,
+    DO_head, DQ_head: :func:`_head_rows`, DQ_head's on the pointer path; LSE2_head,
+    DELTA_head: the head's row statistics).
 
     Works on transposed scores so the key rows stay the M dimension of every matmul:
         P^T  = exp2(K Q^T * qk_scale - lse2)        dV += P^T dO
@@ -540,8 +539,7 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q_head, start_m, stride_qt, stride_qd, offs_m, offs_d, T,
-                       HEAD_DIM, BLOCK_D, CHECK_T)
+        q = _load_rows(Q_head, start_m, offs_m, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
         lse2 = _load_row_stat(LSE2_head + offs_m, offs_m, T, CHECK_T)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
@@ -556,39 +554,33 @@ def _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n,
                            & (offs_m[None, :] < key_end[:, None]), p_t, 0.0)
         # Rows >= T load q = dO = lse2 = delta = 0: p is finite there and dO = delta = 0
         # make their dV, dK (and dQ) contributions exactly zero.
-        do = _load_rows(DO_head, start_m, stride_dot, stride_dod, offs_m, offs_d, T,
-                        HEAD_DIM, BLOCK_D, CHECK_T)
+        do = _load_rows(DO_head, start_m, offs_m, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = _load_row_stat(DELTA_head + offs_m, offs_m, T, CHECK_T)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
+            dq_base, stride_dqt, stride_dqd = DQ_head
             # wgmma needs M >= 64: the longer of BLOCK_M and BLOCK_D is the product's M, so
             # short query steps take dQ^T = K^T dS^T and add it through transposed pointers.
             if BLOCK_M < BLOCK_D:
                 dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * sm_scale
                 dq_mask = (offs_m[None, :] < T) & (offs_d[:, None] < HEAD_DIM)
-                tl.atomic_add(DQ_head + offs_m[None, :] * stride_dqt + offs_d[:, None] * stride_dqd,
+                tl.atomic_add(dq_base + offs_m[None, :] * stride_dqt + offs_d[:, None] * stride_dqd,
                               dq_t, mask=dq_mask, sem="relaxed")
             else:
                 dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
                 dq_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-                tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
                               dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
-                          stride_qb, stride_qh, stride_qt, stride_qd,
-                          stride_kb, stride_kh, stride_kt, stride_kd,
-                          stride_vb, stride_vh, stride_vt, stride_vd,
-                          stride_dob, stride_doh, stride_dot, stride_dod,
-                          stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-                          stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                          stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                          H, HKV, T, GROUP, qk_scale, sm_scale,
+                          q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+                          dq_strides, H, HKV, T, GROUP, qk_scale, sm_scale,
                           T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
@@ -599,6 +591,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
                           BIDIRECTIONAL: tl.constexpr = False,
                           SLIDING_RIGHT: tl.constexpr = False):
     """dK, dV for BLOCK_N keys of one (batch, kv head), summed over its GROUP query heads.
+    ``q_strides`` etc.: each tensor's four (B, H, T, D) strides, one tuple.
 
     Grid (B * HKV, cdiv(T, BLOCK_N)). The first key blocks are seen by the most queries,
     and they come first in launch order. Query blocks [start_n, start_n + BLOCK_N) are the
@@ -623,14 +616,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
             kv_head = (pid_bh % HKV).to(tl.int64)
             _attn_bwd_dkdv_tile(start_n, batch, kv_head,
                                 Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
-                                stride_qb, stride_qh, stride_qt, stride_qd,
-                                stride_kb, stride_kh, stride_kt, stride_kd,
-                                stride_vb, stride_vh, stride_vt, stride_vd,
-                                stride_dob, stride_doh, stride_dot, stride_dod,
-                                stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-                                stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                                stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                                H, T, GROUP, qk_scale, sm_scale,
+                                q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+                                dq_strides, H, T, GROUP, qk_scale, sm_scale,
                                 HEAD_DIM, BLOCK_D, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N,
                                 EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
                                 DOC_START, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
@@ -640,14 +627,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
         batch = (pid_bh // HKV).to(tl.int64)
         kv_head = (pid_bh % HKV).to(tl.int64)
         _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
-                            stride_qb, stride_qh, stride_qt, stride_qd,
-                            stride_kb, stride_kh, stride_kt, stride_kd,
-                            stride_vb, stride_vh, stride_vt, stride_vd,
-                            stride_dob, stride_doh, stride_dot, stride_dod,
-                            stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-                            stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                            stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                            H, T, GROUP, qk_scale, sm_scale,
+                            q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+                            dq_strides, H, T, GROUP, qk_scale, sm_scale,
                             HEAD_DIM, BLOCK_D, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N,
                             EVEN_T, DOC_END, window, DOCUMENTS, SLIDING, TMA, TMA_OK,
                             DOC_START, window_right, BIDIRECTIONAL, SLIDING_RIGHT)
@@ -655,14 +636,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
 
 @triton.jit
 def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACCUM,
-                        stride_qb, stride_qh, stride_qt, stride_qd,
-                        stride_kb, stride_kh, stride_kt, stride_kd,
-                        stride_vb, stride_vh, stride_vt, stride_vd,
-                        stride_dob, stride_doh, stride_dot, stride_dod,
-                        stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-                        stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                        H, T, GROUP, qk_scale, sm_scale,
+                        q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+                        dq_strides, H, T, GROUP, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
@@ -672,11 +647,11 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
     """The dK/dV work on one key block (see _attn_bwd_dkdv_kernel)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh
-                   + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+    k = _load_tile(K + batch * k_strides[0] + kv_head * k_strides[1]
+                   + offs_n[:, None] * k_strides[2] + offs_d[None, :] * k_strides[3],
                    offs_n, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
-    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh
-                   + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+    v = _load_tile(V + batch * v_strides[0] + kv_head * v_strides[1]
+                   + offs_n[:, None] * v_strides[2] + offs_d[None, :] * v_strides[3],
                    offs_n, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -687,35 +662,28 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
             BLOCK_N, BLOCK_M, DOCUMENTS, SLIDING_RIGHT, SLIDING)
         for group_index in range(GROUP):
             head = kv_head * GROUP + group_index
-            Q_head = Q + batch * stride_qb + head * stride_qh
-            DO_head = DO + batch * stride_dob + head * stride_doh
-            DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
-            Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                  TMA and TMA_OK)
-            DO_head = _tile_source(DO_head, stride_dot, T, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                   TMA and TMA_OK)
+            Q_head = Q + batch * q_strides[0] + head * q_strides[1]
+            DO_head = DO + batch * do_strides[0] + head * do_strides[1]
+            DQ_head = DQ_ACCUM + batch * dq_strides[0] + head * dq_strides[1]
+            Q_head = _head_rows(Q_head, q_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+            DO_head = _head_rows(DO_head, do_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+            DQ_head = _head_rows(DQ_head, dq_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, False)
             row_stats = (batch * H + head) * T
             # the edges, masked per key, then the queries every key of the block sees
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                            stride_qt, stride_qd, stride_dot, stride_dod,
-                                            stride_dqt, stride_dqd,
                                             lo, full_lo, T, qk_scale, sm_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
                                             ATOMIC_DQ, DOT_PRECISION, key_end,
                                             key_first=key_first, BAND_MASK=True)
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                            stride_qt, stride_qd, stride_dot, stride_dod,
-                                            stride_dqt, stride_dqd,
                                             full_hi, hi, T, qk_scale, sm_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
                                             ATOMIC_DQ, DOT_PRECISION, key_end,
                                             key_first=key_first, BAND_MASK=True)
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                            stride_qt, stride_qd, stride_dot, stride_dod,
-                                            stride_dqt, stride_dqd,
                                             full_lo, full_hi, T, qk_scale, sm_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
                                             ATOMIC_DQ, DOT_PRECISION)
@@ -741,26 +709,21 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
             edge_end = tl.maximum((hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_end)  # hi <= T
         for group_index in range(GROUP):
             head = kv_head * GROUP + group_index
-            Q_head = Q + batch * stride_qb + head * stride_qh
-            DO_head = DO + batch * stride_dob + head * stride_doh
-            DQ_head = DQ_ACCUM + batch * stride_dqb + head * stride_dqh
-            Q_head = _tile_source(Q_head, stride_qt, T, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                  TMA and TMA_OK)
-            DO_head = _tile_source(DO_head, stride_dot, T, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                   TMA and TMA_OK)
+            Q_head = Q + batch * q_strides[0] + head * q_strides[1]
+            DO_head = DO + batch * do_strides[0] + head * do_strides[1]
+            DQ_head = DQ_ACCUM + batch * dq_strides[0] + head * dq_strides[1]
+            Q_head = _head_rows(Q_head, q_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+            DO_head = _head_rows(DO_head, do_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, TMA and TMA_OK)
+            DQ_head = _head_rows(DQ_head, dq_strides, T, HEAD_DIM, BLOCK_M, BLOCK_D, False)
             row_stats = (batch * H + head) * T
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                            stride_qt, stride_qd, stride_dot, stride_dod,
-                                            stride_dqt, stride_dqd,
                                             start_n, diagonal_end, T, qk_scale, sm_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_M, True, not EVEN_T,
                                             ATOMIC_DQ, DOT_PRECISION,
                                             key_end, window, DOCUMENTS, SLIDING)
             dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                             LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                            stride_qt, stride_qd, stride_dot, stride_dod,
-                                            stride_dqt, stride_dqd,
                                             diagonal_end, full_end, T, qk_scale, sm_scale,
                                             HEAD_DIM, BLOCK_D, BLOCK_M, False, False,
                                             ATOMIC_DQ, DOT_PRECISION)
@@ -768,8 +731,6 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
                 # Queries some keys of the block may not see, and the partial last block.
                 dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                                 LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                                stride_qt, stride_qd, stride_dot, stride_dod,
-                                                stride_dqt, stride_dqd,
                                                 full_end, edge_end, T, qk_scale, sm_scale,
                                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, not EVEN_T,
                                                 ATOMIC_DQ, DOT_PRECISION,
@@ -777,25 +738,21 @@ def _attn_bwd_dkdv_tile(start_n, batch, kv_head, Q, K, V, DO, LSE2, DELTA, DK, D
             elif not EVEN_T:
                 dk, dv = _bwd_dkdv_query_blocks(dk, dv, k, v, offs_n, Q_head, DO_head,
                                                 LSE2 + row_stats, DELTA + row_stats, DQ_head,
-                                                stride_qt, stride_qd, stride_dot, stride_dod,
-                                                stride_dqt, stride_dqd,
                                                 full_end, T, T, qk_scale, sm_scale,
                                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, True,
                                                 ATOMIC_DQ, DOT_PRECISION)
 
-    _store_tile(DV + batch * stride_dvb + kv_head * stride_dvh
-                + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+    _store_tile(DV + batch * dv_strides[0] + kv_head * dv_strides[1]
+                + offs_n[:, None] * dv_strides[2] + offs_d[None, :] * dv_strides[3],
                 dv.to(DV.dtype.element_ty), offs_n, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
-    _store_tile(DK + batch * stride_dkb + kv_head * stride_dkh
-                + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+    _store_tile(DK + batch * dk_strides[0] + kv_head * dk_strides[1]
+                + offs_n[:, None] * dk_strides[2] + offs_d[None, :] * dk_strides[3],
                 (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_d, T, HEAD_DIM, BLOCK_D,
                 not EVEN_T)
 
 
 @triton.jit
-def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                       stride_kt, stride_kd, stride_vt, stride_vd,
-                       lo, hi, T, qk_scale,
+def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head, lo, hi, T, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL_MASK: tl.constexpr, CHECK_T: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, row_start=None, window=None,
@@ -810,10 +767,8 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, start_n, stride_kt, stride_kd, offs_n, offs_d, T,
-                       HEAD_DIM, BLOCK_D, CHECK_T)
-        v = _load_rows(V_head, start_n, stride_vt, stride_vd, offs_n, offs_d, T,
-                       HEAD_DIM, BLOCK_D, CHECK_T)
+        k = _load_rows(K_head, start_n, offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
+        v = _load_rows(V_head, start_n, offs_n, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_T)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if CAUSAL_MASK:
@@ -833,11 +788,7 @@ def _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
 
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
-                        stride_qb, stride_qh, stride_qt, stride_qd,
-                        stride_kb, stride_kh, stride_kt, stride_kd,
-                        stride_vb, stride_vh, stride_vt, stride_vd,
-                        stride_dob, stride_doh, stride_dot, stride_dod,
-                        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                        q_strides, k_strides, v_strides, do_strides, dq_strides,
                         H, T, GROUP, qk_scale, sm_scale,
                         T_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_PRECISION: tl.constexpr,
@@ -850,21 +801,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     """dQ for BLOCK_M query rows of one (batch, query head): keys [0, start_m) unmasked,
     then the masked diagonal band (BLOCK_M % BLOCK_N == 0). Grid (B * H, cdiv(T, BLOCK_M)),
     last query blocks (the most keys) first. Document/window and bidirectional bounds as in
-    the forward.
+    the forward. ``q_strides`` etc.: each tensor's four (B, H, T, D) strides, one tuple.
     """
     pid_bh, start_m, batch, head, kv_head = _query_tile(H, GROUP, BLOCK_M)
-    K_head = K + batch * stride_kb + kv_head * stride_kh
-    V_head = V + batch * stride_vb + kv_head * stride_vh
-    K_head = _tile_source(K_head, stride_kt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
-    V_head = _tile_source(V_head, stride_vt, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    K_head = K + batch * k_strides[0] + kv_head * k_strides[1]
+    V_head = V + batch * v_strides[0] + kv_head * v_strides[1]
+    K_head = _head_rows(K_head, k_strides, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
+    V_head = _head_rows(V_head, v_strides, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA and TMA_OK)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh
-                   + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+    q = _load_tile(Q + batch * q_strides[0] + head * q_strides[1]
+                   + offs_m[:, None] * q_strides[2] + offs_d[None, :] * q_strides[3],
                    offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
-    do = _load_tile(DO + batch * stride_dob + head * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+    do = _load_tile(DO + batch * do_strides[0] + head * do_strides[1]
+                    + offs_m[:, None] * do_strides[2] + offs_d[None, :] * do_strides[3],
                     offs_m, offs_d, T, HEAD_DIM, BLOCK_D, not EVEN_T)
     row_stats = pid_bh.to(tl.int64) * T
     lse2 = _load_row_stat(LSE2 + row_stats + offs_m, offs_m, T, not EVEN_T)
@@ -876,16 +827,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
             DOC_START, DOC_END, batch, start_m, offs_m, T, window - 1, window_right + 1,
             BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING, SLIDING_RIGHT)
         dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                                stride_kt, stride_kd, stride_vt, stride_vd,
                                 lo, full_lo, T, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T, DOT_PRECISION,
                                 row_first, row_end=row_end, BAND_MASK=True)
         dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                                stride_kt, stride_kd, stride_vt, stride_vd,
                                 full_lo, full_hi, T, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
         dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                                stride_kt, stride_kd, stride_vt, stride_vd,
                                 full_hi, hi, T, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, not EVEN_T, DOT_PRECISION,
                                 row_first, row_end=row_end, BAND_MASK=True)
@@ -896,21 +844,18 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
             lo, full_lo, row_start = _visible_keys(DOC_START, batch, start_m, offs_m, T, window,
                                                    BLOCK_M, BLOCK_N, DOCUMENTS, SLIDING)
             dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                                    stride_kt, stride_kd, stride_vt, stride_vd,
                                     lo, full_lo, T, qk_scale,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION,
                                     row_start, window, DOCUMENTS, SLIDING)
         dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                                stride_kt, stride_kd, stride_vt, stride_vd,
                                 full_lo, start_m, T, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
         dq = _bwd_dq_key_blocks(dq, q, do, lse2, delta, offs_m, K_head, V_head,
-                                stride_kt, stride_kd, stride_vt, stride_vd,
                                 start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, True, not EVEN_T, DOT_PRECISION,
                                 row_start, window, DOCUMENTS, SLIDING)
-    _store_tile(DQ + batch * stride_dqb + head * stride_dqh
-                + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+    _store_tile(DQ + batch * dq_strides[0] + head * dq_strides[1]
+                + offs_m[:, None] * dq_strides[2] + offs_d[None, :] * dq_strides[3],
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_d, T, HEAD_DIM, BLOCK_D,
                 not EVEN_T)
 
@@ -950,7 +895,7 @@ _DQ_CONFIGS = _configs([
     (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 2),
     (64, 64, 8, 2), (64, 32, 8, 3),
 ])
-# TMA candidates (``TMA``: Q/K/V/O/dO tiles through tensor descriptors, see _tile_source),
+# TMA candidates (``TMA``: Q/K/V/O/dO tiles through tensor descriptors, see _head_rows),
 # timed beside the pointer configs on the first GPU run. A few Hopper-shaped tiles per
 # kernel keep the search short; each compiles for sm_90 to wgmma + TMA without spills
 # wherever the pruner keeps it (TMA saves address registers, but some tiles the pointer
@@ -1185,11 +1130,12 @@ def _on_device(t):
 
 
 def _bhtd_strides(t):
+    """A (B, H, T, D) tensor's strides, the one tuple argument the kernels take per tensor."""
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
 def _tma_ok(*tensors):
-    """Whether every (B, H, T, D) tensor's heads can be TMA descriptors (``_tile_source``):
+    """Whether every (B, H, T, D) tensor's heads can be TMA descriptors (``_head_rows``):
     contiguous head dim, and base, row stride and batch/head strides multiples of 16 bytes
     (the stride of a size-1 batch or head dim is never used; the row stride goes into the
     descriptor). Otherwise the kernels keep the pointer path."""
@@ -1287,7 +1233,7 @@ def attention_forward(q, k, v, scale, document_ids=None, window=None, window_rig
     with _on_device(q):
         _tma_allocator(tma_ok)
         _attn_fwd[grid](q, k, v, o, lse2,
-                        *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v), *_bhtd_strides(o),
+                        _bhtd_strides(q), _bhtd_strides(k), _bhtd_strides(v), _bhtd_strides(o),
                         h, t, h // hkv, scale * LOG2E,
                         HEAD_DIM=d, BLOCK_D=_block_d(d), T_BUCKET=_t_bucket(t),
                         DOT_PRECISION=_dot_precision(q.dtype), TMA_OK=tma_ok, BH=b * h,
@@ -1320,7 +1266,7 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
     delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     block_t = 16 if _INTERPRET else max(16, min(128, 8192 // block_d))
     _bwd_delta_kernel[(b * h, triton.cdiv(t, block_t))](
-        o, do, delta, *_bhtd_strides(o), *_bhtd_strides(do), h, t,
+        o, do, delta, _bhtd_strides(o), _bhtd_strides(do), h, t,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
     if dlse2 is not None:
         delta.sub_(dlse2.to(torch.float32), alpha=1.0 / math.log(2.0))
@@ -1338,9 +1284,9 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
     grid = lambda meta: _tile_grid(b * hkv, t, meta["BLOCK_N"],  # noqa: E731
                                    meta.get("PERSISTENT", 0), sm_count)
     _attn_bwd_dkdv[grid](q, k, v, do, lse2, delta, dk, dv, dq_accum,
-                         *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
-                         *_bhtd_strides(do), *_bhtd_strides(dk), *_bhtd_strides(dv),
-                         *_bhtd_strides(dq_accum),
+                         _bhtd_strides(q), _bhtd_strides(k), _bhtd_strides(v),
+                         _bhtd_strides(do), _bhtd_strides(dk), _bhtd_strides(dv),
+                         _bhtd_strides(dq_accum),
                          h, hkv, t, group, qk_scale, scale,
                          ATOMIC_DQ=atomic_dq, BHKV=b * hkv, **common, **_blocks("dkdv"),
                          **_mask_args(document_ids, window, 1, window_right))
@@ -1348,8 +1294,8 @@ def _launch_backward(do, q, k, v, o, lse2, scale, atomic_dq, document_ids=None, 
         return dq_accum.to(q.dtype), dk, dv
     grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq[grid](q, k, v, do, lse2, delta, dq,
-                       *_bhtd_strides(q), *_bhtd_strides(k), *_bhtd_strides(v),
-                       *_bhtd_strides(do), *_bhtd_strides(dq),
+                       _bhtd_strides(q), _bhtd_strides(k), _bhtd_strides(v),
+                       _bhtd_strides(do), _bhtd_strides(dq),
                        h, t, group, qk_scale, scale, **common, **_blocks("dq"),
                        **_mask_args(document_ids, window, 0, window_right))
     return dq, dk, dv
