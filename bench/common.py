@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -232,6 +233,16 @@ def parse_pairs(text: str, example: str = "16x1024") -> list[tuple[int, int]]:
             raise argparse.ArgumentTypeError(f"size {item!r} must be positive")
         pairs.append((first, second))
     return pairs
+
+
+def usage_error(args: argparse.Namespace, err: Exception) -> int:
+    """Report a bad ``gptfast bench`` argument: through the CLI's parser when there is one
+    (``args.bench_parser``; exits 2, as argparse does), else one line on stderr, returning 2."""
+    parser = getattr(args, "bench_parser", None)
+    if parser is not None:
+        parser.error(str(err))
+    print(f"gptfast bench: error: {err}", file=sys.stderr)
+    return 2
 
 
 def parse_ints(text: str) -> list[int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import gpt, headline, kernel_suite, loader_suite, report
-from .common import ResultsWriter, run_context
+from .common import ResultsWriter, run_context, usage_error
 
 SUITES = ("gpt", "kernels", "loader")
 
@@ -321,14 +320,6 @@ def _sweep(units, writer, device) -> bool:
     return False
 
 
-def _usage_error(args: argparse.Namespace, err: Exception) -> int:
-    parser = getattr(args, "bench_parser", None)
-    if parser is not None:
-        parser.error(str(err))  # exits 2, as argparse does for a bad argument
-    print(f"gptfast bench: error: {err}", file=sys.stderr)
-    return 2
-
-
 def _plot_writer():
     """(plots.write_plots, None), or (None, the one-line note) when matplotlib is missing."""
     from gptfast.extras import MissingExtra
@@ -346,11 +337,11 @@ def run(args: argparse.Namespace) -> int:
     given = [f"--{name.replace('_', '-')}" for name in headline.HEADLINE_ONLY
              if getattr(args, name, None) not in (None, False)]
     if given:
-        return _usage_error(args, UsageError(f"{', '.join(given)}: only with --suite headline"))
+        return usage_error(args, UsageError(f"{', '.join(given)}: only with --suite headline"))
     try:
         plan = make_plan(args)
     except UsageError as err:
-        return _usage_error(args, err)
+        return usage_error(args, err)
     units, notes = collect_units(plan)
     write_plots, skipped = _plot_writer()
     if skipped:

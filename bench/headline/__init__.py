@@ -59,6 +59,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..common import usage_error
 from .report import STAGES, row, validate
 
 DEFAULT_BUDGET_S = 480.0
@@ -322,11 +323,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(args)
     except ValueError as err:
-        parser = getattr(args, "bench_parser", None)
-        if parser is not None:
-            parser.error(str(err))  # exits 2, as argparse does for a bad argument
-        print(f"gptfast bench: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(args, err)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     (plan.out_dir / "stages").mkdir(exist_ok=True)
     earlier = _earlier_stage_rows(plan)
